@@ -1,0 +1,178 @@
+"""Core types shared by every part of cwm-rl: Task, Message, Turn, Trajectory.
+
+This module imports nothing else of the project (and no torch, vLLM or Ray), so an env
+server, a worker and the trainer can all depend on it. Everything is a pydantic model
+with a JSON round trip: `Trajectory.model_validate_json(t.model_dump_json()) == t`.
+
+Token arrays in a Trajectory are aligned with `token_ids`: position i of `loss_mask`,
+`logprobs` and `policy_versions` describes token i. Positions the policy did not generate
+(prompt and environment tokens, loss mask 0) carry logprob 0.0 and version -1, so the
+trainer can index all four arrays with the same slice.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+FinishReason = Literal[
+    "terminated",  # the env said the episode is over (Gymnasium `terminated`)
+    "truncated",  # the env cut the episode short (Gymnasium `truncated`)
+    "max_turns",  # the worker's turn limit
+    "max_tokens",  # the worker's total-token limit (context full)
+    "env_error",  # the env raised, or the env server returned an error
+    "timeout",  # an env call or generation ran past its deadline
+    "aborted",  # the job stopped the episode (shutdown, weight-version cut-off)
+]
+
+NO_VERSION = -1  # policy version of tokens the policy did not generate
+
+
+def new_id() -> str:
+    """A short random id (32 hex chars) for trajectories, groups and sessions."""
+    return uuid.uuid4().hex
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors: a typo in a saved rollout or a request is caught, not dropped.
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Model):
+    """One chat message, as an env emits it and a chat template renders it."""
+
+    role: Role = Field(description="Who speaks: system, user, assistant or tool.")
+    content: str = Field(description="The message text.")
+
+
+class Task(_Model):
+    """One problem an env can be reset to: `env.reset(options={"task": task})`."""
+
+    id: str = Field(description="Stable id of the task within its source, e.g. 'gsm8k-train-17'.")
+    prompt: str = Field(description="The problem statement shown to the model.")
+    answer: JsonValue = Field(default=None, description="Reference answer or solution the verifier checks against.")
+    source: str | None = Field(default=None, description="Where the task came from: a generator name or a file path.")
+    metadata: dict[str, JsonValue] = Field(default_factory=dict, description="Env-specific extras (difficulty, tests, ...).")
+
+
+class Span(_Model):
+    """A half-open token range [start, end) inside `Trajectory.token_ids`."""
+
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Span:
+        if self.end < self.start:
+            raise ValueError(f"span end {self.end} is before its start {self.start}")
+        return self
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class Turn(_Model):
+    """One model action and the env's answer to it."""
+
+    index: int = Field(ge=0, description="0-based turn number within the episode.")
+    action: str = Field(description="The model's raw text for this turn, as sent to env.step.")
+    observation: list[Message] = Field(default_factory=list, description="New messages the env returned.")
+    reward: float = Field(default=0.0, description="Reward env.step returned for this turn.")
+    info: dict[str, Any] = Field(default_factory=dict, description="The info dict env.step returned (verifier details).")
+    action_span: Span = Field(description="Tokens the policy generated this turn (loss mask 1).")
+    observation_span: Span | None = Field(default=None, description="Tokens of the rendered observation (loss mask 0).")
+    generate_s: float = Field(default=0.0, ge=0, description="Seconds spent generating this turn.")
+    env_s: float = Field(default=0.0, ge=0, description="Seconds the env took to step this turn.")
+
+
+class Trajectory(_Model):
+    """One episode, token for token: what the trainer scores is exactly what was sampled."""
+
+    # --- ids ---
+    trajectory_id: str = Field(default_factory=new_id, description="Unique id of this episode.")
+    run_id: str = Field(default="", description="The training run that produced it.")
+    task_id: str = Field(description="Id of the task the env was reset to.")
+    env_id: str = Field(description="Registered env id, e.g. 'cwm_rl/Math-v0'.")
+    group_id: str = Field(default="", description="GRPO group: episodes of the same task sampled together.")
+    sample_index: int = Field(default=0, ge=0, description="Index of this episode within its group.")
+
+    # --- tokens (all aligned with token_ids) ---
+    token_ids: list[int] = Field(default_factory=list, description="Prompt, generated and env tokens, in order.")
+    loss_mask: list[int] = Field(default_factory=list, description="1 = generated by the policy, 0 = prompt or env.")
+    logprobs: list[float] = Field(default_factory=list, description="Behaviour logprob per token; 0.0 where mask is 0.")
+    policy_versions: list[int] = Field(default_factory=list, description="Policy version per token; -1 where mask is 0.")
+
+    # --- episode ---
+    turns: list[Turn] = Field(default_factory=list, description="Per-turn records, in order.")
+    messages: list[Message] = Field(default_factory=list, description="Chat transcript for humans (not for training).")
+    return_: float = Field(default=0.0, alias="return", description="Sum of turn rewards.")
+    reward_details: dict[str, Any] = Field(default_factory=dict, description="Verifier details for the episode.")
+    terminated: bool = Field(default=False, description="Gymnasium terminated flag of the last step.")
+    truncated: bool = Field(default=False, description="Gymnasium truncated flag of the last step.")
+    finish_reason: FinishReason = Field(default="terminated", description="Why the episode ended.")
+    error: str | None = Field(default=None, description="The env or worker error that ended the episode, if any.")
+    created_at: float = Field(default=0.0, ge=0, description="Unix time the episode finished.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Trajectory:
+        n = len(self.token_ids)
+        for name in ("loss_mask", "logprobs", "policy_versions"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries but token_ids has {n}; "
+                    "every per-token array must be aligned with token_ids"
+                )
+        for i, (m, lp, v) in enumerate(zip(self.loss_mask, self.logprobs, self.policy_versions)):
+            if m not in (0, 1):
+                raise ValueError(f"loss_mask[{i}] is {m}; only 0 and 1 are allowed")
+            if m == 1 and (v < 0 or not math.isfinite(lp) or lp > 0):
+                raise ValueError(
+                    f"generated token {i} has version {v} and logprob {lp}; a generated token needs "
+                    "a version >= 0 and a finite logprob <= 0"
+                )
+            if m == 0 and (v != NO_VERSION or lp != 0.0):
+                raise ValueError(
+                    f"token {i} has loss mask 0 but version {v} / logprob {lp}; "
+                    f"non-generated tokens carry version {NO_VERSION} and logprob 0.0"
+                )
+        previous_end = 0
+        for turn in self.turns:
+            spans = [turn.action_span] + ([turn.observation_span] if turn.observation_span else [])
+            for span in spans:
+                if span.end > n:
+                    raise ValueError(f"turn {turn.index} has span [{span.start}, {span.end}) past the {n} tokens")
+                if span.start < previous_end:
+                    raise ValueError(f"turn {turn.index} has span [{span.start}, {span.end}) overlapping an earlier span")
+                previous_end = span.end
+            if any(self.loss_mask[i] != 1 for i in range(turn.action_span.start, turn.action_span.end)):
+                raise ValueError(f"turn {turn.index}'s action span holds tokens with loss mask 0")
+        total = sum(t.reward for t in self.turns)
+        if self.turns and not math.isclose(total, self.return_, rel_tol=1e-6, abs_tol=1e-6):
+            raise ValueError(f"return is {self.return_} but the turn rewards sum to {total}")
+        return self
+
+    # Derived views, kept out of the stored JSON.
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    @property
+    def newest_version(self) -> int:
+        """Newest policy version among generated tokens (-1 if none): staleness is measured from it."""
+        return max(self.policy_versions, default=NO_VERSION)
+
+    @property
+    def oldest_version(self) -> int:
+        generated = [v for v in self.policy_versions if v != NO_VERSION]
+        return min(generated, default=NO_VERSION)

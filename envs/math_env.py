@@ -1,0 +1,98 @@
+"""`cwm_rl/Math-v0`: answer a math question with the final answer in exactly one `\\boxed{}`.
+
+Format as CWM: optional reasoning in `<think> ... </think>` (with `think=True`, exactly one
+`</think>` is required and only the text after it is graded), the final answer in exactly one
+`\\boxed{}`. Reward `correct_reward` (+1) or `wrong_reward` (-1; set 0 for 1/0 rewards); a
+format violation, a verifier timeout or an unparseable gold answer scores as wrong, with the
+reason in `info`. Grading is `rewards.math.grade_math` (math-verify in a hard-timeout pool).
+
+Tasks come from the seeded arithmetic generator (`difficulty` 1-5) unless `tasks_path` names a
+GSM8K-form or plain question/answer .jsonl/.parquet file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cwm_rl.types import Task
+from envs.base import SingleTurnEnv
+from envs.tasks.math_tasks import DIFFICULTY_LEVELS, arithmetic_task, load_math_tasks
+from rewards.math import grade_math
+
+PROMPT_PLAIN = "Solve the problem. Put your final answer within \\boxed{}, exactly once."
+PROMPT_THINK = (
+    "Solve the problem. First reason inside <think> ... </think>, then give your final answer "
+    "after </think> within \\boxed{}, exactly once."
+)
+
+
+class MathEnv(SingleTurnEnv):
+    def __init__(
+        self,
+        difficulty: int = 1,
+        tasks_path: str | Path | None = None,
+        think: bool = False,
+        correct_reward: float = 1.0,
+        wrong_reward: float = -1.0,
+        verify_timeout_s: float = 5.0,
+        **kwargs: Any,
+    ):
+        if difficulty not in DIFFICULTY_LEVELS:
+            raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_LEVELS)}, got {difficulty}")
+        if correct_reward <= wrong_reward:
+            raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
+        super().__init__(**kwargs)
+        self.difficulty = difficulty
+        self.tasks = load_math_tasks(tasks_path) if tasks_path else None
+        self.think = think
+        self.correct_reward = correct_reward
+        self.wrong_reward = wrong_reward
+        self.verify_timeout_s = verify_timeout_s
+        self.system_prompt = PROMPT_THINK if think else PROMPT_PLAIN
+
+    def sample_task(self) -> Task:
+        if self.tasks is not None:
+            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
+        return arithmetic_task(self.np_random, self.difficulty)
+
+    def _gold(self, task: Task) -> str:
+        if task.answer is None or isinstance(task.answer, (dict, list)):
+            raise ValueError(f"math task {task.id!r} needs a scalar answer, got {task.answer!r}")
+        return str(task.answer)
+
+    def score(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
+        verdict = grade_math(action, self._gold(task), think=self.think, timeout_s=self.verify_timeout_s)
+        reward = self.correct_reward if verdict.correct else self.wrong_reward
+        return reward, {
+            "verdict": verdict.status,
+            "reason": verdict.reason,
+            "extracted": verdict.extracted,
+            "gold": verdict.gold,
+        }
+
+    def reference_action(self) -> str | None:
+        if self.task is None:
+            return None
+        answer = f"The answer is \\boxed{{{self._gold(self.task)}}}."
+        if not self.think:
+            return answer
+        reasoning = self.task.metadata.get("solution") or f"I need to work out: {self.task.prompt}"
+        return f"<think>\n{reasoning}\n</think>\n{answer}"
+
+    def reward_hack_probes(self) -> dict[str, str]:
+        """Ways to game a boxed-answer grader; none may score."""
+        if self.task is None:
+            return {}
+        gold = self._gold(self.task)
+        other = "0" if gold.strip() != "0" else "1"
+        probes = {
+            "two_boxes_gold_first": f"\\boxed{{{gold}}} or \\boxed{{{other}}}",
+            "two_boxes_gold_last": f"\\boxed{{{other}}} or \\boxed{{{gold}}}",
+            "gold_without_box": f"The answer is {gold}.",
+        }
+        if self.think:
+            probes["box_inside_think_only"] = f"<think>\\boxed{{{gold}}}</think> done"
+            probes["two_think_ends"] = f"<think>x</think></think>\\boxed{{{gold}}}"
+            probes["no_think_end"] = f"\\boxed{{{gold}}}"
+        return probes

@@ -1,0 +1,105 @@
+"""Env registration through Gymnasium's registry, and lookup of text envs by id.
+
+Built-in envs register under the `cwm_rl/` namespace with lazy "module:Class" entry points,
+so `import envs; gymnasium.make("cwm_rl/Math-v0")` works and importing the registry costs
+nothing. A user env registers the same way from its own module (`gymnasium.register(...)`);
+`load_env_modules` imports such modules by name, and every module a package lists under the
+`cwm_rl.envs` entry-point group, so the CLI and the env server can find them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+import gymnasium as gym
+
+from envs.base import TextEnv
+
+NAMESPACE = "cwm_rl"
+ENTRY_POINT_GROUP = "cwm_rl.envs"
+
+BUILTIN_ENVS: dict[str, dict[str, Any]] = {
+    f"{NAMESPACE}/Math-v0": {"entry_point": "envs.math_env:MathEnv"},
+    f"{NAMESPACE}/Echo-v0": {"entry_point": "envs.echo_env:EchoEnv"},
+}
+
+
+def register_builtin_envs() -> None:
+    """Register the built-in envs (idempotent)."""
+    for env_id, spec in BUILTIN_ENVS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, **spec)
+
+
+def load_env_modules(modules: list[str] | tuple[str, ...] = ()) -> None:
+    """Import env modules (which register their envs): the `cwm_rl.envs` entry points, then `modules`."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plugin must not hide the built-ins
+            raise ImportError(f"env plugin {ep.name!r} ({ep.value}) failed to import: {e}") from e
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(
+                f"cannot import env module {module!r}: {e}. Pass an importable module name "
+                "(run from the directory that holds it, or install its package)."
+            ) from e
+
+
+def _is_text_env(spec: gym.envs.registration.EnvSpec) -> bool:
+    entry = spec.entry_point
+    if isinstance(entry, str):
+        if entry.startswith(("gymnasium.", "ale_py", "shimmy")):  # Gymnasium's own envs are not text envs
+            return False
+        module, _, attr = entry.partition(":")
+        try:
+            entry = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:  # a broken env is reported, not silently hidden
+            raise ImportError(f"env {spec.id} cannot be loaded from {spec.entry_point!r}: {e}") from e
+    return isinstance(entry, type) and issubclass(entry, TextEnv)
+
+
+def list_text_envs() -> list[str]:
+    """Ids of every registered env that is a `TextEnv`, sorted."""
+    register_builtin_envs()
+    return sorted(env_id for env_id, spec in gym.registry.items() if _is_text_env(spec))
+
+
+def make_env(env_id: str, **kwargs: Any) -> TextEnv:
+    """Make a registered text env by id, without Gymnasium's wrappers (the server and workers call it).
+
+    Raises ValueError naming the known ids when `env_id` is unknown or not a text env.
+    """
+    register_builtin_envs()
+    if env_id not in gym.registry:
+        raise ValueError(
+            f"unknown env id {env_id!r}; registered text envs: {', '.join(list_text_envs())}. "
+            "A user env must be registered by its module: import it first (CLI: --import MODULE)."
+        )
+    try:
+        env = gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+    except TypeError as e:
+        raise ValueError(f"bad arguments for {env_id}: {e}") from None
+    if not isinstance(env, TextEnv):
+        env.close()
+        raise ValueError(f"{env_id} is a {type(env).__name__}, not a cwm-rl text env (envs.base.TextEnv)")
+    return env
+
+
+def describe_env(env_id: str) -> str:
+    """First line of the env class's docstring (or its module's), without making the env."""
+    spec = gym.registry.get(env_id)
+    if spec is None:
+        return "(not registered)"
+    entry = spec.entry_point
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    doc = entry.__doc__ or sys.modules[entry.__module__].__doc__ or entry.__name__  # own docstring, not a base's
+    return inspect.cleandoc(doc).splitlines()[0]

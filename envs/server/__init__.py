@@ -1,0 +1,1 @@
+"""The FastAPI env server (sessions over HTTP) and its httpx client, `RemoteEnv`."""

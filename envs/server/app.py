@@ -1,0 +1,156 @@
+"""The env server: FastAPI over `SessionManager`, with auth, size limits, metrics and the idle reaper.
+
+Run it with `cwm-rl env serve` (or `serve(EnvServerConfig(...))`). Routes, all JSON:
+    POST   /v1/sessions              create: {env_id, seed, task, env_kwargs, request_id} -> first observation
+    POST   /v1/sessions/{id}/step    step: {action, request_id} -> observation, reward, terminated, truncated, info
+    GET    /v1/sessions/{id}         state (debugging)
+    DELETE /v1/sessions/{id}         close the env
+    GET    /v1/envs                  the envs served
+    GET    /health                   liveness (no auth)
+    GET    /metrics                  Prometheus text
+Every error is `{"error": {"code", "message"}}` with a 4xx status (5xx only when the env itself
+failed or timed out): 401 bad token, 404 unknown session or env, 409 step after the episode
+ended, 413 action too large, 422 malformed body, 429 too many sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from envs.registry import describe_env, list_text_envs
+from envs.server.config import EnvServerConfig
+from envs.server.schemas import CreateSessionRequest, CreateSessionResponse, EnvDescription, SessionState, StepRequest, StepResponse
+from envs.server.sessions import ApiError, SessionManager
+
+BODY_SLACK_BYTES = 64 * 1024  # JSON overhead allowed on top of max_action_bytes
+
+
+@dataclass
+class ServerMetrics:
+    registry: CollectorRegistry
+    sessions_active: Gauge
+    sessions_created: Counter
+    sessions_reaped: Counter
+    step_seconds: Histogram
+    errors: Counter
+
+    @classmethod
+    def create(cls) -> ServerMetrics:
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            sessions_active=Gauge("cwm_rl_env_sessions_active", "Live sessions", registry=r),
+            sessions_created=Counter("cwm_rl_env_sessions_created", "Sessions created", ["env_id"], registry=r),
+            sessions_reaped=Counter("cwm_rl_env_sessions_reaped", "Sessions closed by the idle reaper", registry=r),
+            step_seconds=Histogram("cwm_rl_env_step_seconds", "Env step time", ["env_id"], registry=r,
+                                   buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120)),
+            errors=Counter("cwm_rl_env_errors", "Error responses by code", ["code"], registry=r),
+        )
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(config: EnvServerConfig) -> FastAPI:
+    metrics = ServerMetrics.create()
+    sessions = SessionManager(config, metrics)
+
+    async def reaper() -> None:
+        while True:
+            await asyncio.sleep(config.reap_interval_s)
+            await sessions.reap()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(config.max_env_threads, "env"))
+        task = asyncio.create_task(reaper())
+        yield
+        task.cancel()
+        await sessions.close_all()
+
+    app = FastAPI(title="cwm-rl env server", lifespan=lifespan)
+    app.state.sessions = sessions
+    app.state.config = config
+
+    def authorize(request: Request) -> None:
+        if config.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), config.token.encode()):
+            metrics.errors.labels(code="unauthorized").inc()
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer <token>' "
+                                                "with the token the server was started with (--token / CWM_RL_ENV_TOKEN)")
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        limit = config.max_action_bytes + BODY_SLACK_BYTES
+        if length is not None and length.isdigit() and int(length) > limit:
+            metrics.errors.labels(code="body_too_large").inc()
+            return _error(413, "body_too_large", f"the request body is {length} bytes; this server accepts at most {limit}")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.code, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        metrics.errors.labels(code="malformed_request").inc()
+        return _error(422, "malformed_request", f"the request body is not valid: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        hint = " (see GET /docs for the routes)" if e.status_code in (404, 405) else ""
+        return _error(e.status_code, "http_error", f"{e.detail}{hint}")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "sessions": len(sessions.sessions), "max_sessions": config.max_sessions}
+
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/envs", dependencies=[Depends(authorize)])
+    async def envs() -> list[EnvDescription]:
+        ids = config.env_ids if config.env_ids is not None else list_text_envs()
+        return [EnvDescription(id=env_id, description=describe_env(env_id)) for env_id in ids]
+
+    @app.post("/v1/sessions", dependencies=[Depends(authorize)])
+    async def create_session(req: CreateSessionRequest) -> CreateSessionResponse:
+        return await sessions.create(req)
+
+    @app.post("/v1/sessions/{session_id}/step", dependencies=[Depends(authorize)])
+    async def step(session_id: str, req: StepRequest) -> StepResponse:
+        return await sessions.step(session_id, req.action, req.request_id)
+
+    @app.get("/v1/sessions/{session_id}", dependencies=[Depends(authorize)])
+    async def state(session_id: str) -> SessionState:
+        return SessionState(**sessions.state(session_id))
+
+    @app.delete("/v1/sessions/{session_id}", dependencies=[Depends(authorize)])
+    async def delete(session_id: str) -> dict:
+        if not await sessions.delete(session_id):
+            sessions.get(session_id)  # raises the 404 with its explanation
+        return {"deleted": session_id}
+
+    return app
+
+
+def serve(config: EnvServerConfig) -> None:
+    """Run the server in the foreground until Ctrl-C."""
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False)

@@ -1,0 +1,192 @@
+"""httpx client of the env server: `RemoteEnv`, a `gymnasium.Env` that proxies one remote session.
+
+`reset`/`step` are synchronous (httpx.Client); `areset`/`astep` are the async twins a rollout
+worker awaits (httpx.AsyncClient), the same names a local `TextEnv` has, so a worker treats
+local and remote envs alike. A dropped connection or a read timeout is retried with the SAME
+request id, so the server answers a retried step from its first attempt: an action is never
+applied twice. Server errors become `EnvServerError` with the HTTP status, code and message.
+
+    env = RemoteEnv("http://127.0.0.1:8765", "cwm_rl/Math-v0", token=None)
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step("\\\\boxed{4}")
+    env.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import gymnasium as gym
+import httpx
+
+from cwm_rl.types import Task, new_id
+from envs.spaces import MessagesSpace, TextSpace
+
+Messages = list[dict[str, str]]
+RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, dropped connections
+
+
+class EnvServerError(RuntimeError):
+    """The env server answered with an error status."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"env server error {status} ({code}): {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code < 400:
+        return response.json()
+    try:
+        err = response.json()["error"]
+        code, message = err["code"], err["message"]
+    except Exception:
+        code, message = "http_error", response.text[:500]
+    raise EnvServerError(response.status_code, code, message)
+
+
+class RemoteEnv(gym.Env[Messages, str]):
+    """One env session on an env server. A new `reset` closes the previous session and opens another."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        base_url: str,
+        env_id: str,
+        token: str | None = None,
+        env_kwargs: dict[str, Any] | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.2,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.env_id = env_id
+        self.env_kwargs = dict(env_kwargs or {})
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.session_id: str | None = None
+        self.observation_space = MessagesSpace()
+        self.action_space = TextSpace()
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = httpx.Timeout(timeout_s, connect=10.0)
+        self._client: httpx.Client | None = None
+        self._aclient: httpx.AsyncClient | None = None
+
+    # ----- requests (one place builds them, sync and async transports send them) -----
+    def _create_body(self, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
+        options = dict(options or {})
+        task = options.pop("task", None)
+        if options:
+            raise ValueError(f"unknown reset option(s) {sorted(options)}; the only option is 'task'")
+        if isinstance(task, Task):
+            task = task.model_dump(mode="json")
+        return {"env_id": self.env_id, "seed": seed, "task": task, "env_kwargs": self.env_kwargs, "request_id": new_id()}
+
+    def _step_path(self) -> str:
+        if self.session_id is None:
+            raise RuntimeError("call reset() before step()")
+        return f"/v1/sessions/{self.session_id}/step"
+
+    def _sync(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+        return self._client
+
+    def _async(self) -> httpx.AsyncClient:
+        if self._aclient is None:
+            self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+        return self._aclient
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return _raise_for_error(self._sync().request(method, path, json=body))
+            except RETRYABLE:
+                if attempt == self.max_retries:
+                    raise
+                time.sleep(self.retry_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _arequest(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return _raise_for_error(await self._async().request(method, path, json=body))
+            except RETRYABLE:
+                if attempt == self.max_retries:
+                    raise
+                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _step_result(r: dict[str, Any]) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
+        return r["observation"], float(r["reward"]), bool(r["terminated"]), bool(r["truncated"]), r["info"]
+
+    # ----- the Gymnasium API, sync -----
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Messages, dict[str, Any]]:
+        super().reset(seed=seed)
+        body = self._create_body(seed, options)
+        self._delete_session()
+        r = self._request("POST", "/v1/sessions", body)
+        self.session_id = r["session_id"]
+        return r["observation"], r["info"]
+
+    def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
+        path = self._step_path()
+        return self._step_result(self._request("POST", path, {"action": action, "request_id": new_id()}))
+
+    def state(self) -> dict[str, Any]:
+        if self.session_id is None:
+            raise RuntimeError("call reset() before state()")
+        return self._request("GET", f"/v1/sessions/{self.session_id}")
+
+    def close(self) -> None:
+        """Delete the remote session and close the HTTP clients; safe to call twice."""
+        self._delete_session()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _delete_session(self) -> None:
+        session_id, self.session_id = self.session_id, None
+        if session_id is not None:
+            try:
+                self._request("DELETE", f"/v1/sessions/{session_id}")
+            except (EnvServerError, httpx.TransportError):
+                pass  # already gone (reaped, or the server restarted): nothing left to free
+
+    # ----- async twins -----
+    async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Messages, dict[str, Any]]:
+        super().reset(seed=seed)
+        body = self._create_body(seed, options)
+        await self._adelete_session()
+        r = await self._arequest("POST", "/v1/sessions", body)
+        self.session_id = r["session_id"]
+        return r["observation"], r["info"]
+
+    async def astep(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
+        path = self._step_path()
+        return self._step_result(await self._arequest("POST", path, {"action": action, "request_id": new_id()}))
+
+    async def aclose(self) -> None:
+        await self._adelete_session()
+        if self._aclient is not None:
+            await self._aclient.aclose()
+            self._aclient = None
+        self.close()
+
+    async def _adelete_session(self) -> None:
+        session_id, self.session_id = self.session_id, None
+        if session_id is not None:
+            try:
+                await self._arequest("DELETE", f"/v1/sessions/{session_id}")
+            except (EnvServerError, httpx.TransportError):
+                pass
+
+
+def list_remote_envs(base_url: str, token: str | None = None) -> list[dict[str, str]]:
+    """The envs an env server offers: [{"id", "description"}]."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return _raise_for_error(httpx.get(base_url.rstrip("/") + "/v1/envs", headers=headers, timeout=30))

@@ -1,0 +1,1 @@
+"""Task sources for the built-in envs: generators and file loaders."""

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite: apt packages, .venv, a Docker daemon (started here if none
+# runs, and stopped at the end), then pytest. Extra arguments go to pytest.
+#
+#   bash scripts/test.sh            # everything
+#   bash scripts/test.sh -k server  # a subset
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+
+DOCKERD_PID=""
+stop_dockerd() {
+  if [ -n "$DOCKERD_PID" ]; then
+    kill "$DOCKERD_PID" 2>/dev/null || true
+    wait "$DOCKERD_PID" 2>/dev/null || true
+    echo "==> stopped the Docker daemon this script started"
+  fi
+}
+trap stop_dockerd EXIT
+if ! docker info >/dev/null 2>&1; then
+  echo "==> starting dockerd (log: /tmp/cwm-rl-dockerd.log)"
+  dockerd >/tmp/cwm-rl-dockerd.log 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 /tmp/cwm-rl-dockerd.log >&2; exit 1; }
+fi
+
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi
+exit "$rc"

@@ -1,0 +1,210 @@
+"""The env server over real HTTP on 127.0.0.1: sessions, concurrency, auth, every error status, retries, reaper."""
+
+import asyncio
+import time
+
+import gymnasium as gym
+import httpx
+import pytest
+
+from cwm_rl.types import Task
+from envs.base import TextEnv
+from envs.server.config import EnvServerConfig
+
+CLOSED: list[str] = []  # task ids of test envs that were closed
+
+
+class CrashEnv(TextEnv):
+    """Raises on its first step."""
+
+    def sample_task(self):
+        return Task(id="crash", prompt="go")
+
+    def respond(self, action):
+        raise ZeroDivisionError("boom")
+
+    def close(self):
+        CLOSED.append(self.task.id if self.task else "?")
+        super().close()
+
+
+class SlowEnv(TextEnv):
+    """Sleeps `delay_s` per step; counts its steps."""
+
+    def __init__(self, delay_s: float = 0.5, **kw):
+        super().__init__(**kw)
+        self.delay_s = delay_s
+
+    def sample_task(self):
+        return Task(id="slow", prompt="wait")
+
+    def respond(self, action):
+        time.sleep(self.delay_s)
+        return [{"role": "user", "content": f"step {self.num_turns}"}], 1.0, False, False, {"turn": self.num_turns}
+
+    def close(self):
+        CLOSED.append("slow")
+        super().close()
+
+
+gym.register(id="test_server/Crash-v0", entry_point=CrashEnv)
+gym.register(id="test_server/Slow-v0", entry_point=SlowEnv)
+
+
+def create(client: httpx.Client, env_id="cwm_rl/Echo-v0", **body) -> dict:
+    r = client.post("/v1/sessions", json={"env_id": env_id, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_error(r: httpx.Response, status: int, code: str, words: str) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    assert words in err["message"], err["message"]
+
+
+async def test_64_concurrent_sessions_play_full_episodes(start_server):
+    server = start_server(max_sessions=64)
+
+    async def episode(client: httpx.AsyncClient, seed: int) -> float:
+        r = (await client.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "seed": seed})).json()
+        sid, total, done = r["session_id"], 0.0, False
+        state = (await client.get(f"/v1/sessions/{sid}")).json()
+        words = state["state"]["task"]["answer"]
+        for i, word in enumerate(words):
+            step = (await client.post(f"/v1/sessions/{sid}/step", json={"action": word, "request_id": f"{seed}-{i}"})).json()
+            total += step["reward"]
+            done = step["terminated"]
+        assert done
+        assert (await client.delete(f"/v1/sessions/{sid}")).status_code == 200
+        return total
+
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+        returns = await asyncio.gather(*(episode(client, seed) for seed in range(64)))
+        assert returns == [3.0] * 64
+        assert (await client.get("/health")).json()["sessions"] == 0
+
+
+def test_auth(start_server):
+    server = start_server(token="s3cret-token")
+    with httpx.Client(base_url=server.url) as c:
+        assert c.get("/health").status_code == 200  # liveness needs no token
+        assert_error(c.get("/v1/envs"), 401, "unauthorized", "Bearer")
+        assert_error(c.get("/v1/envs", headers={"Authorization": "Bearer wrong-token"}), 401, "unauthorized", "token")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0"}), 401, "unauthorized", "token")
+        assert_error(c.get("/metrics"), 401, "unauthorized", "token")
+        ok = c.get("/v1/envs", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200 and {"cwm_rl/Echo-v0", "cwm_rl/Math-v0"} <= {e["id"] for e in ok.json()}
+
+
+def test_a_token_is_required_beyond_loopback():
+    with pytest.raises(ValueError, match="bearer token"):
+        EnvServerConfig(host="0.0.0.0")
+    assert EnvServerConfig(host="0.0.0.0", token="long-enough").token == "long-enough"
+    assert EnvServerConfig(host="::1").token is None
+
+
+def test_error_statuses(start_server):
+    server = start_server(max_sessions=2, max_action_bytes=1000)
+    with httpx.Client(base_url=server.url) as c:
+        assert_error(c.post("/v1/sessions/nope/step", json={"action": "x", "request_id": "1"}), 404, "unknown_session", "never created")
+        assert_error(c.get("/v1/sessions/nope"), 404, "unknown_session", "create a new session")
+        assert_error(c.delete("/v1/sessions/nope"), 404, "unknown_session", "nope")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Nope-v0"}), 404, "unknown_env", "cwm_rl/Echo-v0")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "env_kwargs": {"num_rounds": 0}}),
+                     422, "bad_env_kwargs", "num_rounds must be >= 1")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "task": {"id": "t", "prompt": "p", "answer": 3}}),
+                     422, "bad_task", "non-empty list")
+        # Malformed bodies: missing field, wrong type, unknown field, not JSON at all.
+        assert_error(c.post("/v1/sessions", json={}), 422, "malformed_request", "body.env_id: Field required")
+        assert_error(c.post("/v1/sessions", json={"env_id": 5}), 422, "malformed_request", "body.env_id")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "sede": 1}), 422, "malformed_request", "sede")
+        assert_error(c.post("/v1/sessions", content=b"{not json", headers={"content-type": "application/json"}),
+                     422, "malformed_request", "JSON")
+
+        sid = create(c, seed=0, env_kwargs={"num_rounds": 1})["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"request_id": "1"}), 422, "malformed_request", "body.action")
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "é" * 600, "request_id": "1"}),
+                     413, "action_too_large", "1200 bytes")
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x" * 100_000, "request_id": "1"}),
+                     413, "body_too_large", "at most")
+        assert c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}).status_code == 200
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "2"}), 409, "episode_over", "ended")
+
+        create(c)  # the second of two allowed sessions
+        r = c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0"})
+        assert_error(r, 429, "too_many_sessions", "maximum of 2")
+        assert r.headers["retry-after"] == "1"
+        assert_error(c.get("/v2/whatever"), 404, "http_error", "/docs")
+
+
+def test_env_failures_end_the_session_not_the_server(start_server):
+    server = start_server(step_timeout_s=0.3)
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, "test_server/Crash-v0")["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
+                     502, "env_error", "ZeroDivisionError: boom")
+        assert "crash" in CLOSED
+        assert_error(c.get(f"/v1/sessions/{sid}"), 404, "unknown_session", sid)
+
+        sid = create(c, "test_server/Slow-v0", env_kwargs={"delay_s": 2.0})["session_id"]
+        started = time.monotonic()
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
+                     504, "env_timeout", "0.3 s")
+        assert time.monotonic() - started < 1.5
+        assert c.get("/health").json() == {"status": "ok", "sessions": 0, "max_sessions": 256}
+        metrics = c.get("/metrics").text
+        assert 'cwm_rl_env_errors_total{code="env_error"} 1.0' in metrics
+        assert 'cwm_rl_env_errors_total{code="env_timeout"} 1.0' in metrics
+
+
+def test_episode_deadline_truncates(start_server):
+    server = start_server(episode_timeout_s=0.2)
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, seed=0)["session_id"]
+        time.sleep(0.3)
+        step = c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}).json()
+        assert step["truncated"] is True and step["info"] == {"truncated_reason": "episode_deadline"}
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "2"}), 409, "episode_over", "ended")
+
+
+async def test_retried_steps_are_answered_once(start_server):
+    server = start_server()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        sid = (await c.post("/v1/sessions", json={"env_id": "test_server/Slow-v0", "env_kwargs": {"delay_s": 0.3}})).json()["session_id"]
+        body = {"action": "x", "request_id": "same"}
+        # Two concurrent copies (a retry racing the original), then a late third copy.
+        first, second = await asyncio.gather(c.post(f"/v1/sessions/{sid}/step", json=body),
+                                             c.post(f"/v1/sessions/{sid}/step", json=body))
+        third = await c.post(f"/v1/sessions/{sid}/step", json=body)
+        assert first.json() == second.json() == third.json()
+        assert first.json()["info"] == {"turn": 0}
+        state = (await c.get(f"/v1/sessions/{sid}")).json()
+        assert state["num_steps"] == 1 and state["state"]["num_turns"] == 1
+        # A new request id steps again.
+        fourth = await c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "next"})
+        assert fourth.json()["info"] == {"turn": 1}
+
+
+def test_create_retries_reuse_the_session(server):
+    with httpx.Client(base_url=server.url) as c:
+        a = create(c, seed=3, request_id="create-1")
+        b = create(c, seed=3, request_id="create-1")
+        assert a == b
+        assert c.get("/health").json()["sessions"] == 1
+
+
+def test_reaper_closes_idle_sessions(start_server):
+    server = start_server(idle_timeout_s=0.3, reap_interval_s=0.05)
+    CLOSED.clear()
+    with httpx.Client(base_url=server.url) as c:
+        idle = create(c, "test_server/Slow-v0", env_kwargs={"delay_s": 0.0})["session_id"]
+        busy = create(c, seed=1)["session_id"]
+        for i in range(8):  # keep `busy` active while `idle` sits
+            time.sleep(0.1)
+            assert c.post(f"/v1/sessions/{busy}/step", json={"action": "x", "request_id": str(i)}).status_code in (200, 409)
+        assert_error(c.get(f"/v1/sessions/{idle}"), 404, "unknown_session", "reaped after 0.3 s idle")
+        assert CLOSED == ["slow"]
+        assert "cwm_rl_env_sessions_reaped_total 1.0" in c.get("/metrics").text
