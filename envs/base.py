@@ -22,25 +22,27 @@ env work never stalls an event loop; envs whose steps are pure and fast set `blo
 from __future__ import annotations
 
 import asyncio
-import copy
 from typing import Any
 
 import gymnasium as gym
 from pydantic import ValidationError
 
 from cwm_rl.types import Message, Task
-from envs.spaces import MessagesSpace, TextSpace
+from envs.spaces import ROLES, MessagesSpace, TextSpace
 
 Messages = list[dict[str, str]]
 StepResult = tuple[Messages, float, bool, bool, dict[str, Any]]
 
 
 def as_messages(messages: list[Message | dict[str, str]]) -> Messages:
-    """Normalise Message models or dicts into fresh `{"role", "content"}` dicts."""
+    """Normalise Message models or dicts into fresh `{"role", "content"}` dicts (validated)."""
     out = []
     for m in messages:
-        msg = m if isinstance(m, Message) else Message.model_validate(m)
-        out.append({"role": msg.role, "content": msg.content})
+        if isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str):
+            out.append({"role": m["role"], "content": m["content"]})  # the common case, without pydantic's cost
+        else:
+            msg = m if isinstance(m, Message) else Message.model_validate(m)
+            out.append({"role": msg.role, "content": msg.content})
     return out
 
 
@@ -102,7 +104,7 @@ class TextEnv(gym.Env[Messages, str]):
         self.episode_return = 0.0
         self.done = False
         observation = as_messages(self.first_messages(self.task))
-        self.transcript = copy.deepcopy(observation)
+        self.transcript = [dict(m) for m in observation]
         return observation, {"task_id": self.task.id}
 
     def step(self, action: str) -> StepResult:
@@ -120,7 +122,7 @@ class TextEnv(gym.Env[Messages, str]):
             info = {**info, "truncated_reason": "max_turns"}
         self.done = bool(terminated or truncated)
         self.episode_return += float(reward)
-        self.transcript += [{"role": "assistant", "content": action}] + copy.deepcopy(observation)
+        self.transcript += [{"role": "assistant", "content": action}] + [dict(m) for m in observation]
         return observation, float(reward), bool(terminated), bool(truncated), info
 
     async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Messages, dict[str, Any]]:
@@ -142,7 +144,7 @@ class TextEnv(gym.Env[Messages, str]):
             "max_turns": self.max_turns,
             "episode_return": self.episode_return,
             "done": self.done,
-            "transcript": copy.deepcopy(self.transcript),
+            "transcript": [dict(m) for m in self.transcript],
         }
 
     def render(self) -> str | None:

@@ -9,6 +9,7 @@ still running), so a client that lost a response can retry without stepping twic
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from cwm_rl.types import new_id
 from envs.base import TextEnv
 from envs.registry import make_env
 from envs.server.config import EnvServerConfig
-from envs.server.schemas import CreateSessionRequest, CreateSessionResponse, StepResponse
+from envs.server.schemas import CreateSessionRequest, CreateSessionResponse
 
 REMEMBERED_REQUESTS = 16  # step results kept per session for retries
 
@@ -41,6 +42,7 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     num_steps: int = 0
     done: bool = False
+    step_seconds: Any = None  # this env's step-time histogram child (looked up once, not per step)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     results: OrderedDict[str, asyncio.Future] = field(default_factory=OrderedDict)
 
@@ -75,7 +77,8 @@ class SessionManager:
             self.reserved -= 1
         session_id = new_id()
         created = CreateSessionResponse(session_id=session_id, env_id=req.env_id, observation=observation, info=info)
-        self.sessions[session_id] = Session(session_id, req.env_id, env, created)
+        self.sessions[session_id] = Session(session_id, req.env_id, env, created,
+                                            step_seconds=self.metrics.step_seconds.labels(env_id=req.env_id))
         if req.request_id:
             self.creations[req.request_id] = session_id
             while len(self.creations) > 4 * self.config.max_sessions:
@@ -124,7 +127,8 @@ class SessionManager:
             session.last_active = time.monotonic()
         return session
 
-    async def step(self, session_id: str, action: str, request_id: str) -> StepResponse:
+    async def step(self, session_id: str, action: str, request_id: str) -> dict[str, Any]:
+        """The step result as a `StepResponse`-shaped dict (plain dicts: this is the hot path)."""
         session = self.get(session_id)
         size = len(action.encode("utf-8"))
         if size > self.config.max_action_bytes:
@@ -140,19 +144,18 @@ class SessionManager:
                 session.results.popitem(last=False)
         return await asyncio.shield(future)
 
-    async def _step_once(self, session: Session, action: str) -> StepResponse:
+    async def _step_once(self, session: Session, action: str) -> dict[str, Any]:
         async with session.lock:
             if session.done:
                 raise ApiError(409, "episode_over", "this episode has ended; create a new session (or reset) to play again")
             if time.monotonic() - session.created_at > self.config.episode_timeout_s:
                 session.done = True
-                return StepResponse(observation=[], reward=0.0, terminated=False, truncated=True,
-                                    info={"truncated_reason": "episode_deadline"})
+                return {"observation": [], "reward": 0.0, "terminated": False, "truncated": True,
+                        "info": {"truncated_reason": "episode_deadline"}}
             started = time.perf_counter()
             try:
-                observation, reward, terminated, truncated, info = await asyncio.wait_for(
-                    session.env.astep(action), self.config.step_timeout_s
-                )
+                async with asyncio.timeout(self.config.step_timeout_s):
+                    observation, reward, terminated, truncated, info = await session.env.astep(action)
             except TimeoutError:
                 await self.delete(session.session_id)
                 self.metrics.errors.labels(code="env_timeout").inc()
@@ -161,11 +164,14 @@ class SessionManager:
                 await self.delete(session.session_id)
                 self.metrics.errors.labels(code="env_error").inc()
                 raise ApiError(502, "env_error", f"the env raised {type(e).__name__}: {e}; the session was closed") from None
-            self.metrics.step_seconds.labels(env_id=session.env_id).observe(time.perf_counter() - started)
+            session.step_seconds.observe(time.perf_counter() - started)
             session.num_steps += 1
             session.done = bool(terminated or truncated)
             session.last_active = time.monotonic()
-            return StepResponse(observation=observation, reward=reward, terminated=terminated, truncated=truncated, info=info)
+            if not math.isfinite(reward):
+                await self.delete(session.session_id)
+                raise ApiError(502, "env_error", f"the env returned a non-finite reward ({reward}); the session was closed")
+            return {"observation": observation, "reward": reward, "terminated": terminated, "truncated": truncated, "info": info}
 
     # ----- state, delete, reap -----
     def state(self, session_id: str) -> dict[str, Any]:

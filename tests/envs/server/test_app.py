@@ -5,6 +5,7 @@ import time
 
 import gymnasium as gym
 import httpx
+import numpy as np
 import pytest
 
 from cwm_rl.types import Task
@@ -47,7 +48,19 @@ class SlowEnv(TextEnv):
         super().close()
 
 
+class NumpyEnv(TextEnv):
+    """Returns numpy values in its reward and info, and a NaN reward for the action 'nan'."""
+
+    def sample_task(self):
+        return Task(id="np", prompt="go")
+
+    def respond(self, action):
+        reward = np.float32("nan") if action == "nan" else np.float32(0.5)
+        return [], reward, False, False, {"score": np.float64(0.25), "counts": np.arange(3), "obj": object}
+
+
 gym.register(id="test_server/Crash-v0", entry_point=CrashEnv)
+gym.register(id="test_server/Numpy-v0", entry_point=NumpyEnv)
 gym.register(id="test_server/Slow-v0", entry_point=SlowEnv)
 
 
@@ -208,3 +221,14 @@ def test_reaper_closes_idle_sessions(start_server):
         assert_error(c.get(f"/v1/sessions/{idle}"), 404, "unknown_session", "reaped after 0.3 s idle")
         assert CLOSED == ["slow"]
         assert "cwm_rl_env_sessions_reaped_total 1.0" in c.get("/metrics").text
+
+
+def test_numpy_infos_are_served_and_nan_rewards_are_env_errors(server):
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, "test_server/Numpy-v0")["session_id"]
+        step = c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"})
+        assert step.status_code == 200
+        assert step.json()["reward"] == 0.5
+        assert step.json()["info"] == {"score": 0.25, "counts": [0, 1, 2], "obj": "<class 'object'>"}
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "nan", "request_id": "2"}),
+                     502, "env_error", "non-finite reward")
