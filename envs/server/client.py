@@ -6,6 +6,10 @@ local and remote envs alike. A dropped connection or a read timeout is retried w
 request id, so the server answers a retried step from its first attempt: an action is never
 applied twice. Server errors become `EnvServerError` with the HTTP status, code and message.
 
+Each RemoteEnv owns its own httpx clients (one connection per session). Do not share one
+httpx.AsyncClient across many concurrent sessions: httpcore's pool scans every connection on
+every event, and 64 sessions on one pool ran ~8x slower than 64 own clients (bench/README.md).
+
     env = RemoteEnv("http://127.0.0.1:8765", "cwm_rl/Math-v0", token=None)
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step("\\\\boxed{4}")
