@@ -97,7 +97,8 @@ def env_serve(
     step_timeout: Annotated[float, typer.Option(help="Seconds one reset/step may take (504 past it).")] = 60.0,
     episode_timeout: Annotated[float, typer.Option(help="Seconds an episode may take (then truncated).")] = 3600.0,
     idle_timeout: Annotated[float, typer.Option(help="Seconds before an untouched session is reaped.")] = 600.0,
-    client_kwargs: Annotated[bool, typer.Option(help="Accept env constructor kwargs from clients.")] = True,
+    client_kwargs: Annotated[bool | None, typer.Option("--client-kwargs/--no-client-kwargs",
+                                                       help="Accept env constructor kwargs from clients (default: only on loopback).")] = None,
     imports: ImportOpt = [],
 ) -> None:
     """Serve environments over HTTP (FastAPI) until Ctrl-C."""

@@ -114,7 +114,7 @@ class Trajectory(_Model):
     reward_details: dict[str, Any] = Field(default_factory=dict, description="Verifier details for the episode.")
     terminated: bool = Field(default=False, description="Gymnasium terminated flag of the last step.")
     truncated: bool = Field(default=False, description="Gymnasium truncated flag of the last step.")
-    finish_reason: FinishReason = Field(default="terminated", description="Why the episode ended.")
+    finish_reason: FinishReason = Field(description="Why the episode ended.")
     error: str | None = Field(default=None, description="The env or worker error that ended the episode, if any.")
     created_at: float = Field(default=0.0, ge=0, description="Unix time the episode finished.")
 
@@ -142,8 +142,14 @@ class Trajectory(_Model):
                     f"token {i} has loss mask 0 but version {v} / logprob {lp}; "
                     f"non-generated tokens carry version {NO_VERSION} and logprob 0.0"
                 )
+        if self.finish_reason == "terminated" and not self.terminated:
+            raise ValueError("finish_reason is 'terminated' but terminated is False")
+        if self.finish_reason == "truncated" and not self.truncated:
+            raise ValueError("finish_reason is 'truncated' but truncated is False")
         previous_end = 0
-        for turn in self.turns:
+        for position, turn in enumerate(self.turns):
+            if turn.index != position:
+                raise ValueError(f"turn {position} has index {turn.index}; turns must be numbered 0, 1, 2, ... in order")
             spans = [turn.action_span] + ([turn.observation_span] if turn.observation_span else [])
             for span in spans:
                 if span.end > n:
@@ -153,6 +159,8 @@ class Trajectory(_Model):
                 previous_end = span.end
             if any(self.loss_mask[i] != 1 for i in range(turn.action_span.start, turn.action_span.end)):
                 raise ValueError(f"turn {turn.index}'s action span holds tokens with loss mask 0")
+            if turn.observation_span and any(self.loss_mask[i] for i in range(turn.observation_span.start, turn.observation_span.end)):
+                raise ValueError(f"turn {turn.index}'s observation span holds tokens with loss mask 1")
         total = sum(t.reward for t in self.turns)
         if self.turns and not math.isclose(total, self.return_, rel_tol=1e-6, abs_tol=1e-6):
             raise ValueError(f"return is {self.return_} but the turn rewards sum to {total}")

@@ -16,7 +16,9 @@ and may add `reference_action()` (a correct answer, for checks and SFT) and
 `state()`) lives here once.
 
 `areset`/`astep` are async twins: they run the sync methods in a worker thread so blocking
-env work never stalls an event loop; envs whose steps are pure and fast set `blocking = False`.
+env work never stalls an event loop. Envs whose steps are pure and fast (microseconds, no I/O)
+set `blocking = False` and are stepped on the loop directly: they get no step deadline, so a
+slow or hanging step there would stall every session of an env server.
 """
 
 from __future__ import annotations

@@ -77,19 +77,20 @@ def make_env(env_id: str, **kwargs: Any) -> TextEnv:
     Raises ValueError naming the known ids when `env_id` is unknown or not a text env.
     """
     register_builtin_envs()
-    if env_id not in gym.registry:
+    spec = gym.registry.get(env_id)
+    if spec is None:
         raise ValueError(
             f"unknown env id {env_id!r}; registered text envs: {', '.join(list_text_envs())}. "
             "A user env must be registered by its module: import it first (CLI: --import MODULE)."
         )
+    if not _is_text_env(spec):
+        raise ValueError(f"{env_id} is not a cwm-rl text env (a subclass of envs.base.TextEnv)")
+    if spec.max_episode_steps is not None or "max_episode_steps" in kwargs:
+        raise ValueError(f"{env_id}: Gymnasium's max_episode_steps wrapper is not used for text envs; pass max_turns instead")
     try:
-        env = gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+        return gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
     except TypeError as e:
         raise ValueError(f"bad arguments for {env_id}: {e}") from None
-    if not isinstance(env, TextEnv):
-        env.close()
-        raise ValueError(f"{env_id} is a {type(env).__name__}, not a cwm-rl text env (envs.base.TextEnv)")
-    return env
 
 
 def describe_env(env_id: str) -> str:

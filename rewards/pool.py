@@ -392,11 +392,13 @@ _default_lock = threading.Lock()
 
 
 def default_pool() -> VerifierPool:
-    """The process-wide pool (2 workers, 5 s timeout), created on first use, closed at exit."""
+    """The process-wide pool, created on first use, closed at exit: one worker per CPU core (at
+    least 2; `CWM_RL_VERIFIER_WORKERS` overrides), 5 s timeout. Workers start only when used."""
     global _default
     with _default_lock:
         if _default is None or _default.closed:
-            _default = VerifierPool()
+            num_workers = int(os.environ.get("CWM_RL_VERIFIER_WORKERS", 0)) or max(2, os.cpu_count() or 2)
+            _default = VerifierPool(num_workers=num_workers)
             atexit.register(_default.close)
         return _default
 

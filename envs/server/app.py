@@ -8,9 +8,10 @@ Run it with `cwm-rl env serve` (or `serve(EnvServerConfig(...))`). Routes, all J
     GET    /v1/envs                  the envs served
     GET    /health                   liveness (no auth)
     GET    /metrics                  Prometheus text
-Every error is `{"error": {"code", "message"}}` with a 4xx status (5xx only when the env itself
-failed or timed out): 401 bad token, 404 unknown session or env, 409 step after the episode
-ended, 413 action too large, 422 malformed body, 429 too many sessions.
+Every error is `{"error": {"code", "message"}}`: 401 bad token, 403 env_kwargs not accepted,
+404 unknown session or env, 409 step after the episode ended, 413 action or body too large,
+422 malformed body, bad task or bad env kwargs, 429 too many sessions; 5xx only when the env
+itself failed (502), timed out (504), or stuck calls hold the env threads (503).
 """
 
 from __future__ import annotations
@@ -76,21 +77,48 @@ class Guard:
         self.token = config.token.encode() if config.token else None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            if self.token is not None and scope["path"] not in self.OPEN_PATHS:
-                scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-                if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.token):
-                    self.metrics.errors.labels(code="unauthorized").inc()
-                    response = _error(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer "
-                                      "<token>' with the token the server was started with (--token / CWM_RL_ENV_TOKEN)")
-                    return await response(scope, receive, send)
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                self.metrics.errors.labels(code="body_too_large").inc()
-                response = _error(413, "body_too_large", f"the request body is {int(length)} bytes; this server accepts at most {self.limit}")
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.token is not None and scope["path"] not in self.OPEN_PATHS:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.token):
+                self.metrics.errors.labels(code="unauthorized").inc()
+                response = _error(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer "
+                                  "<token>' with the token the server was started with (--token / CWM_RL_ENV_TOKEN)")
                 return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._too_large(int(length), scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            # A chunked body has no Content-Length: count it as it arrives.
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(received)
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        except BodyTooLarge as e:
+            await self._too_large(e.size, scope, receive, send, at_least=True)
+
+    async def _too_large(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+        self.metrics.errors.labels(code="body_too_large").inc()
+        size_text = f"over {self.limit}" if at_least else str(size)
+        response = _error(413, "body_too_large", f"the request body is {size_text} bytes; this server accepts at most {self.limit}")
+        await response(scope, receive, send)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while reading a body past the limit (an HTTPException, so FastAPI's body parsing lets it through)."""
+
+    def __init__(self, size: int):
+        super().__init__(413, "request body too large")
+        self.size = size
 
 
 def _jsonable(value: Any) -> Any:
@@ -105,6 +133,13 @@ class StepJSONResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode("utf-8")
+
+
+def _render(content: dict[str, Any]) -> Response:
+    try:
+        return StepJSONResponse(content)
+    except (TypeError, ValueError) as e:  # e.g. an info dict with non-string keys, or NaN inside it
+        raise ApiError(502, "env_error", f"the env returned data that is not JSON-serialisable: {e}") from None
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -144,6 +179,16 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         metrics.errors.labels(code="malformed_request").inc()
         return _error(422, "malformed_request", f"the request body is not valid: {problems}")
 
+    @app.exception_handler(BodyTooLarge)
+    async def on_body_too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
+        limit = config.max_action_bytes + BODY_SLACK_BYTES
+        metrics.errors.labels(code="body_too_large").inc()
+        return _error(413, "body_too_large", f"the request body is over {limit} bytes; this server accepts at most {limit}")
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception) -> JSONResponse:
+        return _error(500, "internal_error", f"the env server failed: {type(e).__name__}: {e}; please report this")
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         hint = " (see GET /docs for the routes)" if e.status_code in (404, 405) else ""
@@ -152,11 +197,13 @@ def create_app(config: EnvServerConfig) -> FastAPI:
     # The step route first: routes are matched in order and this one carries nearly all traffic.
     @app.post("/v1/sessions/{session_id}/step", response_model=StepResponse)
     async def step(session_id: str, req: StepRequest) -> Response:
-        return StepJSONResponse(await sessions.step(session_id, req.action, req.request_id))
+        return _render(await sessions.step(session_id, req.action, req.request_id))
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "sessions": len(sessions.sessions), "max_sessions": config.max_sessions}
+        # "degraded": env calls past their deadline still hold threads (see sessions.py).
+        return {"status": "degraded" if sessions.abandoned else "ok", "sessions": len(sessions.sessions),
+                "max_sessions": config.max_sessions, "abandoned_env_calls": sessions.abandoned}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -171,9 +218,9 @@ def create_app(config: EnvServerConfig) -> FastAPI:
     async def create_session(req: CreateSessionRequest) -> CreateSessionResponse:
         return await sessions.create(req)
 
-    @app.get("/v1/sessions/{session_id}")
-    async def state(session_id: str) -> SessionState:
-        return SessionState(**sessions.state(session_id))
+    @app.get("/v1/sessions/{session_id}", response_model=SessionState)
+    async def state(session_id: str) -> Response:
+        return _render(sessions.state(session_id))
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete(session_id: str) -> dict:

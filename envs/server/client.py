@@ -35,9 +35,9 @@ RETRYABLE = (httpx.TransportError,)  # connect/read/write errors, timeouts, drop
 class EnvServerError(RuntimeError):
     """The env server answered with an error status."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"env server error {status} ({code}): {message}")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
 def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
@@ -48,7 +48,8 @@ def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
         code, message = err["code"], err["message"]
     except Exception:
         code, message = "http_error", response.text[:500]
-    raise EnvServerError(response.status_code, code, message)
+    retry_after = response.headers.get("retry-after", "")
+    raise EnvServerError(response.status_code, code, message, float(retry_after) if retry_after.isdigit() else None)
 
 
 class RemoteEnv(gym.Env[Messages, str]):
@@ -104,24 +105,39 @@ class RemoteEnv(gym.Env[Messages, str]):
             self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
         return self._aclient
 
+    def _retry_delay(self, attempt: int, error: Exception) -> float | None:
+        """Seconds to wait before retrying after `error`, or None to give up and raise it.
+
+        Dropped connections and timeouts are retried (the request id makes that safe), and so
+        are 429 and 503 answers, after the server's Retry-After."""
+        if attempt >= self.max_retries:
+            return None
+        if isinstance(error, EnvServerError):
+            if error.status not in (429, 503):
+                return None
+            return min(error.retry_after or self.retry_backoff_s, 30.0)
+        return self.retry_backoff_s * 2**attempt
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
             try:
                 return _raise_for_error(self._sync().request(method, path, json=body))
-            except RETRYABLE:
-                if attempt == self.max_retries:
+            except (*RETRYABLE, EnvServerError) as e:
+                delay = self._retry_delay(attempt, e)
+                if delay is None:
                     raise
-                time.sleep(self.retry_backoff_s * 2**attempt)
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _arequest(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
             try:
                 return _raise_for_error(await self._async().request(method, path, json=body))
-            except RETRYABLE:
-                if attempt == self.max_retries:
+            except (*RETRYABLE, EnvServerError) as e:
+                delay = self._retry_delay(attempt, e)
+                if delay is None:
                     raise
-                await asyncio.sleep(self.retry_backoff_s * 2**attempt)
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -147,11 +163,19 @@ class RemoteEnv(gym.Env[Messages, str]):
         return self._request("GET", f"/v1/sessions/{self.session_id}")
 
     def close(self) -> None:
-        """Delete the remote session and close the HTTP clients; safe to call twice."""
+        """Delete the remote session and close the HTTP clients; safe to call twice.
+
+        Blocking: in async code call `await env.aclose()` instead."""
         self._delete_session()
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._aclient is not None:  # used by areset/astep: close it on its loop if one runs
+            aclient, self._aclient = self._aclient, None
+            try:
+                asyncio.get_running_loop().create_task(aclient.aclose())
+            except RuntimeError:  # no loop runs here: its connections die with their (gone) loop
+                pass
 
     def _delete_session(self) -> None:
         session_id, self.session_id = self.session_id, None
@@ -175,11 +199,14 @@ class RemoteEnv(gym.Env[Messages, str]):
         return self._step_result(await self._arequest("POST", path, {"action": action, "request_id": new_id()}))
 
     async def aclose(self) -> None:
+        """Delete the remote session and close the HTTP clients, without blocking the loop."""
         await self._adelete_session()
         if self._aclient is not None:
             await self._aclient.aclose()
             self._aclient = None
-        self.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     async def _adelete_session(self) -> None:
         session_id, self.session_id = self.session_id, None

@@ -26,7 +26,7 @@ class EnvServerConfig(BaseModel):
     port: int = Field(default=8765, ge=0, le=65535, description="TCP port (0 picks a free one).")
     token: str | None = Field(default=None, min_length=8, description="Bearer token clients must send; None disables auth (loopback only).")
     env_ids: list[str] | None = Field(default=None, description="Env ids clients may create; None allows every registered text env.")
-    allow_client_env_kwargs: bool = Field(default=True, description="Let clients pass constructor kwargs to envs (turn off when exposed to untrusted clients).")
+    allow_client_env_kwargs: bool | None = Field(default=None, description="Let clients pass env constructor kwargs (which can name files the server reads); None: only when bound to loopback.")
     max_sessions: int = Field(default=256, ge=1, description="Live sessions at most; creating one more answers 429.")
     max_action_bytes: int = Field(default=1_000_000, ge=1, description="Largest action (UTF-8 bytes); larger answers 413.")
     step_timeout_s: float = Field(default=60.0, gt=0, description="Deadline of one reset or step; past it the session ends with 504.")
@@ -34,6 +34,12 @@ class EnvServerConfig(BaseModel):
     idle_timeout_s: float = Field(default=600.0, gt=0, description="A session untouched this long is closed and removed by the reaper.")
     reap_interval_s: float = Field(default=5.0, gt=0, description="How often the reaper looks for idle sessions.")
     max_env_threads: int = Field(default=32, ge=1, description="Threads that run blocking env work (resets, steps, closes).")
+
+    @property
+    def client_env_kwargs_allowed(self) -> bool:
+        if self.allow_client_env_kwargs is None:
+            return is_loopback(self.host)
+        return self.allow_client_env_kwargs
 
     @model_validator(mode="after")
     def _auth_beyond_loopback(self) -> EnvServerConfig:

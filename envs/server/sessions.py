@@ -1,9 +1,18 @@
 """Live env sessions of the env server: create, step (idempotent by request id), state, delete, reap.
 
-Each session owns one env instance. Steps on one session run one at a time; a step that comes
-back with a request id already seen is answered from the first attempt (awaiting it if it is
-still running), so a client that lost a response can retry without stepping twice. Errors are
-`ApiError`s carrying the HTTP status and a message a person can act on; `app.py` renders them.
+Each session owns one env instance. Steps on one session run one at a time, under the session's
+lock; closing an env also takes that lock, so an env is never closed in the middle of a step.
+A request that comes back with a request id already seen (a client retrying after a lost
+response) is answered from the first attempt, awaiting it if it is still running: a step is
+never applied twice and a create never opens two sessions.
+
+An env call that runs past its deadline is abandoned, not killed (Python cannot kill a thread):
+the client gets 504, the session is removed, and its env is closed once the stuck call returns.
+Abandoned calls still hold env threads, so they are counted; `/health` reports them and new
+sessions are refused (503) while they hold all but one thread.
+
+Errors are `ApiError`s carrying the HTTP status and a message a person can act on; `app.py`
+renders them.
 """
 
 from __future__ import annotations
@@ -38,13 +47,20 @@ class Session:
     env_id: str
     env: TextEnv
     created: CreateSessionResponse
+    step_seconds: Any  # this env's step-time histogram child (looked up once, not per step)
     created_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     num_steps: int = 0
     done: bool = False
-    step_seconds: Any = None  # this env's step-time histogram child (looked up once, not per step)
+    closed: bool = False  # removed from the server; a step that was queued on the lock must not run
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     results: OrderedDict[str, asyncio.Future] = field(default_factory=OrderedDict)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Done callback: mark a background future's exception as seen (no "never retrieved" log)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class SessionManager:
@@ -52,15 +68,30 @@ class SessionManager:
         self.config = config
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
-        self.creations: OrderedDict[str, str] = OrderedDict()  # create request id -> session id
+        self.creations: OrderedDict[str, asyncio.Future] = OrderedDict()  # create request id -> its result
         self.reserved = 0  # sessions being created: they count against max_sessions
+        self.abandoned = 0  # env calls past their deadline that still hold a thread
 
     # ----- create -----
     async def create(self, req: CreateSessionRequest) -> CreateSessionResponse:
-        if req.request_id and req.request_id in self.creations:
-            session = self.sessions.get(self.creations[req.request_id])
-            if session is not None:
-                return session.created
+        if not req.request_id:
+            return await self._create(req)
+        future = self.creations.get(req.request_id)
+        if future is None:
+            future = asyncio.ensure_future(self._create(req))
+            request_id = req.request_id
+
+            def forget_failure(f: asyncio.Future) -> None:  # a failed create (e.g. 429) may be retried for real
+                if f.cancelled() or f.exception() is not None:
+                    self.creations.pop(request_id, None)
+
+            future.add_done_callback(forget_failure)
+            self.creations[req.request_id] = future
+            while len(self.creations) > 4 * self.config.max_sessions:
+                self.creations.popitem(last=False)
+        return await asyncio.shield(future)
+
+    async def _create(self, req: CreateSessionRequest) -> CreateSessionResponse:
         self._check_env_allowed(req)
         if len(self.sessions) + self.reserved >= self.config.max_sessions:
             self.metrics.errors.labels(code="too_many_sessions").inc()
@@ -70,6 +101,10 @@ class SessionManager:
                 "sessions (DELETE /v1/sessions/{id}) or retry later",
                 headers={"Retry-After": "1"},
             )
+        if self.abandoned >= self.config.max_env_threads - 1:
+            raise ApiError(503, "server_degraded", f"{self.abandoned} env calls ran past their deadline and still hold "
+                           "env threads; the server takes no new sessions until they return (restart it if they never do)",
+                           headers={"Retry-After": "5"})
         self.reserved += 1
         try:
             env, observation, info = await self._start_env(req)
@@ -79,10 +114,6 @@ class SessionManager:
         created = CreateSessionResponse(session_id=session_id, env_id=req.env_id, observation=observation, info=info)
         self.sessions[session_id] = Session(session_id, req.env_id, env, created,
                                             step_seconds=self.metrics.step_seconds.labels(env_id=req.env_id))
-        if req.request_id:
-            self.creations[req.request_id] = session_id
-            while len(self.creations) > 4 * self.config.max_sessions:
-                self.creations.popitem(last=False)
         self.metrics.sessions_created.labels(env_id=req.env_id).inc()
         self.metrics.sessions_active.set(len(self.sessions))
         return created
@@ -91,28 +122,54 @@ class SessionManager:
         allowed = self.config.env_ids
         if allowed is not None and req.env_id not in allowed:
             raise ApiError(404, "unknown_env", f"env {req.env_id!r} is not served here; served envs: {', '.join(allowed)}")
-        if req.env_kwargs and not self.config.allow_client_env_kwargs:
-            raise ApiError(403, "env_kwargs_forbidden", "this server does not accept env_kwargs from clients; drop them")
+        if req.env_kwargs and not self.config.client_env_kwargs_allowed:
+            raise ApiError(403, "env_kwargs_forbidden", "this server does not accept env_kwargs from clients "
+                                                        "(it is bound beyond loopback, or was started with --no-client-kwargs); drop them")
 
     async def _start_env(self, req: CreateSessionRequest) -> tuple[TextEnv, list, dict]:
         try:
-            env = await asyncio.to_thread(make_env, req.env_id, **req.env_kwargs)
+            env = await self._with_deadline(asyncio.to_thread(make_env, req.env_id, **req.env_kwargs), "creating the env")
+        except ApiError:
+            raise
         except ValueError as e:
             code = 404 if str(e).startswith("unknown env id") else 422
             raise ApiError(code, "unknown_env" if code == 404 else "bad_env_kwargs", str(e)) from None
+        except OSError as e:  # e.g. a task file that does not exist: the client's kwargs are wrong
+            raise ApiError(422, "bad_env_kwargs", f"creating {req.env_id} failed: {type(e).__name__}: {e}") from None
         except Exception as e:
             raise ApiError(502, "env_error", f"creating {req.env_id} failed: {type(e).__name__}: {e}") from None
         options = {"task": req.task} if req.task is not None else None
+        reset = asyncio.ensure_future(env.areset(seed=req.seed, options=options))
         try:
-            observation, info = await asyncio.wait_for(env.areset(seed=req.seed, options=options), self.config.step_timeout_s)
+            observation, info = await self._with_deadline(reset, "the env reset", on_abandon=lambda: self._close_env(env))
+        except ApiError:
+            raise
         except Exception as e:
             await self._close_env(env)
-            if isinstance(e, TimeoutError):
-                raise ApiError(504, "env_timeout", f"env reset took longer than {self.config.step_timeout_s} s") from None
             if isinstance(e, ValueError):
                 raise ApiError(422, "bad_task", f"{req.env_id} rejected the reset: {e}") from None
             raise ApiError(502, "env_error", f"{req.env_id} reset failed: {type(e).__name__}: {e}") from None
         return env, observation, info
+
+    async def _with_deadline(self, call, what: str, on_abandon=None):
+        """Await `call` for at most `step_timeout_s`; past it, abandon it (counted) and answer 504.
+
+        `on_abandon` (a coroutine function) runs once the abandoned call finally returns."""
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=self.config.step_timeout_s)
+        if task in done:
+            return task.result()
+        self.abandoned += 1
+        self.metrics.errors.labels(code="env_timeout").inc()
+
+        def finished(_: asyncio.Future) -> None:
+            self.abandoned -= 1
+            if on_abandon is not None:
+                asyncio.ensure_future(on_abandon())
+
+        task.add_done_callback(_retrieve)
+        task.add_done_callback(finished)
+        raise ApiError(504, "env_timeout", f"{what} took longer than {self.config.step_timeout_s:g} s; the session was closed")
 
     # ----- step -----
     def get(self, session_id: str, touch: bool = True) -> Session:
@@ -136,9 +193,10 @@ class SessionManager:
             raise ApiError(413, "action_too_large", f"the action is {size} bytes; this server accepts at most {self.config.max_action_bytes}")
         future = session.results.get(request_id)
         if future is None:
-            # A task of its own: a client that drops the connection cancels its handler, not the step.
+            # Its own task, shielded: a caller that goes away (server shutdown, a cancelling ASGI
+            # server) must not cut a step in half, and a retry must find the same result.
             future = asyncio.ensure_future(self._step_once(session, action))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
+            future.add_done_callback(_retrieve)
             session.results[request_id] = future
             while len(session.results) > REMEMBERED_REQUESTS:
                 session.results.popitem(last=False)
@@ -146,6 +204,8 @@ class SessionManager:
 
     async def _step_once(self, session: Session, action: str) -> dict[str, Any]:
         async with session.lock:
+            if session.closed:
+                raise ApiError(404, "unknown_session", f"session {session.session_id!r} was closed while this step waited")
             if session.done:
                 raise ApiError(409, "episode_over", "this episode has ended; create a new session (or reset) to play again")
             if time.monotonic() - session.created_at > self.config.episode_timeout_s:
@@ -154,14 +214,18 @@ class SessionManager:
                         "info": {"truncated_reason": "episode_deadline"}}
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self.config.step_timeout_s):
-                    observation, reward, terminated, truncated, info = await session.env.astep(action)
-            except TimeoutError:
-                await self.delete(session.session_id)
-                self.metrics.errors.labels(code="env_timeout").inc()
-                raise ApiError(504, "env_timeout", f"the env step took longer than {self.config.step_timeout_s} s; the session was closed") from None
+                if session.env.blocking:
+                    result = await self._with_deadline(session.env.astep(action), "the env step",
+                                                       on_abandon=lambda: self._close_env(session.env))
+                else:  # runs on the event loop: no thread to abandon, and nothing to wait for
+                    result = session.env.step(action)
+                observation, reward, terminated, truncated, info = result
+            except ApiError:
+                self._remove(session)  # the env is closed when the abandoned step returns
+                raise
             except Exception as e:
-                await self.delete(session.session_id)
+                self._remove(session)
+                await self._close_env(session.env)
                 self.metrics.errors.labels(code="env_error").inc()
                 raise ApiError(502, "env_error", f"the env raised {type(e).__name__}: {e}; the session was closed") from None
             session.step_seconds.observe(time.perf_counter() - started)
@@ -169,7 +233,8 @@ class SessionManager:
             session.done = bool(terminated or truncated)
             session.last_active = time.monotonic()
             if not math.isfinite(reward):
-                await self.delete(session.session_id)
+                self._remove(session)
+                await self._close_env(session.env)
                 raise ApiError(502, "env_error", f"the env returned a non-finite reward ({reward}); the session was closed")
             return {"observation": observation, "reward": reward, "terminated": terminated, "truncated": truncated, "info": info}
 
@@ -177,6 +242,10 @@ class SessionManager:
     def state(self, session_id: str) -> dict[str, Any]:
         session = self.get(session_id, touch=False)
         now = time.monotonic()
+        try:
+            env_state = session.env.state()
+        except Exception as e:
+            raise ApiError(502, "env_error", f"the env's state() raised {type(e).__name__}: {e}") from None
         return {
             "session_id": session.session_id,
             "env_id": session.env_id,
@@ -184,32 +253,39 @@ class SessionManager:
             "idle_s": now - session.last_active,
             "num_steps": session.num_steps,
             "done": session.done,
-            "state": session.env.state(),
+            "state": env_state,
         }
 
+    def _remove(self, session: Session) -> None:
+        """Take a session off the server at once (synchronously: no step can start on it after)."""
+        session.closed = True
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.metrics.sessions_active.set(len(self.sessions))
+
     async def delete(self, session_id: str) -> bool:
-        session = self.sessions.pop(session_id, None)
-        self.metrics.sessions_active.set(len(self.sessions))
+        session = self.sessions.get(session_id)
         if session is None:
             return False
-        await self._close_env(session.env)
+        self._remove(session)
+        async with session.lock:  # wait for a running step: never close an env under it
+            await self._close_env(session.env)
         return True
 
     async def _close_env(self, env: TextEnv) -> None:
         try:
-            await asyncio.to_thread(env.close)
-        except Exception:  # a failing close must not keep the session (or crash the reaper)
+            await asyncio.wait_for(asyncio.to_thread(env.close), self.config.step_timeout_s)
+        except Exception:  # a failing or hanging close must not keep the session (or crash the reaper)
             self.metrics.errors.labels(code="env_close_failed").inc()
 
     async def reap(self) -> int:
-        """Close sessions idle past `idle_timeout_s`; returns how many were removed."""
+        """Close sessions idle past `idle_timeout_s` (never one that is stepping); returns how many."""
         now = time.monotonic()
-        stale = [
-            s.session_id for s in self.sessions.values()
-            if now - s.last_active > self.config.idle_timeout_s and not s.lock.locked()
-        ]
-        for session_id in stale:
-            await self.delete(session_id)
+        stale = [s for s in self.sessions.values() if now - s.last_active > self.config.idle_timeout_s and not s.lock.locked()]
+        for session in stale:  # removed before the first await: no step can slip in between
+            self._remove(session)
+        for session in stale:
+            async with session.lock:
+                await self._close_env(session.env)
         self.metrics.sessions_reaped.inc(len(stale))
         return len(stale)
 

@@ -17,6 +17,7 @@ def make_trajectory(**overrides) -> Trajectory:
         messages=[Message(role="user", content="q")],
         reward_details={"verdict": "correct"},
         terminated=True,
+        finish_reason="terminated",
     )
     fields.update(overrides)
     episode_return = fields.pop("return_", 1.5)
@@ -43,6 +44,8 @@ def test_trajectory_json_round_trip():
         ({"logprobs": [-1.0, -0.5, -0.1, 0.0, -2.0]}, "token 0 has loss mask 0"),
         ({"loss_mask": [0, 1, 2, 0, 1]}, "loss_mask[2] is 2"),
         ({"return_": 7.0}, "turn rewards sum to 1.5"),
+        ({"terminated": False}, "finish_reason is 'terminated' but terminated is False"),
+        ({"finish_reason": "truncated"}, "finish_reason is 'truncated' but truncated is False"),
     ],
 )
 def test_trajectory_rejects_inconsistent_data(overrides, message):
@@ -59,6 +62,12 @@ def test_trajectory_rejects_bad_spans():
         make_trajectory(turns=[over_prompt])
     with pytest.raises(ValidationError, match="before its start"):
         Span(start=3, end=1)
+    obs_over_action = Turn(index=0, action="x", reward=1.5, action_span=Span(start=1, end=2), observation_span=Span(start=2, end=4))
+    with pytest.raises(ValidationError, match="observation span holds tokens with loss mask 1"):
+        make_trajectory(turns=[obs_over_action])
+    misnumbered = [Turn(index=1, action="x", reward=1.5, action_span=Span(start=1, end=3))]
+    with pytest.raises(ValidationError, match="numbered 0, 1, 2"):
+        make_trajectory(turns=misnumbered)
 
 
 def test_unknown_fields_and_roles_are_errors():

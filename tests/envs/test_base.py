@@ -103,3 +103,5 @@ def test_make_env_errors_are_clear():
         make_env("cwm_rl/Echo-v0", no_such_kwarg=1)
     with pytest.raises(ValueError, match="not a cwm-rl text env"):
         make_env("CartPole-v1")
+    with pytest.raises(ValueError, match="pass max_turns instead"):
+        make_env("cwm_rl/Echo-v0", max_episode_steps=3)

@@ -13,6 +13,7 @@ from envs.base import TextEnv
 from envs.server.config import EnvServerConfig
 
 CLOSED: list[str] = []  # task ids of test envs that were closed
+EVENTS: list[str] = []  # what SlowEnvs did, in order
 
 
 class CrashEnv(TextEnv):
@@ -40,10 +41,13 @@ class SlowEnv(TextEnv):
         return Task(id="slow", prompt="wait")
 
     def respond(self, action):
+        EVENTS.append("step-start")
         time.sleep(self.delay_s)
+        EVENTS.append("step-end")
         return [{"role": "user", "content": f"step {self.num_turns}"}], 1.0, False, False, {"turn": self.num_turns}
 
     def close(self):
+        EVENTS.append("close")
         CLOSED.append("slow")
         super().close()
 
@@ -78,15 +82,19 @@ def assert_error(r: httpx.Response, status: int, code: str, words: str) -> None:
 
 
 async def test_64_concurrent_sessions_play_full_episodes(start_server):
+    """32 Echo sessions (stepped on the event loop) and 32 Math sessions (stepped on env threads,
+    graded in the verifier pool) at once, each played to the end with its reference answer."""
     server = start_server(max_sessions=64)
 
     async def episode(client: httpx.AsyncClient, seed: int) -> float:
-        r = (await client.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "seed": seed})).json()
+        env_id = "cwm_rl/Echo-v0" if seed % 2 else "cwm_rl/Math-v0"
+        r = (await client.post("/v1/sessions", json={"env_id": env_id, "seed": seed})).json()
         sid, total, done = r["session_id"], 0.0, False
         state = (await client.get(f"/v1/sessions/{sid}")).json()
-        words = state["state"]["task"]["answer"]
-        for i, word in enumerate(words):
-            step = (await client.post(f"/v1/sessions/{sid}/step", json={"action": word, "request_id": f"{seed}-{i}"})).json()
+        answer = state["state"]["task"]["answer"]
+        actions = answer if isinstance(answer, list) else [f"\\boxed{{{answer}}}"]
+        for i, action in enumerate(actions):
+            step = (await client.post(f"/v1/sessions/{sid}/step", json={"action": action, "request_id": f"{seed}-{i}"})).json()
             total += step["reward"]
             done = step["terminated"]
         assert done
@@ -94,9 +102,9 @@ async def test_64_concurrent_sessions_play_full_episodes(start_server):
         return total
 
     limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as client:
         returns = await asyncio.gather(*(episode(client, seed) for seed in range(64)))
-        assert returns == [3.0] * 64
+        assert returns == [1.0 if seed % 2 == 0 else 3.0 for seed in range(64)]
         assert (await client.get("/health")).json()["sessions"] == 0
 
 
@@ -167,7 +175,15 @@ def test_env_failures_end_the_session_not_the_server(start_server):
         assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
                      504, "env_timeout", "0.3 s")
         assert time.monotonic() - started < 1.5
-        assert c.get("/health").json() == {"status": "ok", "sessions": 0, "max_sessions": 256}
+        # The abandoned step still holds a thread: reported, and its env is closed once it returns.
+        assert c.get("/health").json() == {"status": "degraded", "sessions": 0, "max_sessions": 256, "abandoned_env_calls": 1}
+        assert "slow" not in CLOSED
+        deadline = time.monotonic() + 5
+        while c.get("/health").json()["status"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/health").json()["abandoned_env_calls"] == 0
+        time.sleep(0.2)
+        assert "slow" in CLOSED
         metrics = c.get("/metrics").text
         assert 'cwm_rl_env_errors_total{code="env_error"} 1.0' in metrics
         assert 'cwm_rl_env_errors_total{code="env_timeout"} 1.0' in metrics
@@ -232,3 +248,77 @@ def test_numpy_infos_are_served_and_nan_rewards_are_env_errors(server):
         assert step.json()["info"] == {"score": 0.25, "counts": [0, 1, 2], "obj": "<class 'object'>"}
         assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "nan", "request_id": "2"}),
                      502, "env_error", "non-finite reward")
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(start_server):
+    server = start_server(max_action_bytes=1000)
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, seed=0)["session_id"]
+
+        def chunks():  # no Content-Length: httpx sends Transfer-Encoding: chunked
+            yield b'{"request_id": "1", "action": "'
+            for _ in range(100):
+                yield b"x" * 10_000
+            yield b'"}'
+
+        r = c.post(f"/v1/sessions/{sid}/step", content=chunks(), headers={"content-type": "application/json"})
+        assert_error(r, 413, "body_too_large", "at most")
+        assert c.get(f"/v1/sessions/{sid}").json()["num_steps"] == 0
+
+
+async def test_concurrent_create_retries_open_one_session(server):
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        body = {"env_id": "test_server/Slow-v0", "request_id": "create-once"}
+        a, b = await asyncio.gather(c.post("/v1/sessions", json=body), c.post("/v1/sessions", json=body))
+        assert a.json() == b.json()
+        assert (await c.get("/health")).json()["sessions"] == 1
+
+
+async def test_delete_waits_for_a_running_step(server):
+    EVENTS.clear()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        sid = (await c.post("/v1/sessions", json={"env_id": "test_server/Slow-v0", "env_kwargs": {"delay_s": 0.4}})).json()["session_id"]
+        step = asyncio.create_task(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}))
+        while "step-start" not in EVENTS:
+            await asyncio.sleep(0.01)
+        assert (await c.delete(f"/v1/sessions/{sid}")).status_code == 200
+        assert (await step).status_code == 200
+        assert EVENTS == ["step-start", "step-end", "close"]  # never closed under the running step
+        assert_error(await c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "2"}), 404, "unknown_session", sid)
+
+
+def test_client_env_kwargs_policy(start_server):
+    assert EnvServerConfig().client_env_kwargs_allowed is True
+    assert EnvServerConfig(host="0.0.0.0", token="long-enough").client_env_kwargs_allowed is False
+    server = start_server(allow_client_env_kwargs=False)
+    with httpx.Client(base_url=server.url) as c:
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Math-v0", "env_kwargs": {"tasks_path": "/etc/passwd"}}),
+                     403, "env_kwargs_forbidden", "drop them")
+        assert create(c, "cwm_rl/Math-v0")["observation"]
+    server = start_server()
+    with httpx.Client(base_url=server.url) as c:
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Math-v0", "env_kwargs": {"tasks_path": "/no/such.jsonl"}}),
+                     422, "bad_env_kwargs", "does not exist")
+
+
+class BadDataEnv(TextEnv):
+    """Returns an info dict JSON cannot encode, and a state() that raises."""
+
+    def sample_task(self):
+        return Task(id="bad", prompt="go")
+
+    def respond(self, action):
+        return [], 0.0, False, False, {(1, 2): "tuple key"}
+
+    def state(self):
+        raise RuntimeError("state is broken")
+
+
+gym.register(id="test_server/BadData-v0", entry_point=BadDataEnv)
+
+
+def test_unserialisable_env_data_is_a_clear_502(server):
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, "test_server/BadData-v0")["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}), 502, "env_error", "JSON")
+        assert_error(c.get(f"/v1/sessions/{sid}"), 502, "env_error", "state is broken")

@@ -1,7 +1,9 @@
 """RemoteEnv against a real env server: the Gymnasium API over HTTP, async twins, retries after dropped connections."""
 
+import asyncio
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -120,3 +122,29 @@ def test_unreachable_server_raises_after_retries():
         env.reset()
     with pytest.raises(RuntimeError, match="reset"):
         env.step("x")
+
+
+def test_too_many_sessions_is_retried_after_retry_after(start_server):
+    server = start_server(max_sessions=1)
+    holder = RemoteEnv(server.url, "cwm_rl/Echo-v0")
+    holder.reset(seed=0)
+    waiter = RemoteEnv(server.url, "cwm_rl/Echo-v0", max_retries=5)
+    threading.Timer(0.5, holder.close).start()  # frees the only slot while `waiter` retries
+    started = time.monotonic()
+    obs, _ = waiter.reset(seed=1)
+    assert obs and 0.5 <= time.monotonic() - started < 4
+    impatient = RemoteEnv(server.url, "cwm_rl/Echo-v0", max_retries=0)
+    with pytest.raises(EnvServerError) as e:
+        impatient.reset()
+    assert (e.value.status, e.value.retry_after) == (429, 1.0)
+    waiter.close()
+
+
+async def test_sync_close_after_async_use_releases_everything(server):
+    env = RemoteEnv(server.url, "cwm_rl/Echo-v0")
+    await env.areset(seed=0)
+    env.close()  # the Gymnasium close, called from async code
+    await asyncio.sleep(0.05)
+    assert env._aclient is None and env.session_id is None
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        assert (await c.get("/health")).json()["sessions"] == 0
