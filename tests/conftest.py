@@ -1,8 +1,10 @@
-"""Shared fixtures: a real env server on a loopback port, started in this process."""
+"""Shared fixtures: a real env server on a loopback port (started in this process), tiny models made here."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,29 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 def server(start_server) -> ServerThread:
     """An env server with default settings."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from cwm_rl.models import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def perturbed_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model with noise added to every weight: a "version 1" to reload."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("models") / "tiny-v1"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    model.save_pretrained(out)
+    for f in tiny_model.iterdir():  # tokenizer files: a published version is a complete checkpoint
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,134 @@
+"""Benchmark the rollout worker: generated tokens/s of our agent loop vs raw `vllm.LLM.generate`.
+
+In one run, on the same tiny model, prompts and sampling (temperature 1, a fixed number of
+tokens per turn with EOS ignored, so both sides generate exactly the same amount), with both
+engines up and the three workloads alternating for --rounds rounds (medians kept):
+1. raw: `vllm.LLM.generate` on the rendered first prompts of 64 `cwm_rl/Echo-v0` episodes,
+   `turns x max_tokens` tokens each, in one call;
+2. ours, single-turn: 64 concurrent episodes of Echo with 1 round through `run_episode`
+   (chat rendering, env step, Trajectory building) on a `RolloutEngine`;
+3. ours, multi-turn: 64 concurrent Echo episodes of `turns` rounds of `max_tokens` each.
+
+    .venv/bin/python bench/rollout.py [--model DIR] [--episodes 64] [--max-tokens 32] [--turns 4] [--rounds 3]
+
+Goals (issue 3): single-turn >= 0.90 of raw, multi-turn >= 0.80. The last line printed is one
+JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+
+def prompts_for(model: str, num_episodes: int) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from cwm_rl.models.chat_template import render
+    from envs import make_env
+
+    tok = AutoTokenizer.from_pretrained(model)
+    env = make_env("cwm_rl/Echo-v0", num_rounds=1)
+    return [tok.encode(render(tok, env.reset(seed=i)[0], add_generation_prompt=True), add_special_tokens=False)
+            for i in range(num_episodes)]
+
+
+def start_raw(model: str, num_episodes: int, max_model_len: int):
+    from vllm import LLM
+
+    return LLM(model=model, dtype="float32", max_model_len=max_model_len, kv_cache_memory_bytes=2**28,
+               max_num_seqs=num_episodes, enforce_eager=True, seed=0)
+
+
+def raw_tokens_per_s(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    started = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+
+
+async def ours_tokens_per_s(engine, num_episodes: int, rounds: int, per_turn: int, max_model_len: int) -> float:
+    from envs import make_env
+    from rollout_workers.agent_loop import EpisodeLimits, run_episode
+    from rollout_workers.engine import SamplingConfig
+
+    sampling = SamplingConfig(temperature=1.0, max_tokens=per_turn, ignore_eos=True)
+    limits = EpisodeLimits(max_turns=rounds, max_total_tokens=max_model_len)
+    envs = [make_env("cwm_rl/Echo-v0", num_rounds=rounds) for _ in range(num_episodes)]
+    started = time.perf_counter()
+    trajs = await asyncio.gather(*(run_episode(engine, e, env_id="cwm_rl/Echo-v0", sampling=sampling, limits=limits, seed=i)
+                                   for i, e in enumerate(envs)))
+    elapsed = time.perf_counter() - started
+    assert all(t.finish_reason == "terminated" for t in trajs), [t.finish_reason for t in trajs]
+    return sum(t.num_generated_tokens for t in trajs) / elapsed
+
+
+async def measure(model: str, prompts: list[list[int]], args, max_model_len: int) -> dict[str, list[float]]:
+    """Both engines stay up; the three workloads alternate for `args.rounds` rounds (drift hits all alike)."""
+    from rollout_workers.engine import EngineConfig, RolloutEngine
+
+    llm = start_raw(model, len(prompts), max_model_len)
+    engine = RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.25, max_num_seqs=len(prompts)))
+    tokens = args.max_tokens * args.turns
+    figures: dict[str, list[float]] = {"raw": [], "single_turn": [], "multi_turn": []}
+    try:
+        raw_tokens_per_s(llm, prompts[:4], 8)  # warm-ups
+        await ours_tokens_per_s(engine, 4, args.turns, 8, max_model_len)
+        for _ in range(args.rounds):
+            figures["raw"].append(raw_tokens_per_s(llm, prompts, tokens))
+            figures["single_turn"].append(await ours_tokens_per_s(engine, len(prompts), 1, tokens, max_model_len))
+            figures["multi_turn"].append(await ours_tokens_per_s(engine, len(prompts), args.turns, args.max_tokens, max_model_len))
+            print("round:", {k: round(v[-1]) for k, v in figures.items()}, file=sys.stderr)
+    finally:
+        engine.shutdown()
+        llm.llm_engine.engine_core.shutdown()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="Model directory; default: a fresh `tiny` model in a temp dir.")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32, help="Tokens per turn (multi-turn); single-turn generates turns x this.")
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds of the three workloads; medians are kept.")
+    args = parser.parse_args()
+    max_model_len = 1024
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from cwm_rl.models import init_model
+
+            model = str(init_model(f"{tmp}/tiny", preset="tiny", seed=0))
+        prompts = prompts_for(model, args.episodes)
+        figures = asyncio.run(measure(model, prompts, args, max_model_len))
+    med = {k: statistics.median(v) for k, v in figures.items()}
+
+    print(json.dumps({
+        "bench": "rollout",
+        "episodes": args.episodes,
+        "tokens_per_episode": args.max_tokens * args.turns,
+        "turns_multi_turn": args.turns,
+        "raw_vllm_tokens_per_s": round(med["raw"], 1),
+        "single_turn_tokens_per_s": round(med["single_turn"], 1),
+        "multi_turn_tokens_per_s": round(med["multi_turn"], 1),
+        "single_turn_ratio_vs_raw": round(med["single_turn"] / med["raw"], 3),
+        "multi_turn_ratio_vs_raw": round(med["multi_turn"] / med["raw"], 3),
+        "rounds": args.rounds,
+        "goal_single_turn_ratio": 0.9,
+        "goal_multi_turn_ratio": 0.8,
+    }))
+
+
+if __name__ == "__main__":
+    main()

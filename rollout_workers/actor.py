@@ -1,0 +1,102 @@
+"""The rollout worker as a Ray actor: one vLLM engine, many concurrent episodes, in-flight reloads.
+
+    Worker = rollout_worker_actor(num_cpus=1)
+    worker = Worker.remote(WorkerConfig(model="runs/tiny", env_id="cwm_rl/Math-v0").model_dump())
+    trajectories = ray.get(worker.run_groups.remote(seeds=[0, 1], group_size=4))   # JSON strings
+    ray.get(worker.update_weights.remote(1, "runs/x/weights/v1"))
+
+Episodes are asyncio tasks in the actor's event loop; env calls never block it (local envs step
+in threads, remote envs over async HTTP). Trajectories travel as JSON strings, so the caller
+needs only the core types to read them. Ray is imported only by `rollout_worker_actor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rollout_workers.agent_loop import EpisodeLimits, run_group
+from rollout_workers.engine import EngineConfig, RolloutEngine, SamplingConfig
+
+
+class WorkerConfig(BaseModel):
+    """Everything one rollout worker needs: its engine, what it plays, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = Field(description="The worker's vLLM engine.")
+    env_id: str = Field(description="Env to play, e.g. 'cwm_rl/Math-v0'.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
+    env_url: str | None = Field(default=None, description="Play the env on this env server instead of in-process.")
+    env_token: str | None = Field(default=None, description="Bearer token for env_url.")
+    env_modules: list[str] = Field(default_factory=list, description="Modules to import first: they register user envs.")
+    sys_path: list[str] = Field(default_factory=list, description="Directories to put on sys.path first (where env_modules live).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How each turn is sampled.")
+    limits: EpisodeLimits = Field(default_factory=EpisodeLimits, description="When the worker ends an episode.")
+
+
+class RolloutWorker:
+    """Plays groups of episodes with one engine. Plain class: `rollout_worker_actor` makes it a Ray actor."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = WorkerConfig.model_validate(config)
+        for path in self.config.sys_path:
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        from envs import load_env_modules
+
+        load_env_modules(self.config.env_modules)
+        self.engine: RolloutEngine | None = None
+        self._starting = asyncio.Lock()
+
+    async def _engine(self) -> RolloutEngine:
+        async with self._starting:  # created inside the actor's event loop, once
+            if self.engine is None:
+                self.engine = RolloutEngine(self.config.engine)
+        return self.engine
+
+    def _make_env(self):
+        c = self.config
+        if c.env_url:
+            from envs.server.client import RemoteEnv
+
+            return RemoteEnv(c.env_url, c.env_id, token=c.env_token, env_kwargs=c.env_kwargs)
+        from envs import make_env
+
+        return make_env(c.env_id, **c.env_kwargs)
+
+    async def run_groups(self, seeds: list[int], group_size: int = 1, run_id: str = "") -> list[str]:
+        """One group of `group_size` episodes per seed, all concurrently; Trajectories as JSON."""
+        engine = await self._engine()
+        groups = await asyncio.gather(*(
+            run_group(engine, self._make_env, env_id=self.config.env_id, group_size=group_size,
+                      sampling=self.config.sampling, limits=self.config.limits, seed=seed, run_id=run_id)
+            for seed in seeds
+        ))
+        return [t.model_dump_json() for group in groups for t in group]
+
+    async def update_weights(self, version: int, path: str) -> int:
+        await (await self._engine()).update_weights(version, path)
+        return version
+
+    async def version(self) -> int:
+        return (await self._engine()).version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def rollout_worker_actor(num_cpus: float = 1):
+    """The Ray actor class of `RolloutWorker` (imports Ray; call after `ray.init`)."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(RolloutWorker)

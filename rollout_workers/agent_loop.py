@@ -1,0 +1,174 @@
+"""The multi-turn agent loop: play one episode of any env (local or remote) with a vLLM engine and
+return a Trajectory whose tokens are exactly what was sampled.
+
+Token in, token out: the first messages are rendered with the chat template once; after that
+the loop only appends tokens: the model's generated tokens (loss mask 1, with their behaviour
+logprobs and policy versions), then the rendering of the env's NEW messages
+(`render_delta`, loss mask 0). Earlier turns are never re-tokenised, so the trainer scores the
+very tokens vLLM sampled.
+
+An env that raises or runs past `env_timeout_s` ends its episode with finish reason
+"env_error" / "timeout" and the error recorded; the caller keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
+from cwm_rl.types import NO_VERSION, Message, Span, Task, Trajectory, Turn, new_id
+from rollout_workers.engine import RolloutEngine, SamplingConfig
+
+
+class EpisodeLimits(BaseModel):
+    """When the worker ends an episode that the env has not ended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_turns: int = Field(default=8, ge=1, description="Model turns per episode at most.")
+    max_total_tokens: int = Field(default=2048, ge=16, description="Prompt + all turns, in tokens (at most the engine's max_model_len).")
+    env_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one env reset or step.")
+
+
+class _Tokens:
+    """The four aligned per-token arrays of a trajectory, appended to as the episode runs."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.mask: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+
+    def add_context(self, ids: list[int]) -> Span:
+        start = len(self.ids)
+        self.ids += ids
+        self.mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [NO_VERSION] * len(ids)
+        return Span(start=start, end=len(self.ids))
+
+    def add_generated(self, ids: list[int], logprobs: list[float], versions: list[int]) -> Span:
+        start = len(self.ids)
+        self.ids += ids
+        self.mask += [1] * len(ids)
+        self.logprobs += logprobs
+        self.versions += versions
+        return Span(start=start, end=len(self.ids))
+
+
+async def run_episode(
+    engine: RolloutEngine,
+    env: Any,
+    *,
+    env_id: str,
+    sampling: SamplingConfig,
+    limits: EpisodeLimits,
+    task: Task | None = None,
+    seed: int | None = None,
+    tokenizer: Any = None,
+    ids: dict[str, Any] | None = None,
+) -> Trajectory:
+    """Play one episode of `env` (a TextEnv or RemoteEnv: anything with `areset`/`astep`)."""
+    tokenizer = tokenizer or engine.tokenizer
+    end_of_turn = detect_end_of_turn(tokenizer)
+    end_of_turn_ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
+    tokens = _Tokens()
+    turns: list[Turn] = []
+    messages: list[dict[str, str]] = []
+    result: dict[str, Any] = {"terminated": False, "truncated": False, "finish_reason": "max_turns", "error": None}
+    info: dict[str, Any] = {}
+
+    async def env_call(coro, what: str):
+        try:
+            return await asyncio.wait_for(coro, limits.env_timeout_s)
+        except TimeoutError:
+            result.update(finish_reason="timeout", error=f"env {what} took longer than {limits.env_timeout_s:g} s")
+        except Exception as e:  # one boundary: an env failure is recorded, never raised
+            result.update(finish_reason="env_error", error=f"env {what} raised {type(e).__name__}: {e}")
+        return None
+
+    reset = await env_call(env.areset(seed=seed, options={"task": task} if task is not None else None), "reset")
+    task_id = task.id if task else ""
+    if reset is not None:
+        observation, info = reset
+        task_id = info.get("task_id", task_id)
+        messages += observation
+        tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+        for index in range(limits.max_turns):
+            budget = min(sampling.max_tokens, limits.max_total_tokens - len(tokens.ids))
+            if budget <= 0:
+                result["finish_reason"] = "max_tokens"
+                break
+            started = time.perf_counter()
+            gen = await engine.generate(tokens.ids, sampling.model_copy(update={"max_tokens": budget}))
+            generate_s = time.perf_counter() - started
+            action_span = tokens.add_generated(gen.token_ids, gen.logprobs, gen.versions)
+            # The action is the generated text verbatim (special tokens included: the env sees what
+            # the model wrote) without the end-of-turn token that closed it.
+            closed = gen.token_ids[-len(end_of_turn_ids):] == end_of_turn_ids
+            action = tokenizer.decode(gen.token_ids[: -len(end_of_turn_ids)] if closed else gen.token_ids)
+            messages.append({"role": "assistant", "content": action})
+            turn = Turn(index=index, action=action, action_span=action_span, generate_s=generate_s)
+            turns.append(turn)
+
+            started = time.perf_counter()
+            stepped = await env_call(env.astep(action), "step")
+            turn.env_s = time.perf_counter() - started
+            if stepped is None:
+                break
+            observation, reward, terminated, truncated, info = stepped
+            turn.observation = [Message.model_validate(m) for m in observation]
+            turn.reward, turn.info = float(reward), info
+            if terminated or truncated:
+                result.update(terminated=terminated, truncated=truncated, finish_reason="terminated" if terminated else "truncated")
+                break
+            if not closed:  # cut off by max_tokens: close the turn as the template would
+                tokens.add_context(end_of_turn_ids)
+            delta = render_delta(tokenizer, messages, observation, add_generation_prompt=True, end_of_turn=end_of_turn)
+            turn.observation_span = tokens.add_context(tokenizer.encode(delta, add_special_tokens=False))
+            messages += observation
+            if len(tokens.ids) >= limits.max_total_tokens:
+                result["finish_reason"] = "max_tokens"
+                break
+    ids = ids or {}
+    return Trajectory(
+        task_id=task_id, env_id=env_id, token_ids=tokens.ids, loss_mask=tokens.mask, logprobs=tokens.logprobs,
+        policy_versions=tokens.versions, turns=turns, messages=[Message.model_validate(m) for m in messages],
+        reward_details=info if turns else {}, created_at=time.time(), **{"return": sum(t.reward for t in turns)},
+        **result, **ids,
+    )
+
+
+async def run_group(
+    engine: RolloutEngine,
+    make_env: Any,
+    *,
+    env_id: str,
+    group_size: int,
+    sampling: SamplingConfig,
+    limits: EpisodeLimits,
+    task: Task | None = None,
+    seed: int | None = None,
+    run_id: str = "",
+) -> list[Trajectory]:
+    """`group_size` episodes of one task, run concurrently (a GRPO group).
+
+    Every sample gets a fresh env from `make_env()`, reset with the same `task` (or, without one,
+    the same `seed`, so the env samples the same task), and the group's id and its index."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    group_id = new_id()
+    envs = [make_env() for _ in range(group_size)]
+    try:
+        return list(await asyncio.gather(*(
+            run_episode(engine, env, env_id=env_id, sampling=sampling, limits=limits, task=task, seed=seed,
+                        ids={"group_id": group_id, "sample_index": i, "run_id": run_id})
+            for i, env in enumerate(envs)
+        )))
+    finally:
+        for env in envs:
+            await (env.aclose() if hasattr(env, "aclose") else asyncio.to_thread(env.close))

