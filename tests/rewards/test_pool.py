@@ -41,7 +41,7 @@ def _is_gone(pid: int, within_s: float = 3.0) -> bool:
             with open(f"/proc/{pid}/stat") as stat:
                 if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
                     return True
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before, or while, /proc was read
             return True
         if time.monotonic() >= deadline:
             return False
