@@ -192,15 +192,28 @@ class SessionManager:
             self.metrics.errors.labels(code="action_too_large").inc()
             raise ApiError(413, "action_too_large", f"the action is {size} bytes; this server accepts at most {self.config.max_action_bytes}")
         future = session.results.get(request_id)
-        if future is None:
-            # Its own task, shielded: a caller that goes away (server shutdown, a cancelling ASGI
-            # server) must not cut a step in half, and a retry must find the same result.
-            future = asyncio.ensure_future(self._step_once(session, action))
-            future.add_done_callback(_retrieve)
-            session.results[request_id] = future
-            while len(session.results) > REMEMBERED_REQUESTS:
-                session.results.popitem(last=False)
-        return await asyncio.shield(future)
+        if future is not None:  # a retry: the first attempt's answer, once it has one
+            return await asyncio.shield(future)
+        # The first attempt runs the step in this handler (no task of its own: this is the hot
+        # path). It cannot be cut in half: a non-blocking env steps without awaiting, and a
+        # blocking env's step runs in its own task (`_with_deadline`) that outlives a cancelled
+        # handler (uvicorn cancels none but at shutdown).
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_retrieve)
+        session.results[request_id] = future
+        while len(session.results) > REMEMBERED_REQUESTS:
+            session.results.popitem(last=False)
+        try:
+            result = await self._step_once(session, action)
+        except ApiError as e:
+            future.set_exception(e)
+            raise
+        except BaseException:
+            future.set_exception(ApiError(503, "step_interrupted", "the server stopped while this step ran; "
+                                          "create a new session"))
+            raise
+        future.set_result(result)
+        return result
 
     async def _step_once(self, session: Session, action: str) -> dict[str, Any]:
         async with session.lock:
