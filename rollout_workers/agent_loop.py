@@ -8,7 +8,8 @@ logprobs and policy versions), then the rendering of the env's NEW messages
 very tokens vLLM sampled.
 
 An env that raises or runs past `env_timeout_s` ends its episode with finish reason
-"env_error" / "timeout" and the error recorded; the caller keeps going.
+"env_error" / "timeout", a generation the engine refuses with "aborted", the error recorded;
+the caller keeps going.
 """
 
 from __future__ import annotations
@@ -99,12 +100,17 @@ async def run_episode(
         messages += observation
         tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
         for index in range(limits.max_turns):
-            budget = min(sampling.max_tokens, limits.max_total_tokens - len(tokens.ids))
+            room = min(limits.max_total_tokens, engine.config.max_model_len) - len(tokens.ids)
+            budget = min(sampling.max_tokens, room)
             if budget <= 0:
                 result["finish_reason"] = "max_tokens"
                 break
             started = time.perf_counter()
-            gen = await engine.generate(tokens.ids, sampling.model_copy(update={"max_tokens": budget}))
+            try:
+                gen = await engine.generate(tokens.ids, sampling.model_copy(update={"max_tokens": budget}))
+            except Exception as e:  # the engine refused this request: end the episode, keep the worker
+                result.update(finish_reason="aborted", error=f"generation failed: {type(e).__name__}: {e}")
+                break
             generate_s = time.perf_counter() - started
             action_span = tokens.add_generated(gen.token_ids, gen.logprobs, gen.versions)
             # The action is the generated text verbatim (special tokens included: the env sees what

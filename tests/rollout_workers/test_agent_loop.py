@@ -96,6 +96,9 @@ async def test_worker_limits(engine):
                              sampling=SamplingConfig(max_tokens=24, ignore_eos=True),
                              limits=EpisodeLimits(max_turns=10, max_total_tokens=60), seed=0)
     assert traj.finish_reason == "max_tokens" and traj.num_tokens <= 60 + 30
+    refused = await run_episode(engine, make_env("cwm_rl/Echo-v0"), env_id="cwm_rl/Echo-v0",
+                                sampling=SamplingConfig(max_tokens=8, top_k=-5), limits=LIMITS, seed=0)
+    assert refused.finish_reason == "aborted" and "generation failed" in refused.error and not refused.turns
 
 
 async def test_remote_env_over_http(engine, server):
