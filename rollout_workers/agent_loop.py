@@ -15,6 +15,7 @@ the caller keeps going.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -61,6 +62,13 @@ class _Tokens:
         return Span(start=start, end=len(self.ids))
 
 
+@functools.lru_cache(maxsize=8)
+def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
+    """The token a model ends its turn with, as text and ids (found once per tokenizer, not per episode)."""
+    end_of_turn = detect_end_of_turn(tokenizer)
+    return end_of_turn, tokenizer.encode(end_of_turn, add_special_tokens=False)
+
+
 async def run_episode(
     engine: RolloutEngine,
     env: Any,
@@ -75,8 +83,7 @@ async def run_episode(
 ) -> Trajectory:
     """Play one episode of `env` (a TextEnv or RemoteEnv: anything with `areset`/`astep`)."""
     tokenizer = tokenizer or engine.tokenizer
-    end_of_turn = detect_end_of_turn(tokenizer)
-    end_of_turn_ids = tokenizer.encode(end_of_turn, add_special_tokens=False)
+    end_of_turn, end_of_turn_ids = _end_of_turn(tokenizer)
     tokens = _Tokens()
     turns: list[Turn] = []
     messages: list[dict[str, str]] = []

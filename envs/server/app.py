@@ -101,15 +101,11 @@ class Guard:
                 raise BodyTooLarge(received)
             return message
 
-        try:
-            await self.app(scope, counted_receive, send)
-        except BodyTooLarge as e:
-            await self._too_large(e.size, scope, receive, send, at_least=True)
+        await self.app(scope, counted_receive, send)  # BodyTooLarge is answered by the app's handler
 
-    async def _too_large(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+    async def _too_large(self, size: int, scope, receive, send) -> None:
         self.metrics.errors.labels(code="body_too_large").inc()
-        size_text = f"over {self.limit}" if at_least else str(size)
-        response = _error(413, "body_too_large", f"the request body is {size_text} bytes; this server accepts at most {self.limit}")
+        response = _error(413, "body_too_large", f"the request body is {size} bytes; this server accepts at most {self.limit}")
         await response(scope, receive, send)
 
 
@@ -117,8 +113,7 @@ class BodyTooLarge(StarletteHTTPException):
     """Raised while reading a body past the limit (an HTTPException, so FastAPI's body parsing lets it through)."""
 
     def __init__(self, size: int):
-        super().__init__(413, "request body too large")
-        self.size = size
+        super().__init__(413, f"request body over {size} bytes")
 
 
 def _jsonable(value: Any) -> Any:

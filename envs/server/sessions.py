@@ -139,9 +139,8 @@ class SessionManager:
         except Exception as e:
             raise ApiError(502, "env_error", f"creating {req.env_id} failed: {type(e).__name__}: {e}") from None
         options = {"task": req.task} if req.task is not None else None
-        reset = asyncio.ensure_future(env.areset(seed=req.seed, options=options))
         try:
-            observation, info = await self._with_deadline(reset, "the env reset", on_abandon=lambda: self._close_env(env))
+            observation, info = await self._with_deadline(env.areset(seed=req.seed, options=options), "the env reset", on_abandon=lambda: self._close_env(env))
         except ApiError:
             raise
         except Exception as e:
