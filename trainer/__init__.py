@@ -1,1 +1,12 @@
-"""The GRPO-style trainer: losses, advantages, token-budget batches, weight publishing (not built yet)."""
+"""The GRPO-style trainer: plain PyTorch a researcher can read and change.
+
+- `loss.py`: advantages, aggregation modes, the clipped policy loss (the objective, one file)
+- `filters.py`: staleness, gibberish (zero-advantage groups are dropped in `batching.py`)
+- `batching.py`: Trajectories -> samples -> micro-batches packed to a token budget
+- `train.py`: `Trainer.step` (one optimiser step) and `Trainer.sft_step` (warm starts)
+- `publish.py`: publishing each policy version as a Hugging Face checkpoint for the workers
+- `checkpoint.py`: resumable checkpoints (model, optimiser, scheduler, RNG, data cursor)
+- `config.py`: `TrainerConfig`, every option with its default and a one-line description
+
+The trainer sees Trajectories and nothing else: it never imports `envs/` or `rollout_workers/`.
+"""

@@ -1,0 +1,172 @@
+"""The optimisation loop on the tiny model: it learns, accumulates exactly, resumes bit for bit,
+trains data-parallel on 2 gloo processes, publishes, filters and checks the mismatch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import TrainerConfig
+from trainer.train import Trainer, lr_multiplier
+
+HERE = Path(__file__).parent
+
+
+def config(**overrides) -> TrainerConfig:
+    base = {"optim": {"lr": 1e-2}, "filters": {"max_staleness": 100}, "checkpoint_every": 0}
+    for key, value in overrides.items():
+        base.setdefault(key, {})
+        base[key] = {**base[key], **value} if isinstance(value, dict) else value
+    return TrainerConfig.model_validate(base)
+
+
+def low_token_mass(model, prompt: list[int]) -> float:
+    """Probability the model gives to token ids < 200 (what the synthetic reward pays for)."""
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+    return float(probs[:200].sum())
+
+
+def test_rl_steps_raise_the_rewarded_behaviour(tiny_model, sample_groups, tmp_path):
+    trainer = Trainer(config(), tiny_model, run_dir=tmp_path)
+    prompt = [0, 5, 9, 11]
+    before = low_token_mass(trainer.model, prompt)
+    rewards = []
+    for step in range(6):
+        batch = sample_groups(trainer.model, num_groups=4, group_size=6, max_new_tokens=8, seed=step, version=trainer.policy_version)
+        rewards.append(sum(t.return_ for t in batch) / len(batch))
+        metrics = trainer.step(batch)
+        assert metrics["new_policy_version"] == step + 1
+        assert metrics["sequences"] + metrics["dropped_zero_advantage"] == len(batch)
+        assert metrics["mismatch_kl"] < 1e-4  # same weights sampled and scored these tokens
+        assert metrics["grad_norm"] > 0
+    after = low_token_mass(trainer.model, prompt)
+    assert after > before + 0.05, (before, after, rewards)
+    assert trainer.policy_version == 6
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir() if p.name.startswith("v"))[-1] == "v00000006"
+
+
+# Adam divides by sqrt(v) + eps: with eps = 1 an update is ~lr x gradient, so float noise in tiny
+# gradients (summed in another order) stays tiny instead of being scaled up to a full step.
+LINEAR_ADAM = {"lr": 1e-2, "eps": 1.0}
+
+
+def test_micro_batches_accumulate_to_the_same_step(tiny_model, sample_groups):
+    one = Trainer(config(batch={"micro_batch_tokens": 100_000}, loss={"aggregation": "token_mean"}, optim=LINEAR_ADAM), tiny_model)
+    many = Trainer(config(batch={"micro_batch_tokens": 16}, loss={"aggregation": "token_mean"}, optim=LINEAR_ADAM), tiny_model)
+    batch = sample_groups(one.model, num_groups=3, group_size=4, max_new_tokens=6)
+    m1, m2 = one.step(batch), many.step(batch)
+    assert m1["sequences"] == m2["sequences"] > 0
+    torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
+    for (name, a), b in zip(one.model.state_dict().items(), many.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_reproduces_training_exactly(tiny_model, sample_groups, tmp_path):
+    cfg = config(optim={"warmup_steps": 2, "schedule": "cosine", "total_steps": 4})
+    seed_model = Trainer(cfg, tiny_model).model
+    batches = [sample_groups(seed_model, num_groups=2, group_size=4, max_new_tokens=5, seed=s) for s in range(4)]
+
+    straight = Trainer(cfg, tiny_model)
+    for b in batches:
+        straight.step(b)
+
+    first = Trainer(cfg, tiny_model, run_dir=tmp_path / "run")
+    for b in batches[:2]:
+        first.step(b)
+    first.save_checkpoint(data_cursor={"next_batch": 2})
+    del first
+    resumed = Trainer(cfg, tiny_model, run_dir=tmp_path / "run", resume=tmp_path / "run")
+    assert resumed.data_cursor == {"next_batch": 2}
+    assert (resumed.step_count, resumed.policy_version) == (2, 2)
+    for b in batches[resumed.data_cursor["next_batch"]:]:
+        resumed.step(b)
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+
+
+def test_resume_without_a_checkpoint_says_what_to_pass(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        Trainer(config(), tiny_model, resume=tmp_path)
+
+
+def test_stale_trajectories_are_dropped_and_the_step_skipped(tiny_model, sample_groups):
+    trainer = Trainer(config(filters={"max_staleness": 2}), tiny_model)
+    batch = sample_groups(trainer.model, num_groups=2, group_size=3, max_new_tokens=4, version=0)
+    trainer.policy_version = 3
+    metrics = trainer.step(batch)
+    assert metrics["dropped_stale"] == len(batch)
+    assert metrics["skipped"] and trainer.policy_version == 3
+
+
+def test_mismatch_is_measured_and_named_at_the_first_step(tiny_model, sample_groups, caplog):
+    trainer = Trainer(config(), tiny_model)  # trainer assumes temperature 1
+    hot = sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, temperature=3.0)
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        metrics = trainer.step(hot)
+    assert metrics["mismatch_kl"] > 0.01
+    assert "temperature" in caplog.text and "mismatch" in caplog.text
+
+    matched = Trainer(config(loss={"temperature": 3.0}), tiny_model)
+    metrics = matched.step(hot)
+    assert metrics["mismatch_kl"] < 1e-4
+
+
+def test_kl_to_the_reference_grows_as_the_policy_moves(tiny_model, sample_groups):
+    trainer = Trainer(config(loss={"kl_coef": 0.1}), tiny_model)
+    kls = [trainer.step(sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, seed=s, version=trainer.policy_version))["kl"]
+           for s in range(3)]
+    assert abs(kls[0]) < 1e-6 and kls[2] > 1e-5, kls
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.5), (1, 1.0), (2, 1.0), (6, 0.55), (10, 0.1)])
+def test_lr_schedule_warmup_then_cosine(step, expected):
+    assert lr_multiplier(step, warmup_steps=2, schedule="cosine", total_steps=10, min_lr_ratio=0.1) == pytest.approx(expected)
+
+
+def test_behaviour_ratio_with_tis_cap_is_refused():
+    with pytest.raises(ValueError, match="tis_cap applies only"):
+        TrainerConfig.model_validate({"loss": {"ratio_against": "behaviour", "tis_cap": 2.0}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one(tiny_model, sample_groups, tmp_path):
+    """DDP over 2 CPU processes, each on its share of the groups, lands on the weights one process
+    reaches on all of them."""
+    single = Trainer(config(optim=LINEAR_ADAM), tiny_model)
+    batches = [sample_groups(single.model, num_groups=4, group_size=3, max_new_tokens=5, seed=s) for s in range(2)]
+    data = tmp_path / "batches.json"
+    data.write_text(json.dumps([[t.model_dump(mode="json", by_alias=True) for t in b] for b in batches]))
+    for b in batches:
+        single.step(b)
+
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+         f"--master-port={_free_port()}", str(HERE / "ddp_worker.py"), str(tiny_model), str(data), str(out)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "rank 1 trained" in run.stdout and "rank 0 trained" in run.stdout
+
+    from safetensors.torch import load_file
+
+    ddp = load_file(out)
+    for name, a in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[name], a, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,157 @@
+"""From Trajectories to micro-batches: filter, score groups, pack to a token budget, pad.
+
+    samples, dropped = prepare_samples(trajectories, policy_version=3, config=cfg, vocab_size=V)
+    for rows in pack(samples, micro_batch_tokens=4096):
+        batch = collate(rows, pad_token_id=1)   # tensors [B, T]
+
+Micro-batches hold whole sequences, right-padded; their cost is rows x longest row, packed
+longest-first so similar lengths share a batch. (Packing several sequences into one row needs
+variable-length attention kernels; padding works with every attention implementation.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cwm_rl.types import Trajectory
+from trainer.config import AdvantageConfig, FilterConfig
+from trainer.filters import is_gibberish, is_stale, staleness
+from trainer.loss import group_advantages
+
+
+@dataclass
+class Sample:
+    """One training sequence: tokens aligned with their mask, behaviour logprobs and advantage."""
+
+    token_ids: list[int]
+    loss_mask: list[int]
+    behaviour_logprobs: list[float]
+    advantage: float = 0.0
+    group_id: str = ""
+    trajectory_id: str = ""
+    staleness: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+@dataclass
+class Prepared:
+    """What `prepare_samples` kept, and how many it dropped for each reason."""
+
+    samples: list[Sample] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "gibberish": 0, "zero_advantage": 0, "empty": 0})
+
+
+def prepare_samples(trajectories: Iterable[Trajectory], *, policy_version: int, filters: FilterConfig,
+                    advantage: AdvantageConfig, vocab_size: int) -> Prepared:
+    """Drop stale and gibberish trajectories, compute group advantages over what is left, then drop
+    groups whose advantages are all zero. A trajectory with no group id is a group of one."""
+    out = Prepared()
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajectories:
+        if t.num_generated_tokens == 0:
+            out.dropped["empty"] += 1
+        elif is_stale(t, policy_version, filters):
+            out.dropped["stale"] += 1
+        elif is_gibberish(t, filters, vocab_size):
+            out.dropped["gibberish"] += 1
+        else:
+            groups[t.group_id or t.trajectory_id].append(t)
+    for group_id, members in groups.items():
+        returns = torch.tensor([t.return_ for t in members])
+        lengths = torch.tensor([t.num_generated_tokens for t in members])
+        advantages = group_advantages(returns, lengths, advantage)
+        if filters.drop_zero_advantage_groups and bool((advantages.abs() < 1e-8).all()):
+            out.dropped["zero_advantage"] += len(members)
+            continue
+        for t, a in zip(members, advantages.tolist()):
+            out.samples.append(Sample(token_ids=list(t.token_ids), loss_mask=list(t.loss_mask), behaviour_logprobs=list(t.logprobs),
+                                      advantage=a, group_id=group_id, trajectory_id=t.trajectory_id,
+                                      staleness=staleness(t, policy_version)))
+    return out
+
+
+def effective_tokens(samples: Iterable[Sample]) -> int:
+    """Generated tokens that carry a learning signal (non-zero advantage): what a step's size counts."""
+    return sum(s.num_loss_tokens for s in samples if abs(s.advantage) > 1e-8)
+
+
+def pack(samples: Sequence[Sample], micro_batch_tokens: int) -> list[list[Sample]]:
+    """Split samples into micro-batches whose padded size (rows x longest row) fits the budget.
+
+    Longest first, filled in order; a sequence longer than the budget gets a batch of its own."""
+    if micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    for sample in sorted(samples, key=lambda s: s.num_tokens, reverse=True):
+        longest = current[0].num_tokens if current else sample.num_tokens
+        if current and longest * (len(current) + 1) > micro_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(sample)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class MicroBatch:
+    """Padded tensors of one forward/backward, all [B, T]."""
+
+    input_ids: torch.Tensor  # long
+    attention_mask: torch.Tensor  # long, 1 = real token
+    loss_mask: torch.Tensor  # float, 1 = a generated token to learn from
+    behaviour_logprobs: torch.Tensor  # float
+    advantages: torch.Tensor  # float, the row's advantage on every position
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        return MicroBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.loss_mask,
+                                                   self.behaviour_logprobs, self.advantages)))
+
+
+def collate(rows: Sequence[Sample], pad_token_id: int) -> MicroBatch:
+    """Right-pad `rows` to the longest. Position 0 never carries loss (nothing predicts it)."""
+    length = max(s.num_tokens for s in rows)
+    num_rows = len(rows)
+    input_ids = torch.full((num_rows, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((num_rows, length), dtype=torch.long)
+    loss_mask = torch.zeros((num_rows, length))
+    behaviour = torch.zeros((num_rows, length))
+    advantages = torch.zeros((num_rows, length))
+    for i, s in enumerate(rows):
+        n = s.num_tokens
+        input_ids[i, :n] = torch.tensor(s.token_ids)
+        attention_mask[i, :n] = 1
+        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float)
+        behaviour[i, :n] = torch.tensor(s.behaviour_logprobs)
+        advantages[i, :n] = s.advantage
+    loss_mask[:, 0] = 0
+    return MicroBatch(input_ids, attention_mask, loss_mask, behaviour, advantages)
+
+
+def shard_by_group(samples: Sequence[Sample], rank: int, world_size: int) -> list[Sample]:
+    """This data-parallel rank's share: whole groups, balanced by tokens, the same split on every rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group_id].append(s)
+    loads = [0] * world_size
+    mine: list[Sample] = []
+    for group_id in sorted(groups, key=lambda g: (-sum(s.num_tokens for s in groups[g]), g)):
+        target = loads.index(min(loads))
+        loads[target] += sum(s.num_tokens for s in groups[group_id])
+        if target == rank:
+            mine += groups[group_id]
+    return mine

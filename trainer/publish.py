@@ -1,0 +1,358 @@
+"""Weight publishing: the trainer hands each new policy version to the rollout workers as files.
+
+    publisher = make_publisher(PublishConfig(), base_model_dir="models/tiny", root="runs/x/weights")
+    path = publisher.publish(1, model.state_dict())     # runs/x/weights/v00000001
+    latest_published("runs/x/weights")                  # (1, path), from any process
+    await engine.update_weights(1, str(path))           # a rollout worker reloads it in place
+
+Version N is a complete Hugging Face checkpoint directory, `root/v{N:08d}`: `model.safetensors`
+plus the base model's config, generation config, tokenizer and chat template, so transformers
+(`from_pretrained`) and vLLM (`reload_weights`, or a fresh `LLM(model=...)`) load it as it is.
+
+Why it is built this way:
+- A version is written into `root/.tmp-v{N}-{pid}` and renamed to `root/v{N:08d}` (atomic on one
+  filesystem), then `root/LATEST` is replaced atomically: a worker never reads a half-written
+  version. A publisher killed mid-write leaves a `.tmp-*` entry that the next one removes.
+- The non-weight files do not change during a run, so they are copied once into `root/.static`
+  and hard-linked into every version: a publish costs one safetensors write, no `save_pretrained`
+  and no tokenizer save.
+- `LATEST` is `{"version": N, "path": "v0000000N", "published_at": unix_seconds}`, the path
+  relative to root so that a volume mounted elsewhere (another container) still resolves.
+- Only the newest `keep_last` versions stay. Older ones are deleted on a background thread
+  (deleting a just-written file costs as much as a third of its write on ext4); `close()` waits for
+  it. A reader that already opened a pruned version's files can finish (Linux keeps unlinked files
+  readable); one that has not should re-read LATEST.
+
+One publisher per root (trainer rank 0). Versions must increase, also across restarts: a new
+publisher reads the versions already under root. For workers on the same host, put root on
+/dev/shm (a RAM filesystem). The `nccl` backend (broadcast into GPU workers) is not built yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+LATEST_FILE = "LATEST"
+STATIC_DIR = ".static"
+TMP_PREFIX = ".tmp-"
+VERSION_DIR = re.compile(r"v(\d{8,})")
+# Files of a model directory that are weights or training state, never copied into a version.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+TRAINING_STATE_PREFIXES = ("optimizer", "scheduler", "rng_state", "trainer_state", "training_args")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+Subscriber = Callable[[int, Path], None]
+
+
+class PublishConfig(BaseModel):
+    """How the trainer publishes new policy weights to the rollout workers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["files", "nccl"] = Field(default="files", description="files: HF checkpoint dirs on a shared or RAM filesystem; nccl: not built yet.")
+    root: str | None = Field(default=None, description="Directory versions are published into; None means <run_dir>/weights (use /dev/shm/... for same-host workers).")
+    every_steps: int = Field(default=1, ge=1, description="Publish after every this many optimiser steps.")
+    keep_last: int = Field(default=3, ge=1, description="Published versions kept on disk; older ones are deleted.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Dtype of published weights; auto keeps the trainer's (bfloat16 suits a GPU engine).")
+    fsync: bool = Field(default=False, description="fsync each version before announcing it (survives power loss; slower, needless on /dev/shm).")
+
+
+class WeightPublisher:
+    """Publishes policy versions under `root` as complete HF checkpoint dirs (see the module docstring)."""
+
+    def __init__(self, root: str | Path, *, base_model_dir: str | Path, keep_last: int = 3, fsync: bool = False,
+                 dtype: torch.dtype | str | None = None):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least 1 published version")
+        self.root = Path(root)
+        self.base_model_dir = Path(base_model_dir)
+        if not (self.base_model_dir / "config.json").is_file():
+            raise ValueError(f"base_model_dir {self.base_model_dir} has no config.json: pass the HF model dir the trainer loaded")
+        self.keep_last = keep_last
+        self.fsync = fsync
+        self.dtype = _resolve_dtype(dtype)
+        self._subscribers: list[Subscriber] = []
+        self._pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-prune")
+        self._closed = False
+
+        model_config = json.loads((self.base_model_dir / "config.json").read_text())
+        self._tie_word_embeddings = bool(model_config.get("tie_word_embeddings", False))
+        self._expected_shapes = _checkpoint_shapes(self.base_model_dir)  # None if the base has no safetensors
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(TMP_PREFIX + "*"):  # from a publisher that crashed mid-write
+            _remove(leftover)
+        self._static_files = self._copy_static_files(model_config)
+        existing = [version for version, _ in _version_dirs(self.root)]
+        latest = latest_published(self.root)
+        known = existing + ([latest[0]] if latest else [])
+        self.latest_version: int | None = max(known) if known else None
+
+    def subscribe(self, callback: Subscriber) -> None:
+        """Call `callback(version, path)` in this process after each publish (e.g. a local engine reload)."""
+        self._subscribers.append(callback)
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -> Path:
+        """Write `state_dict` (a model's `state_dict()`, or the model) as version `version`; returns its dir."""
+        if self._closed:
+            raise RuntimeError(f"the weights publisher for {self.root} is closed; make a new one to publish again")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        final = self.root / f"v{version:08d}"
+        if self.latest_version is not None and version <= self.latest_version:
+            raise ValueError(f"cannot publish weights version {version} under {self.root}: version {self.latest_version} "
+                             f"is already published and versions must increase. Publish {(self.latest_version or 0) + 1} or "
+                             "higher, or use a fresh publish root")
+        tensors = self._checkpoint_tensors(state_dict)
+
+        tmp = self.root / f"{TMP_PREFIX}v{version}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            for static in self._static_files:
+                _link_or_copy(static, tmp / static.name)
+            if self.fsync:
+                fsync_path(tmp / WEIGHTS_FILE)
+                fsync_path(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if self.fsync:
+            fsync_path(self.root)
+        self._write_latest(version, final)
+        self.latest_version = version
+        self._pruner.submit(self._prune)
+        for callback in self._subscribers:
+            try:
+                callback(version, final)
+            except Exception:
+                logger.exception("weights subscriber %r failed on version %d (%s); other subscribers still run", callback, version, final)
+        return final
+
+    def close(self) -> None:
+        """Wait for pending deletions of old versions; the publisher cannot publish after this."""
+        self._closed = True
+        self._pruner.shutdown(wait=True)
+
+    def _checkpoint_tensors(self, state: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors `save_pretrained` would write: checkpoint names, no tied aliases, contiguous CPU copies."""
+        if isinstance(state, torch.nn.Module):
+            state = _module_state_dict(state)
+        state = _strip_wrapper_prefixes(dict(state))
+        expected = self._expected_shapes
+        if self._tie_word_embeddings and "lm_head.weight" in state and (expected is None or "lm_head.weight" not in expected):
+            del state["lm_head.weight"]  # tied to the input embeddings; save_pretrained does not write it
+        if expected is not None:
+            _drop_aliases_not_in(state, expected)
+            mismatch = describe_mismatch({n: t.shape for n, t in state.items()}, expected, "state dict", "base model")
+            if mismatch:
+                raise ValueError(f"the weights to publish do not match the base model {self.base_model_dir}: {mismatch}. "
+                                 "Pass the trained model, or its own state_dict(), of the base model's architecture")
+        out = {}
+        for name, tensor in state.items():
+            tensor = tensor.detach()
+            if self.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            out[name] = tensor.to("cpu").contiguous()
+        return out
+
+    def _copy_static_files(self, model_config: dict) -> list[Path]:
+        """Copy the base dir's non-weight files into root/.static once; every version hard-links them."""
+        static = self.root / STATIC_DIR
+        _remove(static)
+        static.mkdir()
+        for source in sorted(self.base_model_dir.iterdir()):
+            if source.is_file() and not _is_weight_or_training_state(source.name):
+                shutil.copy2(source, static / source.name)
+        if self.dtype is not None:  # a fresh vLLM engine takes its dtype from config.json
+            dtype_name = str(self.dtype).removeprefix("torch.")
+            model_config["dtype"] = dtype_name
+            if "torch_dtype" in model_config:
+                model_config["torch_dtype"] = dtype_name
+            (static / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        return sorted(static.iterdir())
+
+    def _write_latest(self, version: int, path: Path) -> None:
+        tmp = self.root / f"{TMP_PREFIX}{LATEST_FILE}-{os.getpid()}"
+        tmp.write_text(json.dumps({"version": version, "path": path.name, "published_at": time.time()}))
+        if self.fsync:
+            fsync_path(tmp)
+        os.replace(tmp, self.root / LATEST_FILE)
+        if self.fsync:
+            fsync_path(self.root)
+
+    def _prune(self) -> None:
+        """Delete all but the newest `keep_last` versions (runs on the pruner thread)."""
+        try:
+            for _, path in _version_dirs(self.root)[:-self.keep_last]:
+                shutil.rmtree(path)
+        except OSError:
+            logger.exception("could not delete old weights versions under %s", self.root)
+
+
+def make_publisher(config: PublishConfig, base_model_dir: str | Path, root: str | Path) -> WeightPublisher:
+    """The publisher `config` asks for. `root` is the default location (<run_dir>/weights); `config.root` overrides it."""
+    if config.backend == "nccl":
+        raise NotImplementedError(
+            "publish.backend 'nccl' is not built yet: it needs GPUs and vLLM's weight-transfer engine to broadcast "
+            "weights into the workers. Use publish.backend: files with publish.root on /dev/shm (e.g. "
+            "/dev/shm/cwm-rl/<run>/weights) for fast same-host sync, or on a shared filesystem across hosts")
+    return WeightPublisher(config.root or root, base_model_dir=base_model_dir, keep_last=config.keep_last,
+                           fsync=config.fsync, dtype=None if config.dtype == "auto" else config.dtype)
+
+
+def latest_published(root: str | Path) -> tuple[int, Path] | None:
+    """(version, dir) that root/LATEST points at, or None if nothing is published yet."""
+    pointer = Path(root) / LATEST_FILE
+    try:
+        text = pointer.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        latest = json.loads(text)
+        return int(latest["version"]), Path(root) / latest["path"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{pointer} is not a weights pointer ({e}); it should hold "
+                         '{"version": N, "path": "v0000000N", "published_at": T}') from e
+
+
+async def wait_for_version(root: str | Path, min_version: int, timeout_s: float, poll_s: float = 0.05) -> tuple[int, Path]:
+    """Poll root/LATEST until a version >= `min_version` is published; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        latest = latest_published(root)
+        if latest is not None and latest[0] >= min_version:
+            return latest
+        if time.monotonic() >= deadline:
+            seen = f"version {latest[0]}" if latest else "nothing"
+            raise TimeoutError(f"no weights version >= {min_version} was published under {root} within {timeout_s} s "
+                               f"(latest: {seen}); is the trainer running and publishing there?")
+        await asyncio.sleep(poll_s)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _module_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict under checkpoint names: undoes transformers' load-time weight conversions, if any."""
+    model = unwrap_model(model)
+    state = model.state_dict()
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        from transformers.core_model_loading import revert_weight_conversion  # what save_pretrained applies
+
+        state = revert_weight_conversion(model, state)
+    return state
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes a wrapped model's state dict has."""
+    for prefix in ("module.", "_orig_mod.") * 2:  # twice: either wrapper may be outermost
+        if state and all(name.startswith(prefix) for name in state):
+            state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
+    return state
+
+
+def _drop_aliases_not_in(state: dict[str, torch.Tensor], expected: Mapping[str, object]) -> None:
+    """Remove names outside `expected` whose tensor is an expected tensor under another name (tied weights)."""
+    kept = {(t.data_ptr(), t.shape) for name, t in state.items() if name in expected}
+    for name in [n for n, t in state.items() if n not in expected and (t.data_ptr(), t.shape) in kept]:
+        del state[name]
+
+
+def describe_mismatch(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                      found_label: str, expected_label: str) -> str | None:
+    """What differs between two name -> shape maps (missing, extra, reshaped tensors), or None if they match."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    reshaped = [f"{name}: {found_label} {tuple(found[name])}, {expected_label} {tuple(expected[name])}"
+                for name in sorted(set(found) & set(expected)) if tuple(found[name]) != tuple(expected[name])]
+    problems = [f"{label} ({len(names)}): {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+                for label, names in ((f"not in the {found_label}", missing), (f"not in the {expected_label}", extra),
+                                     ("shape mismatch", reshaped)) if names]
+    return "; ".join(problems) or None
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from the safetensors headers in `model_dir` (no weights read), or None if there are none."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _version_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Published version dirs under root, oldest first."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := VERSION_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def _is_weight_or_training_state(name: str) -> bool:
+    return (name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json") or name.startswith(TRAINING_STATE_PREFIXES)
+            or name.startswith("."))
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(source, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,327 @@
+"""The optimisation loop: one `step` = Trajectories in, one AdamW step, a new policy version out.
+
+    trainer = Trainer(TrainerConfig(), model_dir="models/tiny", run_dir="runs/x")
+    metrics = trainer.step(trajectories)      # filter, advantages, micro-batches, backward, step, publish
+    trainer.save_checkpoint(data_cursor=...)  # resumable; Trainer(..., resume=path) picks it up
+
+A step reads top to bottom: prepare samples (filters + group advantages) -> this rank's share
+-> token weights over the whole step -> per micro-batch: forward, logprobs, loss, backward
+(gradients accumulate; DDP syncs only on the last) -> clip -> AdamW -> schedule -> version += 1
+-> publish. Data parallel: start the processes with torch.distributed initialised (gloo on CPU,
+nccl on GPU) and give every rank the SAME trajectories; each trains on its share of the groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cwm_rl.types import Trajectory
+from trainer.batching import MicroBatch, Sample, collate, pack, prepare_samples, shard_by_group
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import TrainerConfig
+from trainer.loss import LossInputs, policy_loss, sft_loss, token_weights
+from trainer.publish import make_publisher
+
+log = logging.getLogger(__name__)
+
+
+def token_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprob of every token given the ones before it, [B, T] (position 0 gets 0), and optionally
+    the entropy of each predicting distribution, [B, T] (no grad). Logits are divided by the
+    sampling temperature so the numbers compare with vLLM's processed logprobs."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
+    logits = logits[:, :-1].float() / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)  # [B, T-1, V]
+    taken = log_probs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
+    logprobs = torch.nn.functional.pad(taken, (1, 0))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (1, 0))
+    return logprobs, entropy
+
+
+def lr_multiplier(step: int, warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then constant or cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """A causal LM trained with the GRPO-style objective of `trainer/loss.py`."""
+
+    def __init__(self, config: TrainerConfig, model_dir: str | Path, *, run_dir: str | Path | None = None,
+                 device: str | None = None, resume: str | Path | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        _seed_everything(config.seed)
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device)
+        self.model.train()
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.vocab_size = self.model.config.vocab_size
+        self.pad_token_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.reference = None
+        if config.loss.kl_coef > 0:  # a frozen copy of the starting weights
+            self.reference = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
+            self.reference.requires_grad_(False)
+        self.wrapped = self.model
+        if self.world_size > 1:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                           weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(
+            s, optim.warmup_steps, optim.schedule, optim.total_steps, optim.min_lr_ratio))
+        self.step_count = 0
+        self.policy_version = 0
+        self.data_cursor: Any = None
+        self.publisher = None
+        if self.rank == 0 and (config.publish.root is not None or self.run_dir is not None):
+            root = Path(config.publish.root) if config.publish.root else self.run_dir / "weights"
+            self.publisher = make_publisher(config.publish, base_model_dir=self.model_dir, root=root)
+        if resume is not None:
+            self.resume(resume)
+
+    # -- the RL step ------------------------------------------------------------------------------
+
+    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, Any]:
+        """One optimiser step on `trajectories` (every rank passes the same list). Returns metrics."""
+        started = time.perf_counter()
+        cfg = self.config
+        prepared = prepare_samples(trajectories, policy_version=self.policy_version, filters=cfg.filters,
+                                   advantage=cfg.advantage, vocab_size=self.vocab_size)
+        samples = shard_by_group(prepared.samples, self.rank, self.world_size)
+        num_sequences = len(prepared.samples)
+        num_tokens = sum(s.num_loss_tokens for s in prepared.samples)
+        metrics: dict[str, Any] = {"step": self.step_count, "policy_version": self.policy_version,
+                                   "trajectories": len(trajectories), "sequences": num_sequences, "loss_tokens": num_tokens,
+                                   **{f"dropped_{k}": v for k, v in prepared.dropped.items()}}
+        if num_sequences == 0:
+            metrics.update(skipped=True, step_time_s=time.perf_counter() - started)
+            return metrics
+
+        def weights_for(mask: torch.Tensor) -> torch.Tensor:
+            return token_weights(mask, cfg.loss.aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
+                                 constant_tokens=cfg.loss.constant_tokens, max_completion_tokens=cfg.loss.max_completion_tokens)
+
+        totals: dict[str, float] = {}
+        loss_total = 0.0
+        for batch, last in self._micro_batches(samples):
+            with self._sync(last), self._autocast():
+                logprobs, entropy = token_logprobs(self.wrapped, batch, cfg.loss.temperature, with_entropy=True)
+                ref_logprobs = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref_logprobs, _ = token_logprobs(self.reference, batch, cfg.loss.temperature)
+                inputs = LossInputs(logprobs=logprobs, behaviour_logprobs=batch.behaviour_logprobs, advantages=batch.advantages,
+                                    loss_mask=batch.loss_mask, weights=weights_for(batch.loss_mask), ref_logprobs=ref_logprobs)
+                loss, batch_metrics = policy_loss(inputs, cfg.loss)
+                # DDP averages gradients over ranks; the weights already divide by the whole step's counts.
+                (loss * self.world_size).backward()
+            loss_total += loss.item()
+            batch_metrics.update(_health_sums(logprobs.detach(), batch, entropy))
+            for k, v in batch_metrics.items():
+                totals[k] = max(totals.get(k, 0.0), float(v)) if k == "ratio_max" else totals.get(k, 0.0) + float(v)
+
+        metrics.update(self._optimizer_step())
+        totals = _all_reduce_sums(totals)
+        metrics.update(_summarise(totals, prepared.samples, loss_total))
+        self._check_mismatch(metrics)
+        metrics.update(self._after_step())
+        metrics["step_time_s"] = time.perf_counter() - started
+        return metrics
+
+    # -- supervised fine-tuning (warm starts) ------------------------------------------------------
+
+    def sft_step(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """One optimiser step of token-mean cross-entropy on the samples' mask-1 tokens."""
+        started = time.perf_counter()
+        mine = samples[self.rank::self.world_size]
+        num_tokens = sum(s.num_loss_tokens for s in samples)
+        loss_total = 0.0
+        for batch, last in self._micro_batches(mine):
+            with self._sync(last), self._autocast():
+                logprobs, _ = token_logprobs(self.wrapped, batch)
+                weights = token_weights(batch.loss_mask, "token_mean", num_sequences=len(samples), num_tokens=num_tokens,
+                                        constant_tokens=1, max_completion_tokens=1)
+                loss = sft_loss(logprobs, weights)
+                (loss * self.world_size).backward()
+            loss_total += loss.item()
+        metrics = {"step": self.step_count, "sft_loss": _all_reduce_sums({"loss": loss_total})["loss"], "loss_tokens": num_tokens}
+        metrics.update(self._optimizer_step())
+        metrics.update(self._after_step())
+        metrics["step_time_s"] = time.perf_counter() - started
+        return metrics
+
+    # -- pieces of a step ----------------------------------------------------------------------------
+
+    def _micro_batches(self, samples: Sequence[Sample]):
+        """(micro-batch, is_last) pairs. A rank with nothing to do runs one zero-weight batch so that
+        every rank joins the gradient all-reduce."""
+        rows = pack(samples, self.config.batch.micro_batch_tokens)
+        if not rows:
+            dummy = Sample(token_ids=[self.pad_token_id, self.pad_token_id], loss_mask=[0, 0], behaviour_logprobs=[0.0, 0.0])
+            rows = [[dummy]]
+        for i, r in enumerate(rows):
+            yield collate(r, self.pad_token_id).to(self.device), i == len(rows) - 1
+
+    def _sync(self, last: bool):
+        """DDP all-reduces gradients only on a rank's last micro-batch."""
+        if self.world_size > 1 and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        dtype = self.config.dtype
+        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self) -> dict[str, float]:
+        max_norm = self.config.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm is not None else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": lr}
+
+    def _after_step(self) -> dict[str, Any]:
+        """Bump the version, publish the weights, checkpoint on schedule."""
+        self.step_count += 1
+        self.policy_version += 1
+        out: dict[str, Any] = {"new_policy_version": self.policy_version}
+        if self.publisher is not None and self.step_count % self.config.publish.every_steps == 0:
+            out["published"] = str(self.publisher.publish(self.policy_version, self.model.state_dict()))
+        every = self.config.checkpoint_every
+        if self.run_dir is not None and every and self.step_count % every == 0:
+            out["checkpoint"] = str(self.save_checkpoint())
+        return out
+
+    def _check_mismatch(self, metrics: dict[str, Any]) -> None:
+        """At the first step, a large KL between vLLM's and our logprobs means we train on a policy
+        other than the one that sampled: say which settings to compare."""
+        health = self.config.health
+        if not health.mismatch_check or self.step_count != 0 or metrics.get("mismatch_kl") is None:
+            return
+        if metrics["mismatch_kl"] > health.mismatch_warn_kl:
+            log.warning(
+                "train/inference mismatch at step 0: KL(vLLM || trainer) = %.4g > %.4g on the same tokens. Likely causes, most "
+                "common first: the sampling temperature differs from trainer.loss.temperature (=%g); vLLM ran the model in "
+                "another dtype (bfloat16 vs the trainer's float32) or with top-p/top-k (set them off, or expect this); the "
+                "engine loaded other weights than %s; the tokens were re-tokenised instead of taken from vLLM.",
+                metrics["mismatch_kl"], health.mismatch_warn_kl, self.config.loss.temperature, self.model_dir)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self, data_cursor: Any = None) -> Path | None:
+        """Save everything a resume needs under `run_dir/checkpoints` (rank 0 writes)."""
+        if self.run_dir is None:
+            raise ValueError("the trainer has no run_dir to checkpoint into; pass run_dir= to Trainer")
+        if data_cursor is not None:
+            self.data_cursor = data_cursor
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.run_dir / "checkpoints", model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               step=self.step_count, policy_version=self.policy_version, data_cursor=self.data_cursor,
+                               keep_last=self.config.keep_checkpoints)
+
+    def resume(self, path: str | Path) -> Any:
+        """Restore from a checkpoint dir, or from the newest one under a run dir. Returns the data cursor."""
+        path = Path(path)
+        found = path if (path / "state.json").exists() else latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint under {path}: pass a checkpoint directory or a run directory that has checkpoints/")
+        state = load_checkpoint(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step_count, self.policy_version = state["step"], state["policy_version"]
+        self.data_cursor = state.get("data_cursor")
+        published = self.publisher.latest_version if self.publisher is not None else None
+        if published is not None and published > self.policy_version:
+            # The run published past its last checkpoint before it stopped. Versions must only grow
+            # (workers and staleness rely on it), so the resumed weights become a new version.
+            self.policy_version = published + 1
+            log.warning("resumed from step %d, but weights up to version %d were published after that checkpoint; "
+                        "publishing the resumed weights as version %d", self.step_count, published, self.policy_version)
+            self.publisher.publish(self.policy_version, self.model.state_dict())
+        return self.data_cursor
+
+
+# -- metrics helpers --------------------------------------------------------------------------------
+
+def _health_sums(logprobs: torch.Tensor, batch: MicroBatch, entropy: torch.Tensor | None) -> dict[str, float]:
+    """Sums over loss tokens of the mismatch KL estimators and the entropy (no grad)."""
+    mask = batch.loss_mask
+    log_ratio = (logprobs - batch.behaviour_logprobs).clamp(-20, 20)  # log pi_trainer / pi_vllm
+    # KL(vLLM || trainer) estimated on vLLM's samples: k3 = (r - 1) - log r with r = pi_trainer / pi_vllm.
+    k3 = torch.exp(log_ratio) - 1 - log_ratio
+    out = {"mismatch_kl_sum": float((k3 * mask).sum()), "mismatch_k1_sum": float((-log_ratio * mask).sum())}
+    if entropy is not None:
+        out["entropy_sum"] = float((entropy * mask).sum())
+    return out
+
+
+def _all_reduce_sums(totals: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return totals
+    keys = sorted(totals)
+    sums = torch.tensor([totals[k] for k in keys if k != "ratio_max"], dtype=torch.float64)
+    dist.all_reduce(sums)
+    out = dict(zip([k for k in keys if k != "ratio_max"], sums.tolist()))
+    if "ratio_max" in totals:
+        peak = torch.tensor([totals["ratio_max"]], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        out["ratio_max"] = peak.item()
+    return out
+
+
+def _summarise(totals: dict[str, float], samples: Sequence[Sample], loss_total: float) -> dict[str, Any]:
+    tokens = max(totals.get("tokens", 0.0), 1.0)
+    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float64)
+    return {
+        "loss": _all_reduce_sums({"loss": loss_total})["loss"],
+        "clip_low_frac": totals.get("clipped_low", 0.0) / tokens,
+        "clip_high_frac": totals.get("clipped_high", 0.0) / tokens,
+        "entropy": totals.get("entropy_sum", 0.0) / tokens,
+        "kl": totals.get("kl_sum", 0.0) / tokens,
+        "mismatch_kl": totals.get("mismatch_kl_sum", 0.0) / tokens,
+        "mismatch_k1": totals.get("mismatch_k1_sum", 0.0) / tokens,
+        "ratio_mean": totals.get("ratio_sum", 0.0) / tokens,
+        "ratio_max": totals.get("ratio_max", 0.0),
+        "is_weight_mean": totals.get("is_weight_sum", 0.0) / tokens,
+        "is_weight_capped_frac": totals.get("is_weight_capped", 0.0) / tokens,
+        "advantage_mean": advantages.mean().item(),
+        "advantage_std": advantages.std().item() if len(samples) > 1 else 0.0,
+        "advantage_min": advantages.min().item(),
+        "advantage_max": advantages.max().item(),
+        "staleness_mean": float(np.mean([s.staleness for s in samples])),
+    }
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
