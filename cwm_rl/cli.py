@@ -23,8 +23,10 @@ app = typer.Typer(help="cwm-rl: RL for code models in executable environments.",
 env_app = typer.Typer(help="Define, check, serve and play environments.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
 from cwm_rl.cli_model import model_app  # noqa: E402  (a Typer app; heavy imports stay inside its commands)
+from cwm_rl.cli_rollouts import rollouts_app  # noqa: E402  (the same; the store loads inside its commands)
 
 app.add_typer(model_app, name="model")
+app.add_typer(rollouts_app, name="rollouts")
 console = Console()
 
 ImportOpt = Annotated[list[str], typer.Option("--import", "-i", help="Module that registers user envs (repeatable).")]
