@@ -1,0 +1,413 @@
+"""Supervised warm start: train a model on an env's reference answers, report held-out accuracy.
+
+    cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --env-kwargs '{"difficulty": 1}' \\
+        --steps 300 --out models/tiny-sft
+
+    from cwm_rl.sft import SFTConfig, run_sft
+    summary = run_sft("models/tiny", "models/tiny-sft", SFTConfig(env_id="cwm_rl/Math-v0", steps=300))
+
+Data: the env's own task generator. A training example is `env.reset(seed=s)` for a seed from
+the training range (even seeds) and `env.reference_action()` as the assistant's answer; the
+sample is the rendered prompt (loss mask 0) + the answer's tokens + the end-of-turn token
+(mask 1), exactly the tokens a rollout worker would score. Only the first turn is covered.
+
+Held-out evaluation: distinct tasks drawn from the odd seeds, and every training draw whose
+task id is among them is skipped, so no evaluated task is ever trained on. A small task space
+(1-digit addition has 100 tasks) would be swallowed by a large held-out set, so the held-out set
+is capped at `eval_share` of the distinct tasks a probe of the generator finds. Accuracy is
+greedy decoding with transformers (batched, left-padded, stopping at the end-of-turn token),
+the text decoded as the agent loop decodes it, stepped in a fresh reset of the env to the same
+task: reward > 0 counts as correct. The same is measured on up to as many tasks the run trains on,
+so the summary shows memorising (trained-on accuracy) next to generalising (held-out).
+
+Training is `trainer.train.Trainer.sft_step` (token-mean cross-entropy, AdamW, the trainer's
+batching); the result is a complete Hugging Face checkpoint plus `sft_summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cwm_rl.types import Task
+
+# Files of a model directory that belong to the tokenizer and chat template (copied as they are).
+TOKENIZER_FILES = ("tokenizer*", "chat_template*", "special_tokens*", "added_tokens*", "vocab*", "merges*")
+MAX_SKIPS_IN_A_ROW = 1_000  # training draws that all hit held-out tasks before we give up
+
+
+class SFTConfig(BaseModel):
+    """What `run_sft` trains on and how (the CLI's `cwm-rl model sft` options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env_id: str = Field(description="Env whose task generator and reference answers make the data, e.g. cwm_rl/Math-v0.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor arguments, e.g. {'difficulty': 1}.")
+    steps: int = Field(ge=0, description="Optimiser steps (0 = only evaluate).")
+    batch_size: int = Field(default=64, ge=1, description="Sequences per optimiser step.")
+    lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate (2e-3 taught a 1 M-parameter model 2-digit addition).")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warmup from 0 to lr over this many steps; constant after.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Clip the global gradient norm to this.")
+    micro_batch_tokens: int = Field(default=8192, ge=16, description="Token budget of one forward/backward (rows x padded length).")
+    eval_tasks: int = Field(default=200, ge=1, description="Distinct held-out tasks to measure accuracy on (at most; see eval_share).")
+    eval_share: float = Field(default=0.25, gt=0, lt=1, description="The held-out set takes at most this share of the distinct tasks a probe of the generator finds.")
+    eval_max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per held-out prompt at most.")
+    eval_batch_size: int = Field(default=128, ge=1, description="Prompts per generate() call during evaluation.")
+    eval_every: int = Field(default=0, ge=0, description="Also evaluate every this many steps; 0 = only before and after.")
+    seed: int = Field(default=0, ge=0, description="Seed of the data order (training and held-out seed ranges) and the trainer's RNGs.")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads during the run; None = torch's default (one per core). 1 is far faster on a busy machine.")
+
+
+@dataclass
+class Example:
+    """One task with its first messages and its reference answer."""
+
+    task_id: str
+    task: Task
+    messages: list[dict[str, str]]
+    answer: str
+
+
+@dataclass
+class EvalResult:
+    """Accuracy on a set of tasks and a few completions to look at."""
+
+    accuracy: float
+    num_correct: int
+    num_tasks: int
+    examples: list[dict[str, Any]]  # the first few: task id, completion, reward
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "num_correct": self.num_correct, "num_tasks": self.num_tasks, "examples": self.examples}
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def train_seed(seed: int, k: int) -> int:
+    """Env seed of the k-th training draw: even numbers (held-out draws use the odd ones)."""
+    return 2 * (seed * 2**32 + k)
+
+
+def eval_seed(seed: int, k: int) -> int:
+    return train_seed(seed, k) + 1
+
+
+def draw(env: Any, seed: int) -> Example:
+    """Reset `env` with `seed` and take its task, first messages and reference answer."""
+    messages, info = _reset(env, seed)
+    task = env.task
+    answer = env.reference_action()
+    if answer is None:
+        raise ValueError(f"{_env_name(env)} has no reference_action(): SFT needs reference "
+                         "answers; implement reference_action() in the env (it returns a correct answer for the current task)")
+    return Example(task_id=str(info.get("task_id") or task.id), task=task, messages=messages, answer=answer)
+
+
+def held_out_examples(env: Any, config: SFTConfig) -> tuple[list[Example], dict[str, Any]]:
+    """Distinct held-out tasks from the eval seed range, and how their number was chosen."""
+    num_probe = max(1_000, 4 * config.eval_tasks)
+    distinct = len({_task_id(env, train_seed(config.seed, k)) for k in range(num_probe)})
+    target = max(1, min(config.eval_tasks, math.floor(config.eval_share * distinct)))
+    found: dict[str, Example] = {}
+    for k in range(20 * target + 100):
+        if len(found) >= target:
+            break
+        example = draw(env, eval_seed(config.seed, k))
+        found.setdefault(example.task_id, example)
+    info = {"requested": config.eval_tasks, "distinct_in_probe": distinct, "probe_draws": num_probe, "held_out": len(found)}
+    return list(found.values()), info
+
+
+def _task_id(env: Any, seed: int) -> str:
+    _, info = _reset(env, seed)
+    return str(info.get("task_id") or env.task.id)
+
+
+def _reset(env: Any, seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    try:
+        return env.reset(seed=seed)
+    except NotImplementedError:
+        raise ValueError(f"{_env_name(env)} has no task generator (sample_task()): SFT draws its tasks from it; "
+                         "implement sample_task() in the env") from None
+
+
+def _env_name(env: Any) -> str:
+    return env.spec.id if env.spec else type(env).__name__
+
+
+def training_examples(env: Any, config: SFTConfig, held_out_ids: set[str]) -> Iterator[Example]:
+    """Endless, deterministic training examples, none of whose tasks is held out."""
+    skipped_in_a_row = 0
+    k = 0
+    while True:
+        example = draw(env, train_seed(config.seed, k))
+        k += 1
+        if example.task_id in held_out_ids:
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                raise ValueError(f"{MAX_SKIPS_IN_A_ROW} training draws in a row were held-out tasks: the held-out set covers "
+                                 f"the task generator; lower eval_tasks / eval_share (--eval-tasks)")
+            continue
+        skipped_in_a_row = 0
+        yield example
+
+
+def trained_examples(env: Any, config: SFTConfig, held_out_ids: set[str], num: int) -> list[Example]:
+    """Up to `num` distinct tasks the run trains on (from its first steps x batch_size draws), for the
+    accuracy on seen tasks next to the held-out one: memorising vs generalising."""
+    found: dict[str, Example] = {}
+    stream = training_examples(env, config, held_out_ids)
+    for _ in range(config.steps * config.batch_size):
+        if len(found) >= num:
+            break
+        example = next(stream)
+        found.setdefault(example.task_id, example)
+    return list(found.values())
+
+
+class SampleMaker:
+    """Examples -> trainer Samples: prompt tokens (mask 0) + answer + end-of-turn tokens (mask 1).
+
+    The tokens of a task are made once (task ids identify tasks) and reused."""
+
+    def __init__(self, tokenizer: Any):
+        from cwm_rl.models.chat_template import detect_end_of_turn
+
+        self.tokenizer = tokenizer
+        self.end_of_turn = detect_end_of_turn(tokenizer)
+        self.end_of_turn_ids = tokenizer.encode(self.end_of_turn, add_special_tokens=False)
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt as a rollout worker tokenises it (chat template + generation prompt)."""
+        from cwm_rl.models.chat_template import render
+
+        return self.tokenizer.encode(render(self.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
+
+    def __call__(self, example: Example) -> Any:
+        from trainer.batching import Sample
+
+        if example.task_id not in self._cache:
+            answer_ids = self.tokenizer.encode(example.answer, add_special_tokens=False) + self.end_of_turn_ids
+            self._cache[example.task_id] = (self.prompt_ids(example.messages), answer_ids)
+        prompt, answer = self._cache[example.task_id]
+        n = len(prompt) + len(answer)
+        return Sample(token_ids=prompt + answer, loss_mask=[0] * len(prompt) + [1] * len(answer), behaviour_logprobs=[0.0] * n)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, end_of_turn_id: int,
+                    max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy completions of token-id prompts, decoded as the agent loop does (the closing end-of-turn
+    token dropped, special tokens kept). Prompts of equal length share a batch, so little is padded."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T], left-padded
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                attention_mask[r, width - len(prompts[i]):] = 1
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                           do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_id,
+                                           pad_token_id=pad_id)[:, width:].tolist()  # [B, <= max_new_tokens]
+            for r, i in enumerate(rows):
+                ids = generated[r]
+                if end_of_turn_id in ids:  # everything after the first end-of-turn is padding
+                    ids = ids[:ids.index(end_of_turn_id)]
+                out[i] = tokenizer.decode(ids)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_completions(env: Any, examples: Sequence[Example], completions: Sequence[str], num_shown: int = 3) -> EvalResult:
+    """Step `env`, reset to each example's task, with its completion; reward > 0 is correct."""
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+    num_correct = 0
+    shown = []
+    for example, completion in zip(examples, completions):
+        env.reset(options={"task": example.task})
+        _, reward, *_ = env.step(completion)
+        num_correct += reward > 0
+        if len(shown) < num_shown:
+            shown.append({"task_id": example.task_id, "completion": completion, "reward": reward})
+    return EvalResult(accuracy=num_correct / max(len(examples), 1), num_correct=num_correct, num_tasks=len(examples), examples=shown)
+
+
+def evaluate(model: Any, maker: SampleMaker, env: Any, examples: Sequence[Example], config: SFTConfig) -> EvalResult:
+    """Greedy accuracy of `model` on `examples`."""
+    (end_of_turn_id,) = maker.end_of_turn_ids
+    prompts = [maker.prompt_ids(e.messages) for e in examples]
+    completions = generate_greedy(model, maker.tokenizer, prompts, end_of_turn_id=end_of_turn_id,
+                                  max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
+    return score_completions(env, examples, completions)
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def check_out_dir(out_dir: Path, model_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; pass a directory")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the --model directory; write the warm-started model to another directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"--out {out_dir} is not empty; pick another directory or pass --force to overwrite")
+
+
+def run_sft(model_dir: str | Path, out_dir: str | Path, config: SFTConfig, *, force: bool = False,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Evaluate, train `config.steps` SFT steps, evaluate again, save the model; returns the summary.
+
+    `progress` gets {"event": "eval", "step", "accuracy", ...} and {"event": "step", "step", "loss",
+    "tokens_per_s", ...} dicts as the run goes. The summary is also written to `out_dir/sft_summary.json`."""
+    from envs import make_env
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    started = time.perf_counter()
+    check_out_dir(out_dir, model_dir, force)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); make one with `cwm-rl model init --out DIR`")
+    env = make_env(config.env_id, **config.env_kwargs)  # unknown ids: ValueError listing the registered ones
+    report = progress or (lambda event: None)
+    import torch  # after the cheap checks: a typo in the env id fails fast
+
+    threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _run(model_dir, out_dir, config, env, report, started)
+    finally:
+        torch.set_num_threads(threads)
+        env.close()
+
+
+def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Callable[[dict[str, Any]], None],
+         started: float) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from trainer.config import TrainerConfig
+    from trainer.train import Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    maker = SampleMaker(tokenizer)
+    if len(maker.end_of_turn_ids) != 1:
+        raise ValueError(f"the end-of-turn token {maker.end_of_turn!r} is {len(maker.end_of_turn_ids)} token ids; "
+                         "evaluation stops on one id")
+    held_out, held_out_info = held_out_examples(env, config)
+    held_out_ids = {e.task_id for e in held_out}
+    trained = trained_examples(env, config, held_out_ids, len(held_out))
+    stream = training_examples(env, config, held_out_ids)
+    with _no_progress_bars():
+        trainer = Trainer(TrainerConfig.model_validate({
+            "optim": {"lr": config.lr, "warmup_steps": config.warmup_steps, "schedule": "constant",
+                      "total_steps": max(config.steps, 1), "max_grad_norm": config.max_grad_norm},
+            "batch": {"micro_batch_tokens": config.micro_batch_tokens},
+            "checkpoint_every": 0, "seed": config.seed,
+        }), model_dir)
+
+    def run_eval(step: int) -> tuple[EvalResult, EvalResult | None]:
+        t0 = time.perf_counter()
+        result = evaluate(trainer.model, maker, env, held_out, config)
+        seen = evaluate(trainer.model, maker, env, trained, config) if trained else None
+        report({"event": "eval", "step": step, "steps": config.steps, "seconds": time.perf_counter() - t0,
+                "train_accuracy": _accuracy(seen), **result.to_dict()})
+        return result, seen
+
+    before, seen_before = after, seen_after = run_eval(0)
+    curve = [{"step": 0, "accuracy": before.accuracy, "train_accuracy": _accuracy(seen_before)}]
+    losses: list[float] = []
+    trained_ids: set[str] = set()
+    train_started = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        batch = [next(stream) for _ in range(config.batch_size)]
+        trained_ids.update(e.task_id for e in batch)
+        samples = [maker(e) for e in batch]
+        metrics = trainer.sft_step(samples)
+        losses.append(metrics["sft_loss"])
+        num_tokens = sum(s.num_tokens for s in samples)
+        report({"event": "step", "step": step, "steps": config.steps, "loss": metrics["sft_loss"],
+                "grad_norm": metrics["grad_norm"], "lr": metrics["lr"], "tokens": num_tokens,
+                "tokens_per_s": num_tokens / max(metrics["step_time_s"], 1e-9)})
+        if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+            after, seen_after = run_eval(step)
+            curve.append({"step": step, "accuracy": after.accuracy, "train_accuracy": _accuracy(seen_after)})
+    train_seconds = time.perf_counter() - train_started
+    assert not trained_ids & held_out_ids, "a held-out task was trained on"
+    assert {e.task_id for e in trained} <= trained_ids, "a task counted as trained on was not"
+
+    save_model(trainer.model, model_dir, out_dir)
+    summary = {
+        "model": str(model_dir), "out": str(out_dir), "env_id": config.env_id, "steps": config.steps,
+        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy, "num_eval_tasks": len(held_out),
+        "train_accuracy_before": _accuracy(seen_before), "train_accuracy_after": _accuracy(seen_after),
+        "eval_before": before.to_dict(), "eval_after": after.to_dict(), "accuracy_curve": curve,
+        "held_out": held_out_info, "num_distinct_training_tasks": len(trained_ids),
+        "loss_first": losses[0] if losses else None, "loss_last": _mean(losses[-10:]) if losses else None,
+        "loss_curve": _loss_curve(losses), "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2), "config": config.model_dump(mode="json"),
+    }
+    (out_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def save_model(model: Any, model_dir: Path, out_dir: Path) -> None:
+    """Weights + config from `model`, tokenizer and chat template files copied from `model_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _no_progress_bars():
+        model.save_pretrained(out_dir)
+    for pattern in TOKENIZER_FILES:
+        for f in model_dir.glob(pattern):
+            if f.is_file():
+                shutil.copy(f, out_dir / f.name)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' one-shard "Loading weights" / "Writing model shards" bars are noise in a command's output."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _accuracy(result: EvalResult | None) -> float | None:
+    return result.accuracy if result is not None else None
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _loss_curve(losses: Sequence[float], num_points: int = 20) -> list[dict[str, float]]:
+    """About `num_points` (last step of a window, mean loss over the window) pairs."""
+    if not losses:
+        return []
+    width = max(1, math.ceil(len(losses) / num_points))
+    return [{"step": min(i + width, len(losses)), "loss": round(_mean(losses[i:i + width]), 5)} for i in range(0, len(losses), width)]
