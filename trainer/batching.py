@@ -50,6 +50,11 @@ class Prepared:
 
     samples: list[Sample] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=lambda: {"stale": 0, "gibberish": 0, "zero_advantage": 0, "empty": 0})
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)  # reason -> trajectory ids
+
+    def drop(self, reason: str, trajectories: list[Trajectory]) -> None:
+        self.dropped[reason] += len(trajectories)
+        self.dropped_ids.setdefault(reason, []).extend(t.trajectory_id for t in trajectories)
 
 
 def prepare_samples(trajectories: Iterable[Trajectory], *, policy_version: int, filters: FilterConfig,
@@ -60,11 +65,11 @@ def prepare_samples(trajectories: Iterable[Trajectory], *, policy_version: int, 
     groups: dict[str, list[Trajectory]] = defaultdict(list)
     for t in trajectories:
         if t.num_generated_tokens == 0:
-            out.dropped["empty"] += 1
+            out.drop("empty", [t])
         elif is_stale(t, policy_version, filters):
-            out.dropped["stale"] += 1
+            out.drop("stale", [t])
         elif is_gibberish(t, filters, vocab_size):
-            out.dropped["gibberish"] += 1
+            out.drop("gibberish", [t])
         else:
             groups[t.group_id or t.trajectory_id].append(t)
     for group_id, members in groups.items():
@@ -72,7 +77,7 @@ def prepare_samples(trajectories: Iterable[Trajectory], *, policy_version: int, 
         lengths = torch.tensor([t.num_generated_tokens for t in members])
         advantages = group_advantages(returns, lengths, advantage)
         if filters.drop_zero_advantage_groups and bool((advantages.abs() < 1e-8).all()):
-            out.dropped["zero_advantage"] += len(members)
+            out.drop("zero_advantage", members)
             continue
         for t, a in zip(members, advantages.tolist()):
             out.samples.append(Sample(token_ids=list(t.token_ids), loss_mask=list(t.loss_mask), behaviour_logprobs=list(t.logprobs),

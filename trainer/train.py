@@ -99,6 +99,7 @@ class Trainer:
         self.step_count = 0
         self.policy_version = 0
         self.data_cursor: Any = None
+        self.last_prepared = None
         self.publisher = None
         if self.rank == 0 and (config.publish.root is not None or self.run_dir is not None):
             root = Path(config.publish.root) if config.publish.root else self.run_dir / "weights"
@@ -114,6 +115,7 @@ class Trainer:
         cfg = self.config
         prepared = prepare_samples(trajectories, policy_version=self.policy_version, filters=cfg.filters,
                                    advantage=cfg.advantage, vocab_size=self.vocab_size)
+        self.last_prepared = prepared  # which trajectories were trained on or dropped, and why (for the job's store)
         samples = shard_by_group(prepared.samples, self.rank, self.world_size)
         num_sequences = len(prepared.samples)
         num_tokens = sum(s.num_loss_tokens for s in prepared.samples)

@@ -1,0 +1,154 @@
+"""The job config: one YAML file describes a whole RL run (model, envs, workers, trainer, eval).
+
+    config = load_config("configs/quickstart.yaml", overrides=["trainer.optim.lr=1e-4", "run_dir=runs/x"])
+
+Pydantic models: every field has a default and a one-line description, unknown keys are errors
+(a typo never silently does nothing), `--set a.b=c` overrides any field (the value is read as
+YAML, so `--set rollout.sampling.temperature=0.8` is a float and `--set envs=[...]` a list).
+Imports no vLLM or Ray (torch comes in with the trainer's config): the CLI validates a config
+before starting anything heavy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rollout_workers.agent_loop import EpisodeLimits
+from rollout_workers.engine import SamplingConfig
+from trainer.config import TrainerConfig
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SFTStageConfig(_Config):
+    """A supervised warm start before RL (`cwm-rl model sft` with these settings)."""
+
+    steps: int = Field(default=0, ge=0, description="SFT optimiser steps; 0 = no warm start.")
+    env_id: str | None = Field(default=None, description="Env whose reference answers make the data; default: the first RL env.")
+    env_kwargs: dict[str, Any] | None = Field(default=None, description="Its kwargs; default: the first RL env's.")
+    batch_size: int = Field(default=64, ge=1, description="Sequences per SFT step.")
+    lr: float = Field(default=2e-3, gt=0, description="SFT learning rate.")
+    eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured before and after SFT.")
+
+
+class ModelConfig(_Config):
+    """Where the policy comes from: a local HF directory, or a tiny model made here (then SFT)."""
+
+    path: str | None = Field(default=None, description="A local Hugging Face model directory; None = make one with `init`.")
+    init_preset: Literal["tiny", "small"] = Field(default="tiny", description="Preset of the model made here when `path` is None.")
+    init_arch: Literal["cwm", "qwen2"] = Field(default="cwm", description="Architecture of the model made here.")
+    init_seed: int = Field(default=0, description="Seed of the model made here.")
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Supervised warm start before RL.")
+
+
+class EnvSpec(_Config):
+    """One env of the task mix."""
+
+    id: str = Field(description="Registered env id, e.g. 'cwm_rl/Math-v0'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
+    weight: float = Field(default=1.0, gt=0, description="Sampling weight in the task mix.")
+    url: str | None = Field(default=None, description="Play it on this env server instead of in-process.")
+    token: str | None = Field(default=None, description="Bearer token for `url`.")
+
+
+class RolloutConfig(_Config):
+    """The rollout workers: how many, their engine, how they sample."""
+
+    num_workers: int = Field(default=1, ge=1, description="Rollout worker actors (one vLLM engine each).")
+    group_size: int = Field(default=8, ge=1, description="Samples per task (GRPO group).")
+    groups_per_request: int = Field(default=4, ge=1, description="Groups a worker plays per call (played concurrently).")
+    requests_in_flight: int = Field(default=2, ge=1, description="Calls outstanding per worker: keeps the engine busy while results travel.")
+    max_model_len: int = Field(default=1024, ge=16, description="Longest sequence the engine holds (prompt + all turns).")
+    kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory per engine in GiB.")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences one engine step batches.")
+    dtype: str = Field(default="float32", description="Engine weights dtype (float32 on CPU, bfloat16 on GPU).")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=64), description="How each turn is sampled.")
+    limits: EpisodeLimits = Field(default_factory=lambda: EpisodeLimits(max_turns=1, max_total_tokens=1024), description="When an episode is cut.")
+
+
+class EvalConfig(_Config):
+    """Held-out greedy evaluation during the run."""
+
+    every_steps: int = Field(default=10, ge=0, description="Evaluate every this many trainer steps (and at start and end); 0 = start and end only.")
+    num_tasks: int = Field(default=100, ge=1, description="Held-out tasks per env (seeds disjoint from training).")
+    max_tokens: int = Field(default=64, ge=1, description="Greedy tokens per turn at most.")
+
+
+class LoggingConfig(_Config):
+    """Where metrics go besides the console."""
+
+    tensorboard: bool = Field(default=True, description="Write TensorBoard event files under run_dir/tensorboard.")
+    wandb_project: str | None = Field(default=None, description="Also log to this Weights & Biases project.")
+    wandb_mode: Literal["online", "offline", "disabled"] = Field(default="offline", description="W&B mode (offline writes under run_dir/wandb).")
+    progress: bool = Field(default=True, description="Show the live progress display (off in CI logs).")
+
+
+class JobConfig(_Config):
+    """A whole RL run."""
+
+    run_dir: str = Field(default="runs/quickstart", description="Everything the run writes goes here (config, checkpoints, weights, store, logs).")
+    mode: Literal["async", "sync"] = Field(default="async", description="async: workers keep generating while the trainer steps; sync: generate, train, repeat.")
+    seed: int = Field(default=0, description="Seed of task sampling and the trainer.")
+    steps: int = Field(default=100, ge=1, description="Trainer steps to run.")
+    max_minutes: float | None = Field(default=None, gt=0, description="Stop (cleanly, with a checkpoint) after this many minutes of RL.")
+    buffer_groups: int = Field(default=16, ge=1, description="Finished groups the buffer holds; workers get no new work while it is full (backpressure).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
+    envs: list[EnvSpec] = Field(default_factory=lambda: [EnvSpec(id="cwm_rl/Math-v0")], description="The task mix.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The trainer (docs/trainer.md).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics sinks.")
+    ray_address: str | None = Field(default=None, description="Join this Ray cluster; None = start local Ray.")
+    trainer_threads: int | None = Field(default=1, ge=1, description="torch CPU threads of the trainer (and SFT): 1 leaves the other cores to vLLM; null = torch's default.")
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        if not self.envs:
+            raise ValueError("envs is empty: name at least one env, e.g. envs: [{id: cwm_rl/Math-v0}]")
+        if abs(self.rollout.sampling.temperature - self.trainer.loss.temperature) > 1e-9 and self.rollout.sampling.temperature > 0:
+            raise ValueError(f"rollout.sampling.temperature ({self.rollout.sampling.temperature}) differs from "
+                             f"trainer.loss.temperature ({self.trainer.loss.temperature}): the trainer must score tokens at the "
+                             "temperature they were sampled at; set both to the same value")
+        return self
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides to a nested dict (values parsed as YAML). Returns the dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.optim.lr=1e-4")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section (it is {child!r})")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job config (or the defaults), apply overrides, validate. Errors name the bad field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found; see configs/quickstart.yaml for an example")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a job config is a YAML mapping (key: value), not {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+        raise ValueError(f"invalid job config{f' {path}' if path else ''}:\n  " + "\n  ".join(lines)) from None
