@@ -325,9 +325,12 @@ class Job:
         batch = self.buffer.take(c.trainer.batch.step_tokens) if c.mode == "async" else [t for g in self.buffer.groups for t in g]
         if c.mode == "sync":
             self.buffer.groups.clear()
-        if self.reloads:  # the previous reload must be in before staleness is judged against the new version
-            ray.get(self.reloads)
-            self.reloads = []
+        for ref in self.reloads:  # the previous reload must be in before staleness is judged against the new version
+            try:
+                ray.get(ref)
+            except Exception as e:  # that worker died; it gets the weights again when its lost work is re-submitted
+                log.warning("a weight reload failed (%s: %s)", type(e).__name__, e)
+        self.reloads = []
         step = self.trainer.step_count
         metrics = self.trainer.step(batch)
         prepared = self.trainer.last_prepared
@@ -368,13 +371,25 @@ class Job:
 
         c = self.config
         results: dict[str, float] = {}
+        greedy = {"temperature": 0.0, "max_tokens": c.eval.max_tokens}
         for spec in c.envs:
             tasks = self.held_out[spec.id]
-            shares = [tasks[w::len(self.workers)] for w in range(len(self.workers))]
-            refs = [self.workers[w].run_groups.remote([0] * len(s), 1, self.run_dir.name, env=spec.model_dump(), tasks=s,
-                                                      sampling={"temperature": 0.0, "max_tokens": c.eval.max_tokens})
-                    for w, s in enumerate(shares) if s]
-            trajectories = [Trajectory.model_validate_json(j) for batch in ray.get(refs) for j in batch]
+            shares = [(w, tasks[w::len(self.workers)]) for w in range(len(self.workers))]
+            refs = [(w, s, self.workers[w].run_groups.remote([0] * len(s), 1, self.run_dir.name, env=spec.model_dump(), tasks=s,
+                                                             sampling=greedy)) for w, s in shares if s]
+            trajectories = []
+            for w, share, ref in refs:
+                for attempt in range(3):
+                    try:
+                        trajectories += [Trajectory.model_validate_json(j) for j in ray.get(ref)]
+                        break
+                    except Exception as e:  # the worker died mid-eval: Ray restarts it; bring it up to date, ask again
+                        if attempt == 2:
+                            raise RuntimeError(f"evaluation failed 3 times on rollout worker {w}: {e}") from e
+                        self._say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
+                        self._publish_to_workers(wait=True, only=[w])
+                        ref = self.workers[w].run_groups.remote([0] * len(share), 1, self.run_dir.name, env=spec.model_dump(),
+                                                                tasks=share, sampling=greedy)
             self.store.add(trajectories, status="eval")
             results[spec.id] = sum(t.return_ > 0 for t in trajectories) / max(len(trajectories), 1)
         accuracy = sum(results.values()) / len(results)

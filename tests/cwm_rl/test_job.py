@@ -1,9 +1,10 @@
 """The RL job: its buffer and task sources, and `cwm-rl train` end to end (real Ray, real vLLM,
-real trainer, real store) with Ctrl-C and a resume."""
+real trainer, real store) with a rollout worker killed mid-run, Ctrl-C and a resume."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_task_source_skips_held_out_tasks_and_resumes_from_its_cursor():
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.ray
-def test_train_runs_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
+def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
     settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=50", "eval.num_tasks=8", "eval.every_steps=2",
@@ -61,10 +62,16 @@ def test_train_runs_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
     args = [cli, "train", str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
-    deadline = time.time() + 400
-    for line in process.stdout:  # Ctrl-C once the third step is logged
+    deadline = time.time() + 500
+    killed = False
+    for line in process.stdout:
         output.append(line)
-        if "step    3" in line:
+        if "step    2" in line and not killed:  # kill the rollout worker: Ray restarts it, the job goes on
+            pids = subprocess.run(["pgrep", "-f", "^ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
+            assert len(pids) == 1, pids
+            os.kill(int(pids[0]), signal.SIGKILL)
+            killed = True
+        if killed and "step    4" in line:  # then Ctrl-C
             process.send_signal(signal.SIGINT)
             break
         assert time.time() < deadline, "".join(output[-40:])
@@ -72,11 +79,12 @@ def test_train_runs_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
     text = "".join(output) + rest
     assert process.returncode == 0, text[-4000:]
     assert "stopping after the current step" in text
+    assert "worker 0 failed" in text, text[-4000:]
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "interrupted"
     first_steps = summary["steps"]
-    assert 3 <= first_steps < 50 and summary["policy_versions"] == first_steps
+    assert 4 <= first_steps < 50 and summary["policy_versions"] == first_steps
     for key in ("eval_accuracy_initial", "eval_accuracy_final", "trajectories_stored", "trajectories_trained",
                 "trajectories_dropped_stale", "wall_seconds"):
         assert key in summary, key
