@@ -100,6 +100,7 @@ class JobConfig(_Config):
     buffer_groups: int = Field(default=16, ge=1, description="Finished groups the buffer holds; workers get no new work while it is full (backpressure).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
     envs: list[EnvSpec] = Field(default_factory=lambda: [EnvSpec(id="cwm_rl/Math-v0")], description="The task mix.")
+    env_modules: list[str] = Field(default_factory=list, description="Modules to import (here and in every worker) that register user envs, like `cwm-rl env --import`.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The trainer (docs/trainer.md).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")

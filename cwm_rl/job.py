@@ -136,6 +136,14 @@ class Job:
 
     def setup(self) -> None:
         c = self.config
+        if c.env_modules:
+            import sys
+
+            from envs import load_env_modules
+
+            if os.getcwd() not in sys.path:  # modules next to the config, as `cwm-rl env --import` finds them
+                sys.path.insert(0, os.getcwd())
+            load_env_modules(c.env_modules)
         if c.trainer_threads:
             import torch
 
@@ -213,6 +221,7 @@ class Job:
             "engine": EngineConfig(model=str(self.model_dir), dtype=r.dtype, max_model_len=r.max_model_len, kv_cache_gib=r.kv_cache_gib,
                                    max_num_seqs=r.max_num_seqs, seed=c.seed).model_dump(),
             "env_id": first.id, "env_kwargs": first.kwargs, "sampling": r.sampling.model_dump(), "limits": r.limits.model_dump(),
+            "env_modules": c.env_modules, "sys_path": [os.getcwd()] if c.env_modules else [],
         }
         # A worker that dies is restarted by Ray (max_restarts); its lost calls are re-submitted.
         self.Worker = rollout_worker_actor(num_cpus=1).options(max_restarts=3)

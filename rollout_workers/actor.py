@@ -56,6 +56,12 @@ class RolloutWorker:
     async def _engine(self) -> RolloutEngine:
         async with self._starting:  # created inside the actor's event loop, once
             if self.engine is None:
+                # Blocking envs step in the loop's default thread pool (asyncio.to_thread), which holds
+                # only cpu_count + 4 threads: with 64 episodes whose steps wait on sandboxes, most would queue.
+                from concurrent.futures import ThreadPoolExecutor
+
+                workers = max(32, 2 * self.config.engine.max_num_seqs)
+                asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="env-step"))
                 self.engine = RolloutEngine(self.config.engine)
         return self.engine
 

@@ -51,6 +51,7 @@ def test_task_source_skips_held_out_tasks_and_resumes_from_its_cursor():
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.ray
+@pytest.mark.timeout(1200)
 def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
@@ -67,9 +68,9 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
     for line in process.stdout:
         output.append(line)
         if "step    2" in line and not killed:  # kill the rollout worker: Ray restarts it, the job goes on
-            pids = subprocess.run(["pgrep", "-f", "^ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
+            pids = _worker_pids(process.pid)
             assert len(pids) == 1, pids
-            os.kill(int(pids[0]), signal.SIGKILL)
+            os.kill(pids[0], signal.SIGKILL)
             killed = True
         if killed and "step    4" in line:  # then Ctrl-C
             process.send_signal(signal.SIGINT)
@@ -102,9 +103,88 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
         versions = {r.newest_version for r in store.query(status="trained")}
         assert max(versions) >= 1  # workers reloaded published weights in flight
 
-    resumed = subprocess.run([cli, "train", "--resume", str(run_dir), "--set", f"steps={first_steps + 2}"],
+    # Resume, then kill -9 the whole job (driver) once it has checkpointed again, and resume once more.
+    process = subprocess.Popen([cli, "train", "--resume", str(run_dir), "--set", f"steps={first_steps + 40}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if f"step {first_steps + 3:>4}" in line:  # checkpoint_every=2: step first+2 is checkpointed
+            workers = _worker_pids(process.pid)
+            process.kill()
+            break
+        assert time.time() < deadline + 400, "".join(output[-40:])
+    process.wait(timeout=60)
+    text = "".join(output)
+    assert f"step {first_steps + 1:>4}" in text, text[-3000:]  # it continued from the checkpoint, not from 0
+    _reap(workers)
+
+    with RolloutStore(run_dir, create=False) as store:
+        stored_before = store.count()
+    resumed = subprocess.run([cli, "train", "--resume", str(run_dir), "--set", f"steps={first_steps + 5}"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["stop_reason"] == "steps" and summary["steps"] == first_steps + 2
-    assert summary["policy_versions"] >= first_steps + 2
+    assert summary["stop_reason"] == "steps" and summary["steps"] == first_steps + 5
+    assert summary["policy_versions"] >= first_steps + 5
+
+    with RolloutStore(run_dir, create=False) as store:
+        assert store.count() >= stored_before  # nothing stored before the kill was lost
+        rows = store.query(status="trained")
+        assert max(r.newest_version for r in rows) >= first_steps  # later trajectories carry later versions
+        # No trajectory was trained on while staler than max_staleness (quickstart: 4). The trainer's
+        # version at step s is s here (nothing was published past a checkpoint).
+        assert all(r.step - r.newest_version <= 4 for r in rows), [(r.step, r.newest_version) for r in rows if r.step - r.newest_version > 4]
+
+
+def _worker_pids(root: int) -> list[int]:
+    """Rollout worker actor processes descending from process `root` (its local Ray's raylet forks them)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def descends(pid: int) -> bool:
+        for _ in range(50):
+            pid = parents.get(pid, 0)
+            if pid == root:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    workers = []
+    for pid in parents:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::RolloutWorker") and descends(pid):
+            workers.append(pid)
+    return workers
+
+
+def _reap(pids: list[int]) -> None:
+    """After a kill -9 of the driver, its local Ray tears the worker processes down; fail if one
+    outlives that by a minute (it would hold a vLLM engine), and clean it up either way."""
+    assert pids, "the job had no rollout worker process to watch"
+    deadline = time.time() + 60
+    left = pids
+    while time.time() < deadline:
+        left = [p for p in pids if Path(f"/proc/{p}").exists() and b"zombie" not in _state(p)]
+        if not left:
+            return
+        time.sleep(2)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"rollout worker processes {left} outlived the killed job by 60 s")
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/status").read_bytes().lower()
+    except OSError:
+        return b"zombie"
