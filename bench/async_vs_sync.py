@@ -30,7 +30,7 @@ def run_job(run_dir: Path, model: Path, mode: str, env: str, steps: int) -> floa
     settings = [
         f"run_dir={run_dir}", f"model.path={model}", f"mode={mode}", f"steps={steps}", "max_minutes=20",
         f"envs=[{{id: {env}, kwargs: {{difficulty: 1}}}}]", "env_modules=[slow_math_env]",
-        "rollout.group_size=8", "rollout.groups_per_request=4", "rollout.requests_in_flight=2", "buffer_groups=8",
+        "rollout.group_size=8", "rollout.groups_per_request=4", "rollout.requests_in_flight=4", "buffer_groups=16",
         "rollout.sampling.max_tokens=16", "trainer.batch.step_tokens=512", "trainer.filters.drop_zero_advantage_groups=false",
         "trainer.filters.max_staleness=100", "eval.every_steps=0", "eval.num_tasks=8", "logging.tensorboard=false",
         "trainer.checkpoint_every=0",

@@ -87,8 +87,12 @@ def held_out_tasks(spec: EnvSpec, seed: int, num_tasks: int) -> list[dict[str, A
 
 @dataclass
 class Buffer:
-    """Finished groups waiting for the trainer, oldest first."""
+    """Finished groups waiting for the trainer, oldest first.
 
+    With `signal_only` (the trainer drops zero-advantage groups) only groups whose returns differ
+    count towards a step's tokens; the others ride along and are dropped by the trainer."""
+
+    signal_only: bool = True
     groups: deque[list[Trajectory]] = field(default_factory=deque)
 
     def add(self, trajectories: list[Trajectory]) -> None:
@@ -97,19 +101,22 @@ class Buffer:
             by_group.setdefault(t.group_id or t.trajectory_id, []).append(t)
         self.groups.extend(by_group.values())
 
+    def _counts(self, group: list[Trajectory]) -> bool:
+        return not self.signal_only or len({t.return_ for t in group}) > 1
+
     def signal_tokens(self) -> int:
-        """Generated tokens in groups whose returns differ (the ones with a learning signal)."""
-        return sum(sum(t.num_generated_tokens for t in g) for g in self.groups if len({t.return_ for t in g}) > 1)
+        """Generated tokens in the groups a step counts (see the class docstring)."""
+        return sum(sum(t.num_generated_tokens for t in g) for g in self.groups if self._counts(g))
 
     def take(self, step_tokens: int) -> list[Trajectory]:
-        """Oldest groups until `step_tokens` tokens with a learning signal are taken (or all)."""
+        """Oldest groups until `step_tokens` counted tokens are taken (or all)."""
         taken: list[Trajectory] = []
-        signal = 0
-        while self.groups and signal < step_tokens:
+        counted = 0
+        while self.groups and counted < step_tokens:
             group = self.groups.popleft()
             taken += group
-            if len({t.return_ for t in group}) > 1:
-                signal += sum(t.num_generated_tokens for t in group)
+            if self._counts(group):
+                counted += sum(t.num_generated_tokens for t in group)
         return taken
 
     def __len__(self) -> int:
@@ -164,7 +171,7 @@ class Job:
         self.sources = [TaskSource(spec, c.seed, {t["id"] for t in self.held_out[spec.id]}, cursor.get("cursors", {}).get(spec.id, 0))
                         for spec in c.envs]
         self.mix = random.Random(c.seed * 7919 + self.trainer.step_count)
-        self.buffer = Buffer()
+        self.buffer = Buffer(signal_only=c.trainer.filters.drop_zero_advantage_groups)
         if self.resume:  # trajectories stored but never trained on come back; so do those trained after the checkpoint
             self.store.rewind(self.trainer.step_count)
             self.buffer.add(self.store.buffered())
@@ -260,8 +267,9 @@ class Job:
             self._collect(timeout=0.2)
             if c.mode == "async":  # a full buffer trains too: its groups may all lack signal, and would block the workers
                 ready = self.buffer.signal_tokens() >= c.trainer.batch.step_tokens or len(self.buffer) >= c.buffer_groups
-            else:
-                ready = not self.pending and len(self.buffer) >= self._sync_groups()
+            else:  # sync: every round asked for has come back, and together they make a step
+                ready = not self.pending and (self.buffer.signal_tokens() >= c.trainer.batch.step_tokens
+                                              or len(self.buffer) >= c.buffer_groups)
             if not ready:
                 continue
             self._train_step()
@@ -273,19 +281,16 @@ class Job:
         self.stop_reason = self.stop_reason or "steps"
         return self.finish()
 
-    def _sync_groups(self) -> int:
-        """Groups one sync step waits for: enough for the step's token target at the expected length."""
-        return self.config.buffer_groups
-
     def _fill_workers(self) -> None:
         c = self.config
         r = c.rollout
         in_flight_groups = sum(len(tasks) for _, tasks, _ in self.pending.values())
         if c.mode == "sync":
-            # On-policy: ask for one step's worth of groups, then nothing until the trainer has stepped.
-            if self.pending or self.buffer:
+            # On-policy: one round of groups per worker at a time, collected in full before more are
+            # asked for; the trainer steps once the rounds hold a step's tokens.
+            if self.pending:
                 return
-            budget = self._sync_groups()
+            budget = r.groups_per_request * len(self.workers)
         else:
             budget = c.buffer_groups - len(self.buffer) - in_flight_groups
         for w, worker in enumerate(self.workers):
@@ -295,6 +300,8 @@ class Job:
                 tasks = [self.sources[spec_index].next_task() for _ in range(n)]
                 self._submit(w, tasks, c.envs[spec_index])
                 budget -= n
+                if c.mode == "sync":
+                    break
 
     def _pick_env(self) -> int:
         weights = [e.weight for e in self.config.envs]

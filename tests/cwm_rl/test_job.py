@@ -35,6 +35,14 @@ def test_buffer_counts_only_groups_with_signal_and_takes_oldest_first():
     assert len(buffer) == 1 and buffer.signal_tokens() == 6
 
 
+def test_buffer_without_the_zero_advantage_filter_counts_every_group():
+    buffer = Buffer(signal_only=False)
+    buffer.add([traj("a", 1), traj("a", 1)])
+    buffer.add([traj("b", 1), traj("b", -1)])
+    assert buffer.signal_tokens() == 12
+    assert [t.group_id for t in buffer.take(step_tokens=5)] == ["a", "a"]
+
+
 def test_task_source_skips_held_out_tasks_and_resumes_from_its_cursor():
     spec = EnvSpec(id="cwm_rl/Math-v0", kwargs={"difficulty": 1})
     held_out = held_out_tasks(spec, seed=0, num_tasks=10)
