@@ -108,8 +108,6 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
         trained = store.count(status="trained")
         assert trained == summary["trajectories_trained"]
         assert store.count(status="eval") == 8 * len(summary["eval_history"])
-        versions = {r.newest_version for r in store.query(status="trained")}
-        assert max(versions) >= 1  # workers reloaded published weights in flight
 
     # Resume, then kill -9 the whole job (driver) once it has checkpointed again, and resume once more.
     process = subprocess.Popen([cli, "train", "--resume", str(run_dir), "--set", f"steps={first_steps + 40}"],
@@ -141,7 +139,7 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
         rows = store.query(status="trained")
         assert max(r.newest_version for r in rows) >= first_steps  # later trajectories carry later versions
         # No trajectory was trained on while staler than max_staleness (quickstart: 4). The trainer's
-        # version at step s is s here (nothing was published past a checkpoint).
+        # version at step s is at least s (a resume after publishing past a checkpoint skips versions).
         assert all(r.step - r.newest_version <= 4 for r in rows), [(r.step, r.newest_version) for r in rows if r.step - r.newest_version > 4]
 
 
