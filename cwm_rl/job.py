@@ -143,6 +143,10 @@ class Job:
 
     def setup(self) -> None:
         c = self.config
+        used = [p.name for p in (self.run_dir / "checkpoints", self.run_dir / "weights", self.run_dir / "rollouts.sqlite") if p.exists()]
+        if used and not self.resume:
+            raise ValueError(f"run_dir {self.run_dir} already holds a run ({', '.join(used)}): continue it with "
+                             f"`cwm-rl train --resume {self.run_dir}`, or start a new one with --set run_dir=NEW_DIR")
         if c.env_modules:
             import sys
 

@@ -43,6 +43,15 @@ def test_buffer_without_the_zero_advantage_filter_counts_every_group():
     assert [t.group_id for t in buffer.take(step_tokens=5)] == ["a", "a"]
 
 
+def test_a_run_dir_holding_a_run_is_not_overwritten(tmp_path):
+    from cwm_rl.config import JobConfig
+    from cwm_rl.job import Job
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match="already holds a run .*--resume"):
+        Job(JobConfig(run_dir=str(tmp_path))).setup()
+
+
 def test_task_source_skips_held_out_tasks_and_resumes_from_its_cursor():
     spec = EnvSpec(id="cwm_rl/Math-v0", kwargs={"difficulty": 1})
     held_out = held_out_tasks(spec, seed=0, num_tasks=10)
