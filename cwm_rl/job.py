@@ -448,7 +448,8 @@ class Job:
 
     def finish(self) -> dict[str, Any]:
         """Final eval, checkpoint, summary.json and the plot. Runs on every exit path that can."""
-        self._evaluate()
+        if not self.eval_history or self.eval_history[-1]["step"] != self.trainer.step_count:
+            self._evaluate()
         self._checkpoint()
         summary = {
             "stop_reason": self.stop_reason,
