@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,31 @@ def perturbed_model(tiny_model, tmp_path_factory) -> Path:
         if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
             shutil.copy(f, out / f.name)
     return out
+
+
+@contextmanager
+def _no_warnings_allowed() -> Iterator[None]:
+    """Fail if Python warnings or transformers log records at warning level or above are emitted inside."""
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    hf_logging.add_handler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        hf_logging.remove_handler(handler)
+        hf_logging.set_verbosity(verbosity)
+    assert [str(w.message) for w in caught] == []
+    assert [r.getMessage() for r in records] == []
+
+
+@pytest.fixture(scope="session")
+def no_warnings_allowed() -> Callable[[], AbstractContextManager[None]]:
+    """`with no_warnings_allowed(): ...` fails on any warning (e.g. a model that loads with complaints)."""
+    return _no_warnings_allowed

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import subprocess
 import sys
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,29 +32,7 @@ def tiny(tmp_path_factory) -> tuple[Path, str]:
     return out, stdout
 
 
-@contextmanager
-def no_warnings_allowed():
-    """Fail if Python warnings or transformers log records at warning level or above are emitted inside."""
-    from transformers.utils import logging as hf_logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_warning()
-    hf_logging.add_handler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        hf_logging.remove_handler(handler)
-        hf_logging.set_verbosity(verbosity)
-    assert [str(w.message) for w in caught] == []
-    assert [r.getMessage() for r in records] == []
-
-
-def load(model_dir: Path):
+def load(model_dir: Path, no_warnings_allowed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with no_warnings_allowed():
@@ -93,10 +68,10 @@ def test_tiny_config_is_consistent(tiny):
     assert generation["eos_token_id"] == ids[IM_END]
 
 
-def test_loads_without_warnings_and_round_trips_a_math_answer(tiny):
+def test_loads_without_warnings_and_round_trips_a_math_answer(tiny, no_warnings_allowed):
     import torch
 
-    tokenizer, model = load(tiny[0])
+    tokenizer, model = load(tiny[0], no_warnings_allowed)
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BOS, IM_END, PAD)
     assert model.dtype == torch.float32 and model.config.eos_token_id == tokenizer.eos_token_id
     ids = tokenizer.encode(MATH_ANSWER, add_special_tokens=False)
@@ -119,15 +94,15 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
     assert (other / "model.safetensors").read_bytes() != (again / "model.safetensors").read_bytes()
 
 
-def test_qwen2_and_small_presets(tmp_path):
+def test_qwen2_and_small_presets(tmp_path, no_warnings_allowed):
     qwen = init_model(tmp_path / "qwen2", arch="qwen2")
     config = json.loads((qwen / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["hidden_size"] // config["num_attention_heads"] == 64
     assert count_parameters(qwen) < 2_000_000
-    load(qwen)
+    load(qwen, no_warnings_allowed)
     small = init_model(tmp_path / "small", preset="small")
     assert 5_000_000 <= count_parameters(small) <= 10_000_000
-    load(small)
+    load(small, no_warnings_allowed)
 
 
 def test_bad_arguments_say_what_to_do(tiny, tmp_path):
@@ -141,7 +116,7 @@ def test_bad_arguments_say_what_to_do(tiny, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_serves_the_tiny_model(tiny):
+def test_vllm_serves_the_tiny_model(tiny, no_warnings_allowed):
     """One vLLM CPU engine: a chat prompt generates, and its logprobs match transformers past the sliding window.
 
     The engine runs in vLLM's default engine-core subprocess (spawned: the CPU platform forces
@@ -154,7 +129,7 @@ def test_vllm_serves_the_tiny_model(tiny):
     import torch
 
     model_dir = tiny[0]
-    tokenizer, model = load(model_dir)
+    tokenizer, model = load(model_dir, no_warnings_allowed)
     start = time.perf_counter()
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=512, kv_cache_memory_bytes=64 * 2**20,
               enforce_eager=True, seed=0)

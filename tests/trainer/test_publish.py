@@ -8,8 +8,6 @@ import logging
 import shutil
 import threading
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,31 +35,12 @@ def publisher(tmp_path, tiny_model):
     pub.close()
 
 
-@contextmanager
-def no_warnings_allowed():
-    """Fail if Python warnings or transformers log records at warning level or above are emitted inside."""
-    from transformers.utils import logging as hf_logging
-
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = records.append
-    hf_logging.add_handler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        hf_logging.remove_handler(handler)
-    assert [str(w.message) for w in caught] == []
-    assert [r.getMessage() for r in records] == []
-
-
 def published_tensors(version_dir: Path) -> dict[str, torch.Tensor]:
     with safe_open(version_dir / "model.safetensors", "pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def test_a_version_is_a_complete_checkpoint_that_transformers_loads(publisher, tiny_model, perturbed_state):
+def test_a_version_is_a_complete_checkpoint_that_transformers_loads(publisher, tiny_model, perturbed_state, no_warnings_allowed):
     before = time.time()
     path = publisher.publish(1, perturbed_state)
 
@@ -106,7 +85,7 @@ def test_wrapped_state_dicts_and_models_publish_under_checkpoint_names(publisher
         assert all(torch.equal(written[name], t) for name, t in perturbed_state.items())
 
 
-def test_tied_embeddings_are_written_once_and_load_tied(tmp_path, tiny_model):
+def test_tied_embeddings_are_written_once_and_load_tied(tmp_path, tiny_model, no_warnings_allowed):
     """With tie_word_embeddings, lm_head.weight is the embedding matrix: save_pretrained omits it, so do we."""
     base = tmp_path / "tied-base"
     config = AutoConfig.from_pretrained(tiny_model)
@@ -228,7 +207,7 @@ async def test_wait_for_version_times_out_with_a_clear_error(tmp_path, publisher
     assert 0.2 <= time.monotonic() - started < 2
 
 
-def test_bfloat16_publishes_bfloat16_weights_and_config(tmp_path, tiny_model, perturbed_state):
+def test_bfloat16_publishes_bfloat16_weights_and_config(tmp_path, tiny_model, perturbed_state, no_warnings_allowed):
     publisher = WeightPublisher(tmp_path / "weights", base_model_dir=tiny_model, dtype="bfloat16")
     path = publisher.publish(1, perturbed_state)
     publisher.close()
