@@ -145,7 +145,7 @@ def main() -> None:
                     figures["publish_s"].append(time.perf_counter() - started)
                 print("round:", {k: round(v[-1], 4) for k, v in figures.items()}, file=sys.stderr)
         finally:
-            publisher.close() if hasattr(publisher, "close") else None
+            publisher.close()
             shutil.rmtree(publish_root, ignore_errors=True)
         med = {k: statistics.median(v) for k, v in figures.items()}
         params = sum(p.numel() for p in trainer.model.parameters())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -108,8 +109,8 @@ class Buffer:
         """Generated tokens in the groups a step counts (see the class docstring)."""
         return sum(sum(t.num_generated_tokens for t in g) for g in self.groups if self._counts(g))
 
-    def take(self, step_tokens: int) -> list[Trajectory]:
-        """Oldest groups until `step_tokens` counted tokens are taken (or all)."""
+    def take(self, step_tokens: float) -> list[Trajectory]:
+        """Oldest groups until `step_tokens` counted tokens are taken (or all; math.inf takes all)."""
         taken: list[Trajectory] = []
         counted = 0
         while self.groups and counted < step_tokens:
@@ -235,8 +236,8 @@ class Job:
             "env_modules": c.env_modules, "sys_path": [os.getcwd()] if c.env_modules else [],
         }
         # A worker that dies is restarted by Ray (max_restarts); its lost calls are re-submitted.
-        self.Worker = rollout_worker_actor(num_cpus=1).options(max_restarts=3)
-        self.workers = [self.Worker.remote(self.worker_config) for _ in range(r.num_workers)]
+        worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=3)
+        self.workers = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
         self.pending: dict[Any, tuple[int, list[tuple[int, dict]], EnvSpec]] = {}  # ref -> (worker, tasks, env)
         self.reloads: list[Any] = []
         if self.published[0] > 0:  # resumed: workers start from the base model, bring them up to date
@@ -261,7 +262,7 @@ class Job:
     def run(self) -> dict[str, Any]:
         c = self.config
         self.rl_started = time.time()
-        self._evaluate(initial=True)
+        self._evaluate()
         last_eval_step = self.trainer.step_count
         while self.trainer.step_count < c.steps and self.stop_reason is None:
             if c.max_minutes is not None and time.time() - self.rl_started > 60 * c.max_minutes:
@@ -269,12 +270,9 @@ class Job:
                 break
             self._fill_workers()
             self._collect(timeout=0.2)
-            if c.mode == "async":  # a full buffer trains too: its groups may all lack signal, and would block the workers
-                ready = self.buffer.signal_tokens() >= c.trainer.batch.step_tokens or len(self.buffer) >= c.buffer_groups
-            else:  # sync: every round asked for has come back, and together they make a step
-                ready = not self.pending and (self.buffer.signal_tokens() >= c.trainer.batch.step_tokens
-                                              or len(self.buffer) >= c.buffer_groups)
-            if not ready:
+            # A full buffer trains too: its groups may all lack signal, and would block the workers.
+            enough = self.buffer.signal_tokens() >= c.trainer.batch.step_tokens or len(self.buffer) >= c.buffer_groups
+            if not enough or (c.mode == "sync" and self.pending):  # sync: every round asked for has come back
                 continue
             self._train_step()
             if c.eval.every_steps and self.trainer.step_count - last_eval_step >= c.eval.every_steps:
@@ -297,7 +295,7 @@ class Job:
             budget = r.groups_per_request * len(self.workers)
         else:
             budget = c.buffer_groups - len(self.buffer) - in_flight_groups
-        for w, worker in enumerate(self.workers):
+        for w in range(len(self.workers)):
             while budget > 0 and sum(1 for wi, _, _ in self.pending.values() if wi == w) < r.requests_in_flight:
                 spec_index = self._pick_env()
                 n = min(r.groups_per_request, budget)
@@ -342,9 +340,7 @@ class Job:
         import ray
 
         c = self.config
-        batch = self.buffer.take(c.trainer.batch.step_tokens) if c.mode == "async" else [t for g in self.buffer.groups for t in g]
-        if c.mode == "sync":
-            self.buffer.groups.clear()
+        batch = self.buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)  # sync: all of it
         for ref in self.reloads:  # the previous reload must be in before staleness is judged against the new version
             try:
                 ray.get(ref)
@@ -386,17 +382,20 @@ class Job:
 
     # ---- eval, logging, checkpoints ----
 
-    def _evaluate(self, initial: bool = False) -> None:
+    def _evaluate(self) -> None:
         import ray
 
         c = self.config
         results: dict[str, float] = {}
         greedy = {"temperature": 0.0, "max_tokens": c.eval.max_tokens}
         for spec in c.envs:
+            def play(w: int, share: list[dict[str, Any]]):
+                return self.workers[w].run_groups.remote([0] * len(share), 1, self.run_dir.name, env=spec.model_dump(),
+                                                         tasks=share, sampling=greedy)
+
             tasks = self.held_out[spec.id]
             shares = [(w, tasks[w::len(self.workers)]) for w in range(len(self.workers))]
-            refs = [(w, s, self.workers[w].run_groups.remote([0] * len(s), 1, self.run_dir.name, env=spec.model_dump(), tasks=s,
-                                                             sampling=greedy)) for w, s in shares if s]
+            refs = [(w, share, play(w, share)) for w, share in shares if share]
             trajectories = []
             for w, share, ref in refs:
                 for attempt in range(3):
@@ -408,8 +407,7 @@ class Job:
                             raise RuntimeError(f"evaluation failed 3 times on rollout worker {w}: {e}") from e
                         self._say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
                         self._publish_to_workers(wait=True, only=[w])
-                        ref = self.workers[w].run_groups.remote([0] * len(share), 1, self.run_dir.name, env=spec.model_dump(),
-                                                                tasks=share, sampling=greedy)
+                        ref = play(w, share)
             self.store.add(trajectories, status="eval")
             results[spec.id] = sum(t.return_ > 0 for t in trajectories) / max(len(trajectories), 1)
         accuracy = sum(results.values()) / len(results)
