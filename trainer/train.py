@@ -150,8 +150,8 @@ class Trainer:
                 totals[k] = max(totals.get(k, 0.0), float(v)) if k == "ratio_max" else totals.get(k, 0.0) + float(v)
 
         metrics.update(self._optimizer_step())
-        totals = _all_reduce_sums(totals)
-        metrics.update(_summarise(totals, prepared.samples, loss_total))
+        totals = _all_reduce_sums({**totals, "loss": loss_total})  # one all-reduce for every sum
+        metrics.update(_summarise(totals, prepared.samples))
         self._check_mismatch(metrics)
         metrics.update(self._after_step())
         metrics["step_time_s"] = time.perf_counter() - started
@@ -300,11 +300,11 @@ def _all_reduce_sums(totals: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _summarise(totals: dict[str, float], samples: Sequence[Sample], loss_total: float) -> dict[str, Any]:
+def _summarise(totals: dict[str, float], samples: Sequence[Sample]) -> dict[str, Any]:
     tokens = max(totals.get("tokens", 0.0), 1.0)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float64)
     return {
-        "loss": _all_reduce_sums({"loss": loss_total})["loss"],
+        "loss": totals["loss"],
         "clip_low_frac": totals.get("clipped_low", 0.0) / tokens,
         "clip_high_frac": totals.get("clipped_high", 0.0) / tokens,
         "entropy": totals.get("entropy_sum", 0.0) / tokens,
