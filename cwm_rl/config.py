@@ -54,7 +54,14 @@ class EnvSpec(_Config):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
     weight: float = Field(default=1.0, gt=0, description="Sampling weight in the task mix.")
     url: str | None = Field(default=None, description="Play it on this env server instead of in-process.")
-    token: str | None = Field(default=None, description="Bearer token for `url`.")
+    urls: list[str] = Field(default_factory=list, description="Or on these env servers: groups go round-robin, and one that stops answering is left out until its /health answers again.")
+    servers: int = Field(default=0, ge=0, description="And/or on this many env servers the job starts here (`cwm-rl env serve` on 127.0.0.1); one that dies is restarted.")
+    token: str | None = Field(default=None, description="Bearer token for the env servers.")
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The remote env server URLs named in the config (`url` first, then `urls`)."""
+        return ([self.url] if self.url else []) + [u for u in self.urls if u != self.url]
 
 
 class RolloutConfig(_Config):

@@ -126,6 +126,21 @@ class Buffer:
 
 # -- the job ----------------------------------------------------------------------------------------
 
+MAX_ENV_RETRIES = 5  # times a group whose env server was unreachable is played again before it is given up
+EVAL_WAIT_FOR_SERVER_S = 120  # an eval waits this long for an env server to come back before leaving its tasks out
+
+
+@dataclass
+class Request:
+    """One `run_groups` call in flight: which worker, which tasks of which env, on which env server."""
+
+    worker: int
+    tasks: list[tuple[int, dict[str, Any]]]
+    env_index: int
+    url: str | None = None
+    attempt: int = 0
+
+
 class Job:
     """State of one run; `run()` is the loop. Use `run_job` rather than this class directly."""
 
@@ -137,8 +152,12 @@ class Job:
         self.started = time.time()
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
+        from cwm_rl.progress import ProgressView
+
+        self.view = ProgressView(enabled=config.logging.progress, total_steps=config.steps, buffer_groups=config.buffer_groups,
+                                 title=str(self.run_dir))
         self.counts = {"trajectories_stored": 0, "trajectories_trained": 0, "trajectories_dropped_stale": 0,
-                       "trajectories_dropped_other": 0, "generated_tokens": 0}
+                       "trajectories_dropped_other": 0, "generated_tokens": 0, "groups_replayed_env_unavailable": 0}
 
     # ---- setup ----
 
@@ -187,6 +206,7 @@ class Job:
             found = latest_published(self.trainer.publisher.root)
             if found is not None:
                 self.published = (found[0], str(found[1]))
+        self._start_env_servers()
         self._start_workers()
         self._start_logging()
 
@@ -211,14 +231,28 @@ class Job:
             sft = SFTConfig(env_id=c.sft.env_id or first.id, env_kwargs=c.sft.env_kwargs if c.sft.env_kwargs is not None else first.kwargs,
                             steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr, eval_tasks=c.sft.eval_tasks,
                             seed=self.config.seed, num_threads=self.config.trainer_threads)
+            self.view.set_status("warm start (SFT)")
             self._say(f"warm start: SFT {sft.steps} steps on {sft.env_id} ...")
             summary = run_sft(init_dir, sft_dir, sft, force=True)
             self._say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}")
         return sft_dir
 
+    def _start_env_servers(self) -> None:
+        from cwm_rl.env_servers import EnvServers
+
+        self.env_servers: dict[int, EnvServers] = {}
+        for i, spec in enumerate(self.config.envs):
+            if spec.servers or spec.endpoints:
+                self.env_servers[i] = EnvServers(spec, self.run_dir / "env_servers", self.config.env_modules)
+                if spec.servers:
+                    self._say(f"{spec.id}: {spec.servers} env server(s) started: {', '.join(self.env_servers[i].urls)}")
+        self.replays: deque[Request] = deque()  # groups to play again: their env server was unreachable
+        self.last_server_check = time.monotonic()
+
     def _start_workers(self) -> None:
         import ray
 
+        self.view.set_status("starting rollout workers")
         from rollout_workers.actor import rollout_worker_actor
         from rollout_workers.engine import EngineConfig
 
@@ -238,7 +272,7 @@ class Job:
         # A worker that dies is restarted by Ray (max_restarts); its lost calls are re-submitted.
         worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=3)
         self.workers = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
-        self.pending: dict[Any, tuple[int, list[tuple[int, dict]], EnvSpec]] = {}  # ref -> (worker, tasks, env)
+        self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
         self.reloads: list[Any] = []
         if self.published[0] > 0:  # resumed: workers start from the base model, bring them up to date
             self._publish_to_workers(wait=True)
@@ -268,6 +302,7 @@ class Job:
             if c.max_minutes is not None and time.time() - self.rl_started > 60 * c.max_minutes:
                 self.stop_reason = "max_minutes"
                 break
+            self._check_env_servers()
             self._fill_workers()
             self._collect(timeout=0.2)
             # A full buffer trains too: its groups may all lack signal, and would block the workers.
@@ -286,7 +321,12 @@ class Job:
     def _fill_workers(self) -> None:
         c = self.config
         r = c.rollout
-        in_flight_groups = sum(len(tasks) for _, tasks, _ in self.pending.values())
+        in_flight_groups = sum(len(q.tasks) for q in self.pending.values()) + sum(len(q.tasks) for q in self.replays)
+        for _ in range(len(self.replays)):  # groups whose env server was unreachable go first, to any free worker
+            request = self.replays.popleft()
+            idle = [w for w in range(len(self.workers)) if self._requests_of(w) < r.requests_in_flight]
+            if not idle or not self._submit(idle[0], request.tasks, request.env_index, request.attempt):
+                self.replays.append(request)
         if c.mode == "sync":
             # On-policy: one round of groups per worker at a time, collected in full before more are
             # asked for; the trainer steps once the rounds hold a step's tokens.
@@ -296,23 +336,52 @@ class Job:
         else:
             budget = c.buffer_groups - len(self.buffer) - in_flight_groups
         for w in range(len(self.workers)):
-            while budget > 0 and sum(1 for wi, _, _ in self.pending.values() if wi == w) < r.requests_in_flight:
-                spec_index = self._pick_env()
+            while budget > 0 and self._requests_of(w) < r.requests_in_flight:
+                env_index = self._pick_env()
                 n = min(r.groups_per_request, budget)
-                tasks = [self.sources[spec_index].next_task() for _ in range(n)]
-                self._submit(w, tasks, c.envs[spec_index])
+                tasks = [self.sources[env_index].next_task() for _ in range(n)]
+                if not self._submit(w, tasks, env_index):  # every env server of that env is down: wait
+                    self.replays.append(Request(w, tasks, env_index))
                 budget -= n
                 if c.mode == "sync":
                     break
+
+    def _requests_of(self, w: int) -> int:
+        return sum(1 for q in self.pending.values() if q.worker == w)
 
     def _pick_env(self) -> int:
         weights = [e.weight for e in self.config.envs]
         return self.mix.choices(range(len(weights)), weights=weights)[0]
 
-    def _submit(self, w: int, tasks: list[tuple[int, dict]], spec: EnvSpec) -> None:
+    def _env_payload(self, env_index: int) -> tuple[dict[str, Any], str | None] | None:
+        """What a worker needs to make the env (id, kwargs, the env server to use), or None while all its servers are down."""
+        spec = self.config.envs[env_index]
+        url = None
+        if env_index in self.env_servers:
+            url = self.env_servers[env_index].pick()
+            if url is None:
+                return None
+        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.token}, url
+
+    def _submit(self, w: int, tasks: list[tuple[int, dict]], env_index: int, attempt: int = 0) -> bool:
+        """Ask worker `w` to play one group per task; False (nothing sent) while every env server of the env is down."""
+        payload = self._env_payload(env_index)
+        if payload is None:
+            return False
+        env, url = payload
         ref = self.workers[w].run_groups.remote([s for s, _ in tasks], self.config.rollout.group_size, self.run_dir.name,
-                                                env=spec.model_dump(), tasks=[t for _, t in tasks])
-        self.pending[ref] = (w, tasks, spec)
+                                                env=env, tasks=[t for _, t in tasks])
+        self.pending[ref] = Request(w, tasks, env_index, url, attempt)
+        return True
+
+    def _check_env_servers(self) -> None:
+        """About once a second: restart env servers the job started that died, take back the ones answering again."""
+        if not self.env_servers or time.monotonic() - self.last_server_check < 1.0:
+            return
+        self.last_server_check = time.monotonic()
+        for i, servers in self.env_servers.items():
+            for url in servers.check():
+                self._say(f"{self.config.envs[i].id}: env server {url} is up again")
 
     def _collect(self, timeout: float) -> None:
         import ray
@@ -322,19 +391,44 @@ class Job:
             return
         done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
         for ref in done:
-            w, tasks, spec = self.pending.pop(ref)
+            request = self.pending.pop(ref)
+            w = request.worker
             try:
                 trajectories = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
             except Exception as e:  # the worker died: Ray restarts it; play the same tasks again
-                log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(tasks))
-                self._say(f"worker {w} failed ({type(e).__name__}); restarting it and re-submitting {len(tasks)} groups")
+                log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(request.tasks))
+                self._say(f"worker {w} failed ({type(e).__name__}); restarting it and re-submitting {len(request.tasks)} groups")
                 self._publish_to_workers(wait=False, only=[w])
-                self._submit(w, tasks, spec)
+                if not self._submit(w, request.tasks, request.env_index, request.attempt):
+                    self.replays.append(request)
                 continue
             self.store.add(trajectories)
             self.counts["trajectories_stored"] += len(trajectories)
             self.counts["generated_tokens"] += sum(t.num_generated_tokens for t in trajectories)
-            self.buffer.add(trajectories)
+            self.buffer.add(self._replay_unavailable(request, trajectories))
+
+    def _replay_unavailable(self, request: Request, trajectories: list[Trajectory]) -> list[Trajectory]:
+        """Groups with an episode whose env server was unreachable: dropped (reason env_unavailable), their
+        server marked down, their tasks played again elsewhere. Returns the groups that are fine."""
+        size = self.config.rollout.group_size
+        groups = [trajectories[i:i + size] for i in range(0, len(trajectories), size)]  # one per task, in order
+        failed = [k for k, g in enumerate(groups) if any(t.finish_reason == "env_unavailable" for t in g)]
+        if not failed:
+            return trajectories
+        errors = [t.error for k in failed for t in groups[k] if t.finish_reason == "env_unavailable"]
+        self.store.mark_dropped([t.trajectory_id for k in failed for t in groups[k]], "env_unavailable")
+        self.counts["trajectories_dropped_other"] += sum(len(groups[k]) for k in failed)
+        spec = self.config.envs[request.env_index]
+        if request.url is not None:
+            self.env_servers[request.env_index].mark_down(request.url, errors[0] or "unreachable")
+        retry = [request.tasks[k] for k in failed]
+        if request.attempt + 1 > MAX_ENV_RETRIES:
+            self._say(f"{spec.id}: giving up {len(retry)} group(s) after {MAX_ENV_RETRIES} replays; last error: {errors[0]}")
+        else:
+            self.counts["groups_replayed_env_unavailable"] += len(retry)
+            self._say(f"{spec.id}: env server {request.url} unreachable; playing {len(retry)} group(s) again elsewhere ({errors[0]})")
+            self.replays.append(Request(request.worker, retry, request.env_index, None, request.attempt + 1))
+        return [t for k, g in enumerate(groups) if k not in failed for t in g]
 
     def _train_step(self) -> None:
         import ray
@@ -365,10 +459,11 @@ class Job:
             self._say(f"step skipped: none of {len(batch)} trajectories had a learning signal (dropped: {dropped})")
             return
         metrics.update(reward_mean=sum(t.return_ for t in batch) / max(len(batch), 1), buffer_groups=len(self.buffer),
-                       in_flight_groups=sum(len(t) for _, t, _ in self.pending.values()),
+                       in_flight_groups=sum(len(q.tasks) for q in self.pending.values()),
                        tokens_per_s=self.counts["generated_tokens"] / max(time.time() - self.rl_started, 1e-9),
                        wall_s=time.time() - self.started)
         self._log(metrics)
+        self.view.step(metrics)
 
     def _publish_to_workers(self, wait: bool, only: list[int] | None = None) -> None:
         import ray
@@ -383,45 +478,73 @@ class Job:
     # ---- eval, logging, checkpoints ----
 
     def _evaluate(self) -> None:
-        import ray
-
         c = self.config
+        self.view.set_status("evaluating")
         results: dict[str, float] = {}
-        greedy = {"temperature": 0.0, "max_tokens": c.eval.max_tokens}
-        for spec in c.envs:
-            def play(w: int, share: list[dict[str, Any]]):
-                return self.workers[w].run_groups.remote([0] * len(share), 1, self.run_dir.name, env=spec.model_dump(),
-                                                         tasks=share, sampling=greedy)
-
-            tasks = self.held_out[spec.id]
-            shares = [(w, tasks[w::len(self.workers)]) for w in range(len(self.workers))]
-            refs = [(w, share, play(w, share)) for w, share in shares if share]
-            trajectories = []
-            for w, share, ref in refs:
-                for attempt in range(3):
-                    try:
-                        trajectories += [Trajectory.model_validate_json(j) for j in ray.get(ref)]
-                        break
-                    except Exception as e:  # the worker died mid-eval: Ray restarts it; bring it up to date, ask again
-                        if attempt == 2:
-                            raise RuntimeError(f"evaluation failed 3 times on rollout worker {w}: {e}") from e
-                        self._say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
-                        self._publish_to_workers(wait=True, only=[w])
-                        ref = play(w, share)
+        for env_index, spec in enumerate(c.envs):
+            trajectories = self._play_eval(env_index, self.held_out[spec.id])
             self.store.add(trajectories, status="eval")
             results[spec.id] = sum(t.return_ > 0 for t in trajectories) / max(len(trajectories), 1)
         accuracy = sum(results.values()) / len(results)
         entry = {"step": self.trainer.step_count, "policy_version": self.trainer.policy_version, "eval_accuracy": accuracy,
                  **{f"eval_accuracy/{k}": v for k, v in results.items()}}
         self.eval_history.append(entry)
-        self._log(entry, console=False)
-        self._say(f"eval at step {entry['step']}: held-out greedy accuracy {accuracy:.1%}"
-                  + ("" if len(results) == 1 else f" {results}"))
+        self._log(entry)
+        self.view.eval(entry["step"], accuracy, results)
+
+    def _play_eval(self, env_index: int, tasks: list[dict[str, Any]]) -> list[Trajectory]:
+        """Greedy episodes of `tasks`, split over the workers. A worker that dies is brought up to date and
+        asked again; an episode whose env server was unreachable is played again on another server."""
+        import ray
+
+        greedy = {"temperature": 0.0, "max_tokens": self.config.eval.max_tokens}
+        played: list[Trajectory] = []
+        for attempt in range(MAX_ENV_RETRIES + 1):
+            asked = []
+            for w in range(len(self.workers)):
+                share = tasks[w::len(self.workers)]
+                payload = self._env_payload(env_index)
+                waited = time.monotonic()
+                while share and payload is None and time.monotonic() - waited < EVAL_WAIT_FOR_SERVER_S:
+                    time.sleep(1.0)  # every env server of this env is down: wait for one to come back
+                    self._check_env_servers()
+                    payload = self._env_payload(env_index)
+                if share and payload is None:
+                    self._say(f"{self.config.envs[env_index].id}: no env server up for {EVAL_WAIT_FOR_SERVER_S} s; "
+                              f"this eval leaves out {len(share)} task(s)")
+                elif share:
+                    asked.append((w, share, payload))
+            play = lambda w, share, env: self.workers[w].run_groups.remote(  # noqa: E731
+                [0] * len(share), 1, self.run_dir.name, env=env, tasks=share, sampling=greedy)
+            refs = [play(w, share, env) for w, share, (env, _) in asked]  # all workers at once
+            unavailable = []
+            for (w, share, (env, url)), ref in zip(asked, refs):
+                for tries in range(3):
+                    try:
+                        got = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
+                        break
+                    except Exception as e:  # the worker died mid-eval: Ray restarts it; bring it up to date, ask again
+                        if tries == 2:
+                            raise RuntimeError(f"evaluation failed 3 times on rollout worker {w}: {e}") from e
+                        self._say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
+                        self._publish_to_workers(wait=True, only=[w])
+                        ref = play(w, share, env)
+                for task, t in zip(share, got):
+                    if t.finish_reason == "env_unavailable" and attempt < MAX_ENV_RETRIES:
+                        unavailable.append(task)
+                        self.env_servers[env_index].mark_down(url, t.error or "unreachable")
+                    else:
+                        played.append(t)
+            if not unavailable:
+                break
+            self._say(f"{self.config.envs[env_index].id}: {len(unavailable)} eval episode(s) met an unreachable env server; playing them again")
+            tasks = unavailable
+        return played
 
     def _checkpoint(self) -> None:
         self.trainer.save_checkpoint(data_cursor={"cursors": {s.spec.id: s.cursor for s in self.sources}})
 
-    def _log(self, metrics: dict[str, Any], console: bool = True) -> None:
+    def _log(self, metrics: dict[str, Any]) -> None:
         step = metrics.get("step", self.trainer.step_count)
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "loss" in metrics:
@@ -433,19 +556,13 @@ class Job:
                 self.tensorboard.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
-        if console and "loss" in metrics:
-            staleness = metrics.get("staleness_mean", 0.0)
-            self._say(f"step {step + 1:>4}  v{metrics.get('new_policy_version', 0):<4} reward {metrics['reward_mean']:+.3f}  "
-                      f"loss {metrics['loss']:+.4f}  seqs {metrics.get('sequences', 0):>3}  dropped stale {metrics.get('dropped_stale', 0)}  "
-                      f"staleness {staleness:.2f}  buffer {metrics['buffer_groups']}/{self.config.buffer_groups}  "
-                      f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['step_time_s']:.2f} s")
 
     def _say(self, text: str) -> None:
-        if self.config.logging.progress:
-            print(f"[{time.time() - self.started:7.1f}s] {text}", flush=True)
+        self.view.say(text)
 
     def finish(self) -> dict[str, Any]:
         """Final eval, checkpoint, summary.json and the plot. Runs on every exit path that can."""
+        self.view.set_status(f"finishing ({self.stop_reason})")
         if not self.eval_history or self.eval_history[-1]["step"] != self.trainer.step_count:
             self._evaluate()
         self._checkpoint()
@@ -456,6 +573,7 @@ class Job:
             "steps": self.trainer.step_count,
             "policy_versions": self.trainer.policy_version,
             **self.counts,
+            "env_server_restarts": sum(servers.restarts() for servers in self.env_servers.values()),
             "wall_seconds": round(time.time() - self.started, 1),
             "rl_seconds": round(time.time() - self.rl_started, 1),
             "eval_history": self.eval_history,
@@ -486,6 +604,7 @@ class Job:
     def close(self) -> None:
         import ray
 
+        self.view.close()
         for w in getattr(self, "workers", []):
             try:
                 ray.get(w.shutdown.remote(), timeout=60)
@@ -499,6 +618,8 @@ class Job:
             self.metrics_file.close()
         if getattr(self, "store", None) is not None:
             self.store.close()
+        for servers in getattr(self, "env_servers", {}).values():
+            servers.close()
         if getattr(self, "started_ray", False) and ray.is_initialized():
             ray.shutdown()
 
@@ -512,7 +633,8 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
         if job.stop_reason == "interrupted":
             raise KeyboardInterrupt
         job.stop_reason = "interrupted"
-        print("\nstopping after the current step (checkpoint, summary); Ctrl-C again to exit at once", flush=True)
+        job.view.set_status("stopping")
+        job.view.say("stopping after the current step (checkpoint, summary); Ctrl-C again to exit at once")
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:

@@ -26,6 +26,7 @@ FinishReason = Literal[
     "max_turns",  # the worker's turn limit
     "max_tokens",  # the worker's total-token limit (context full)
     "env_error",  # the env raised, or the env server returned an error
+    "env_unavailable",  # the env server could not be reached (or kept answering 503): says nothing of the policy
     "timeout",  # an env call or generation ran past its deadline
     "aborted",  # the job stopped the episode (shutdown, weight-version cut-off)
 ]

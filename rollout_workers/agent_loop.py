@@ -8,8 +8,8 @@ logprobs and policy versions), then the rendering of the env's NEW messages
 very tokens vLLM sampled.
 
 An env that raises or runs past `env_timeout_s` ends its episode with finish reason
-"env_error" / "timeout", a generation the engine refuses with "aborted", the error recorded;
-the caller keeps going.
+"env_error" / "timeout", an env server that cannot be reached with "env_unavailable", a
+generation the engine refuses with "aborted", the error recorded; the caller keeps going.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
 from cwm_rl.types import NO_VERSION, Message, Span, Task, Trajectory, Turn, new_id
+from envs.server.client import EnvServerUnavailable
 from rollout_workers.engine import RolloutEngine, SamplingConfig
 
 
@@ -95,6 +96,8 @@ async def run_episode(
             return await asyncio.wait_for(coro, limits.env_timeout_s)
         except TimeoutError:
             result.update(finish_reason="timeout", error=f"env {what} took longer than {limits.env_timeout_s:g} s")
+        except EnvServerUnavailable as e:
+            result.update(finish_reason="env_unavailable", error=f"env {what}: {e}")
         except Exception as e:  # one boundary: an env failure is recorded, never raised
             result.update(finish_reason="env_error", error=f"env {what} raised {type(e).__name__}: {e}")
         return None

@@ -4,7 +4,10 @@
 worker awaits (httpx.AsyncClient), the same names a local `TextEnv` has, so a worker treats
 local and remote envs alike. A dropped connection or a read timeout is retried with the SAME
 request id, so the server answers a retried step from its first attempt: an action is never
-applied twice. Server errors become `EnvServerError` with the HTTP status, code and message.
+applied twice. Server errors become `EnvServerError` with the HTTP status, code and message; a
+server that still cannot be reached (or still answers 503) after the retries raises
+`EnvServerUnavailable`, which the agent loop records as finish reason "env_unavailable" (not
+the policy's doing: a job plays such an episode again on another server).
 
 Each RemoteEnv owns its own httpx clients (one connection per session). Do not share one
 httpx.AsyncClient across many concurrent sessions: httpcore's pool scans every connection on
@@ -38,6 +41,16 @@ class EnvServerError(RuntimeError):
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"env server error {status} ({code}): {message}")
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class EnvServerUnavailable(EnvServerError):
+    """The env server could not be reached, or kept answering 503, through every retry.
+
+    `status` is 0 when no HTTP answer came at all; the transport error is the `__cause__`."""
+
+    def __init__(self, base_url: str, what: str, cause: Exception, tries: int):
+        status = cause.status if isinstance(cause, EnvServerError) else 0
+        super().__init__(status, "unavailable", f"{base_url} did not serve {what} after {tries} tries: {type(cause).__name__}: {cause}")
 
 
 def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
@@ -118,6 +131,12 @@ class RemoteEnv(gym.Env[Messages, str]):
             return min(error.retry_after or self.retry_backoff_s, 30.0)
         return self.retry_backoff_s * 2**attempt
 
+    def _give_up(self, method: str, path: str, error: Exception, attempt: int) -> None:
+        """Raise `error`, as `EnvServerUnavailable` when the server never answered or stayed at 503."""
+        if isinstance(error, httpx.TransportError) or (isinstance(error, EnvServerError) and error.status == 503):
+            raise EnvServerUnavailable(self.base_url, f"{method} {path}", error, attempt + 1) from error
+        raise error
+
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
             try:
@@ -125,7 +144,7 @@ class RemoteEnv(gym.Env[Messages, str]):
             except (*RETRYABLE, EnvServerError) as e:
                 delay = self._retry_delay(attempt, e)
                 if delay is None:
-                    raise
+                    self._give_up(method, path, e, attempt)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -136,7 +155,7 @@ class RemoteEnv(gym.Env[Messages, str]):
             except (*RETRYABLE, EnvServerError) as e:
                 delay = self._retry_delay(attempt, e)
                 if delay is None:
-                    raise
+                    self._give_up(method, path, e, attempt)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 

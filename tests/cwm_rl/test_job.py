@@ -152,6 +152,68 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
         assert all(r.step - r.newest_version <= 4 for r in rows), [(r.step, r.newest_version) for r in rows if r.step - r.newest_version > 4]
 
 
+def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
+    """Env servers the job starts, plus one named by URL that never answers: groups sent there fail with
+    a reason and are played again elsewhere; a started server killed with -9 is restarted; nothing
+    the job trains on came from an unreachable server; no server outlives the job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run_dir = tmp_path / "run"
+    cli = str(Path(sys.executable).with_name("cwm-rl"))
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=8", "eval.num_tasks=8", "eval.every_steps=4",
+                f"envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 1}}, servers: 1, urls: ['{gone}']}}]",
+                "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
+                "trainer.batch.step_tokens=32", "trainer.checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false"]
+    args = [cli, "train", str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, killed, deadline = [], None, time.time() + 400
+    for line in process.stdout:
+        output.append(line)
+        if "step    2" in line and killed is None:
+            (killed,) = _env_server_pids(process.pid)
+            os.kill(killed, signal.SIGKILL)
+        assert time.time() < deadline, "".join(output[-40:])
+    process.wait(timeout=60)
+    text = "".join(output)
+    assert process.returncode == 0, text[-4000:]
+    assert f"env server {gone} unreachable; playing" in text, text[-4000:]
+    assert "is up again" in text, text[-4000:]  # the killed server was restarted
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "steps" and summary["steps"] == 8
+    assert summary["groups_replayed_env_unavailable"] >= 1 and summary["env_server_restarts"] >= 1
+    assert summary["eval_accuracy_final"] is not None
+
+    from cwm_rl.store import RolloutStore
+
+    with RolloutStore(run_dir, create=False) as store:
+        failed = store.query(finish_reason="env_unavailable")
+        assert failed and all(r.status == "dropped_other" and r.drop_reason == "env_unavailable" for r in failed)
+        assert gone.split("//")[1] in failed[0].error  # the reason names the server
+        assert store.count(status="trained") == summary["trajectories_trained"] > 0
+        for row in store.query(status="trained", limit=None):  # whole groups are dropped, never a part of one
+            assert all(r.finish_reason != "env_unavailable" for r in store.query(group=row.group_id))
+        assert store.count(status="eval") == 8 * len(summary["eval_history"])
+    assert not _env_server_pids(None), "an env server outlived the job"
+
+
+def _env_server_pids(root: int | None) -> list[int]:
+    """`cwm-rl env serve` processes that are children of process `root` (None: any)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if b"cwm_rl.cli\x00env\x00serve" in cmdline and (root is None or parent == root) and b"zombie" not in _state(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
 def _worker_pids(root: int) -> list[int]:
     """Rollout worker actor processes descending from process `root` (its local Ray's raylet forks them)."""
     parents = {}

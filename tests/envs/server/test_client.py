@@ -10,7 +10,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from envs import make_env
-from envs.server.client import EnvServerError, RemoteEnv, list_remote_envs
+from envs.server.client import EnvServerError, EnvServerUnavailable, RemoteEnv, list_remote_envs
 
 
 class DroppingProxy:
@@ -118,8 +118,9 @@ def test_unreachable_server_raises_after_retries():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     env = RemoteEnv(f"http://127.0.0.1:{port}", "cwm_rl/Echo-v0", max_retries=2, retry_backoff_s=0.01)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(EnvServerUnavailable, match="did not serve POST /v1/sessions after 3 tries") as e:
         env.reset()
+    assert e.value.status == 0 and isinstance(e.value.__cause__, httpx.ConnectError)
     with pytest.raises(RuntimeError, match="reset"):
         env.step("x")
 

@@ -1,0 +1,159 @@
+"""The env servers of a job: the ones it starts here, the ones named by URL, and which are up.
+
+    servers = EnvServers(spec, log_dir=run_dir / "env_servers")   # starts spec.servers processes
+    url = servers.pick()             # round-robin over the servers that are up
+    servers.mark_down(url, reason)   # an episode there ended "env_unavailable"
+    servers.check()                  # restart dead local servers; bring back servers whose /health answers
+    servers.close()
+
+Why: an env server that dies must not take the job down or lose work. Its episodes end with
+finish reason "env_unavailable" (the client gave up reaching it); the job stores them as dropped
+with that reason, marks the server down and plays the same tasks again on another server. A
+server this job started is restarted when its process is gone; a remote one is probed on its
+/health every `probe_every_s` and used again once it answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cwm_rl.config import EnvSpec
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the job's process dies, even by kill -9 (Linux)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def health(url: str, timeout_s: float = 2.0) -> bool:
+    """True when the env server at `url` answers its /health."""
+    try:
+        return httpx.get(url.rstrip("/") + "/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class LocalEnvServer:
+    """One `cwm-rl env serve` process on 127.0.0.1, started and restarted by the job; output in `log_path`."""
+
+    def __init__(self, env_id: str, log_path: Path, env_modules: list[str] = (), token: str | None = None):
+        self.env_id, self.log_path, self.env_modules, self.token = env_id, log_path, list(env_modules), token
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.restarts = -1  # the first start is not a restart
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """(Re)start the server and wait for its /health; a port taken meanwhile gets a new one."""
+        for attempt in range(3):
+            cmd = [sys.executable, "-m", "cwm_rl.cli", "env", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--env", self.env_id, *(a for m in self.env_modules for a in ("--import", m))]
+            if self.token:
+                cmd += ["--token", self.token]
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a") as out:
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self.restarts += 1
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.alive():
+                if health(self.url, timeout_s=1.0):
+                    return
+                time.sleep(0.2)
+            self.stop()
+            self.port = _free_port()  # the old port may have been taken by another process
+        raise RuntimeError(f"env server for {self.env_id} did not start (3 tries); its output is in {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class EnvServers:
+    """The env servers one env of the mix is played on, and which of them are up."""
+
+    def __init__(self, spec: EnvSpec, log_dir: Path, env_modules: list[str] = (), probe_every_s: float = 5.0):
+        self.spec = spec
+        self.probe_every_s = probe_every_s
+        self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.token)
+                      for i in range(spec.servers)]
+        for server in self.local:
+            server.start()
+        self.urls = [s.url for s in self.local] + spec.endpoints
+        self.down: dict[str, tuple[float, str]] = {}  # url -> (when marked down, why)
+        self._next = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.urls)
+
+    def pick(self) -> str | None:
+        """The next server that is up (round-robin), or None while every one is down."""
+        for _ in range(len(self.urls)):
+            url = self.urls[self._next % len(self.urls)]
+            self._next += 1
+            if url not in self.down:
+                return url
+        return None
+
+    def mark_down(self, url: str, reason: str) -> None:
+        if url in self.urls and url not in self.down:
+            log.warning("env server %s is down: %s", url, reason)
+            self.down[url] = (time.monotonic(), reason)
+
+    def check(self) -> list[str]:
+        """Restart dead local servers and probe the servers marked down; returns the URLs back up."""
+        back = []
+        for i, server in enumerate(self.local):
+            if not server.alive():
+                old = server.url
+                server.port = _free_port()  # a new URL: late failures reported against the old one cannot mark this one down
+                server.start()
+                self.urls[i] = server.url
+                self.down.pop(old, None)
+                back.append(server.url)
+        now = time.monotonic()
+        for url, (since, _) in list(self.down.items()):
+            if now - since >= self.probe_every_s:
+                if health(url):
+                    del self.down[url]
+                    back.append(url)
+                else:
+                    self.down[url] = (now, self.down[url][1])
+        return back
+
+    def restarts(self) -> int:
+        return sum(s.restarts for s in self.local)
+
+    def close(self) -> None:
+        for server in self.local:
+            server.stop()
