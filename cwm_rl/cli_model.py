@@ -74,6 +74,7 @@ def model_sft(
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 10,
     eval_tasks: Annotated[int, typer.Option(help="Held-out tasks at most (capped at a quarter of a small task space).")] = 200,
     eval_every: Annotated[int, typer.Option(help="Also evaluate every this many steps (0 = before and after only).")] = 0,
+    stop_at_accuracy: Annotated[float | None, typer.Option(help="Stop once held-out accuracy reaches this (needs --eval-every).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order and the trainer.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: one per core; 1 is much faster on a busy machine).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out directory.")] = False,
@@ -95,7 +96,7 @@ def model_sft(
     _load(imports)
 
     config = SFTConfig(env_id=env, env_kwargs=kwargs, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                       eval_tasks=eval_tasks, eval_every=eval_every, seed=seed, num_threads=threads)
+                       eval_tasks=eval_tasks, eval_every=eval_every, stop_at_accuracy=stop_at_accuracy, seed=seed, num_threads=threads)
     every = max(1, steps // 10)
 
     def progress(e: dict) -> None:
@@ -110,7 +111,8 @@ def model_sft(
     seen = "" if summary["train_accuracy_after"] is None else \
         f"; on trained-on tasks {summary['train_accuracy_before']:.1%} -> {summary['train_accuracy_after']:.1%}"
     typer.echo(f"held-out accuracy: {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
-               f"({summary['num_eval_tasks']} tasks){seen}; {steps} steps in {summary['seconds']:.0f} s -> {out}")
+               f"({summary['num_eval_tasks']} tasks){seen}; {summary['steps']} steps in {summary['seconds']:.0f} s -> {out}"
+               + (" (stopped: --stop-at-accuracy reached)" if summary["stopped_at_accuracy"] else ""))
 
 
 def _need_training_stack() -> None:

@@ -35,6 +35,14 @@ class SFTStageConfig(_Config):
     batch_size: int = Field(default=64, ge=1, description="Sequences per SFT step.")
     lr: float = Field(default=2e-3, gt=0, description="SFT learning rate.")
     eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured before and after SFT.")
+    eval_every: int = Field(default=0, ge=0, description="Also measure them every this many steps (0: before and after only).")
+    stop_at_accuracy: float | None = Field(default=None, gt=0, le=1, description="End the warm start once held-out accuracy reaches this (needs eval_every): a modest start whatever the seed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTStageConfig:
+        if self.stop_at_accuracy is not None and not self.eval_every:
+            raise ValueError("model.sft.stop_at_accuracy needs model.sft.eval_every (how often accuracy is measured)")
+        return self
 
 
 class ModelConfig(_Config):

@@ -230,11 +230,13 @@ class Job:
             first = self.config.envs[0]
             sft = SFTConfig(env_id=c.sft.env_id or first.id, env_kwargs=c.sft.env_kwargs if c.sft.env_kwargs is not None else first.kwargs,
                             steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr, eval_tasks=c.sft.eval_tasks,
+                            eval_every=c.sft.eval_every, stop_at_accuracy=c.sft.stop_at_accuracy,
                             seed=self.config.seed, num_threads=self.config.trainer_threads)
             self.view.set_status("warm start (SFT)")
             self._say(f"warm start: SFT {sft.steps} steps on {sft.env_id} ...")
             summary = run_sft(init_dir, sft_dir, sft, force=True)
-            self._say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}")
+            self._say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
+                      f"after {summary['steps']} steps")
         return sft_dir
 
     def _start_env_servers(self) -> None:

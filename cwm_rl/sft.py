@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cwm_rl.types import Task
 
@@ -63,8 +63,15 @@ class SFTConfig(BaseModel):
     eval_max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per held-out prompt at most.")
     eval_batch_size: int = Field(default=128, ge=1, description="Prompts per generate() call during evaluation.")
     eval_every: int = Field(default=0, ge=0, description="Also evaluate every this many steps; 0 = only before and after.")
+    stop_at_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once held-out accuracy reaches this (checked every eval_every steps): a warm start to a modest accuracy whatever the seed.")
     seed: int = Field(default=0, ge=0, description="Seed of the data order (training and held-out seed ranges) and the trainer's RNGs.")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads during the run; None = torch's default (one per core). 1 is far faster on a busy machine.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.stop_at_accuracy is not None and not self.eval_every:
+            raise ValueError("stop_at_accuracy needs eval_every: accuracy is only measured every eval_every steps")
+        return self
 
 
 @dataclass
@@ -353,13 +360,16 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
             after, seen_after = run_eval(step)
             curve.append({"step": step, "accuracy": after.accuracy, "train_accuracy": _accuracy(seen_after)})
+            if config.stop_at_accuracy is not None and after.accuracy >= config.stop_at_accuracy:
+                break
     train_seconds = time.perf_counter() - train_started
     assert not trained_ids & held_out_ids, "a held-out task was trained on"
     assert {e.task_id for e in trained} <= trained_ids, "a task counted as trained on was not"
 
     save_model(trainer.model, model_dir, out_dir)
     summary = {
-        "model": str(model_dir), "out": str(out_dir), "env_id": config.env_id, "steps": config.steps,
+        "model": str(model_dir), "out": str(out_dir), "env_id": config.env_id, "steps": curve[-1]["step"],
+        "stopped_at_accuracy": config.stop_at_accuracy is not None and after.accuracy >= config.stop_at_accuracy,
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy, "num_eval_tasks": len(held_out),
         "train_accuracy_before": _accuracy(seen_before), "train_accuracy_after": _accuracy(seen_after),
         "eval_before": before.to_dict(), "eval_after": after.to_dict(), "accuracy_curve": curve,

@@ -6,18 +6,20 @@ Format as CWM: optional reasoning in `<think> ... </think>` (with `think=True`, 
 format violation, a verifier timeout or an unparseable gold answer scores as wrong, with the
 reason in `info`. Grading is `rewards.math.grade_math` (math-verify in a hard-timeout pool).
 
-Tasks come from the seeded arithmetic generator (`difficulty` 1-5) unless `tasks_path` names a
-GSM8K-form or plain question/answer .jsonl/.parquet file.
+Tasks come from the seeded arithmetic generator (`difficulty` 1-5, `operators` to keep only some
+of a level's operators, e.g. `difficulty=2, operators="+"` for 2-digit addition) unless
+`tasks_path` names a GSM8K-form or plain question/answer .jsonl/.parquet file.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 from cwm_rl.types import Task
 from envs.base import SingleTurnEnv
-from envs.tasks.math_tasks import DIFFICULTY_LEVELS, arithmetic_task, load_math_tasks
+from envs.tasks.math_tasks import DIFFICULTY_LEVELS, arithmetic_task, check_operators, load_math_tasks
 from rewards.math import grade_math
 
 PROMPT_PLAIN = "Solve the problem. Put your final answer within \\boxed{}, exactly once."
@@ -27,10 +29,25 @@ PROMPT_THINK = (
 )
 
 
+def _tasks_from(path: Path) -> tuple[Task, ...]:
+    """The file's tasks, read once per process while the file is unchanged: a worker makes a fresh
+    env for every episode, and re-reading an 8,000-line file each time slowed rollouts ten-fold."""
+    if not path.is_file():
+        raise FileNotFoundError(f"math task file {path} does not exist")
+    stat = path.stat()
+    return _read_tasks(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tasks(path: str, mtime_ns: int, size: int) -> tuple[Task, ...]:
+    return tuple(load_math_tasks(path))
+
+
 class MathEnv(SingleTurnEnv):
     def __init__(
         self,
         difficulty: int = 1,
+        operators: str | None = None,
         tasks_path: str | Path | None = None,
         think: bool = False,
         correct_reward: float = 1.0,
@@ -42,9 +59,11 @@ class MathEnv(SingleTurnEnv):
             raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_LEVELS)}, got {difficulty}")
         if correct_reward <= wrong_reward:
             raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
+        check_operators(difficulty, operators)
         super().__init__(**kwargs)
         self.difficulty = difficulty
-        self.tasks = load_math_tasks(tasks_path) if tasks_path else None
+        self.operators = operators
+        self.tasks = _tasks_from(Path(tasks_path)) if tasks_path else None
         self.think = think
         self.correct_reward = correct_reward
         self.wrong_reward = wrong_reward
@@ -54,7 +73,7 @@ class MathEnv(SingleTurnEnv):
     def sample_task(self) -> Task:
         if self.tasks is not None:
             return self.tasks[int(self.np_random.integers(len(self.tasks)))]
-        return arithmetic_task(self.np_random, self.difficulty)
+        return arithmetic_task(self.np_random, self.difficulty, self.operators)
 
     def _gold(self, task: Task) -> str:
         if task.answer is None or isinstance(task.answer, (dict, list)):

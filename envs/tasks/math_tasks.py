@@ -28,42 +28,58 @@ DIFFICULTY_LEVELS = {
 }
 
 
-def _arith_question(rng: np.random.Generator, level: int) -> tuple[str, str]:
-    """(question expression, exact answer string) for one difficulty level."""
+# The operators each level draws from (where it has a choice); `operators` narrows them.
+LEVEL_OPERATORS = {1: "+", 2: "+-", 3: "*+", 4: "+-*", 5: "+-*/"}
+
+
+def check_operators(level: int, operators: str | None) -> None:
+    if operators is None:
+        return
+    allowed = LEVEL_OPERATORS[level]
+    if not operators or any(op not in allowed for op in operators):
+        raise ValueError(f"operators {operators!r} for difficulty {level}: use a non-empty subset of {allowed!r}")
+    if level == 4 and not set(operators) & set("+-"):
+        raise ValueError("difficulty 4 needs + or - among its operators (the parenthesised part is a sum or difference)")
+
+
+def _arith_question(rng: np.random.Generator, level: int, operators: str | None = None) -> tuple[str, str]:
+    """(question expression, exact answer string) for one difficulty level, using only `operators` (default: all of the level's)."""
     r = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731 - inclusive bounds read clearest here
+    ops = "".join(o for o in LEVEL_OPERATORS.get(level, "") if o in (operators or "+-*/"))  # the level's order: "-+" == "+-"
     if level == 1:
         a, b = r(0, 9), r(0, 9)
         return f"{a} + {b}", str(a + b)
     if level == 2:
         a, b = r(10, 99), r(10, 99)
-        if r(0, 1):
+        if ops == "+" or (ops == "+-" and r(0, 1)):
             return f"{a} + {b}", str(a + b)
         return f"{a} - {b}", str(a - b)
     if level == 3:
-        if r(0, 1):
+        if ops == "*" or (ops == "*+" and r(0, 1)):
             a, b = r(2, 9), r(10, 99)
             return f"{a} * {b}", str(a * b)
         a, b = r(100, 999), r(100, 999)
         return f"{a} + {b}", str(a + b)
     if level == 4:
         a, b, c = r(10, 99), r(10, 99), r(2, 9)
-        op1, op2 = str(rng.choice(["+", "-"])), str(rng.choice(["*", "+", "-"]))
+        op1 = str(rng.choice([o for o in "+-" if o in ops]))
+        op2 = str(rng.choice([o for o in "*+-" if o in ops]))
         inner = a + b if op1 == "+" else a - b
         value = {"*": inner * c, "+": inner + c, "-": inner - c}[op2]
         return f"({a} {op1} {b}) {op2} {c}", str(value)
     if level == 5:
         x = Fraction(r(1, 9), r(2, 9))
         y = Fraction(r(1, 9), r(2, 9))
-        op = str(rng.choice(["+", "-", "*", "/"]))
+        op = str(rng.choice([o for o in "+-*/" if o in ops]))
         value = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
         # Parenthesised so "1/2 / 1/3" cannot be read as ((1/2)/1)/3.
         return f"({x.numerator}/{x.denominator}) {op} ({y.numerator}/{y.denominator})", str(value)
     raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_LEVELS)}, got {level}")
 
 
-def arithmetic_task(rng: np.random.Generator, level: int) -> Task:
-    """One arithmetic task drawn with `rng` (the env's seeded np_random)."""
-    expr, answer = _arith_question(rng, level)
+def arithmetic_task(rng: np.random.Generator, level: int, operators: str | None = None) -> Task:
+    """One arithmetic task drawn with `rng` (the env's seeded np_random), with only `operators` if given."""
+    expr, answer = _arith_question(rng, level, operators)
     return Task(
         id=f"arith-L{level}-{expr.replace(' ', '')}",
         prompt=f"What is {expr}?",

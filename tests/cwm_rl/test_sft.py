@@ -126,6 +126,19 @@ def test_a_short_run_lowers_the_loss_and_writes_a_loadable_checkpoint(tiny_model
     assert tokenizer.chat_template and model.config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_stop_at_accuracy_ends_the_warm_start_at_the_first_eval_that_reaches_it(tiny_model, tmp_path):
+    config = SFTConfig(env_id=MATH, env_kwargs={"difficulty": 1}, steps=300, eval_every=10, stop_at_accuracy=0.04, eval_tasks=25,
+                       num_threads=1)
+    summary = run_sft(tiny_model, tmp_path / "out", config)
+    curve = summary["accuracy_curve"]
+    assert summary["stopped_at_accuracy"] and summary["steps"] == curve[-1]["step"] < 300
+    assert summary["accuracy_after"] == curve[-1]["accuracy"] >= 0.04
+    assert all(point["accuracy"] < 0.04 for point in curve[:-1])  # it stopped at the first eval that got there
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="stop_at_accuracy needs eval_every"):
+        SFTConfig(env_id=MATH, steps=10, stop_at_accuracy=0.5)
+
+
 def test_the_same_seed_gives_the_same_run(tiny_model, tmp_path):
     from safetensors.torch import load_file
 

@@ -22,6 +22,30 @@ def test_generated_answers_are_right(level):
         assert Fraction(task.answer) == Fraction(value), task
 
 
+@pytest.mark.parametrize(("level", "operators"), [(2, "+"), (2, "-"), (3, "*"), (4, "-"), (4, "+*"), (5, "/")])
+def test_operators_keep_only_those_operators(level, operators):
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        task = arithmetic_task(rng, level, operators)
+        expr = task.prompt.removeprefix("What is ").removesuffix("?")
+        used = set(re.sub(r"(\d+)/(\d+)", "F", expr).replace("(", "").replace(")", "")) & set("+-*/")
+        assert used and used <= set(operators), task.prompt
+        value = eval(re.sub(r"(\d+)/(\d+)", r"Fraction(\1, \2)", expr), {"Fraction": Fraction})
+        assert Fraction(task.answer) == Fraction(value), task
+
+
+def test_default_operators_draw_the_same_tasks_as_naming_them_all():
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    for level in sorted(DIFFICULTY_LEVELS):
+        assert [arithmetic_task(a, level).id for _ in range(20)] == [arithmetic_task(b, level, "/*-+"[::-1]).id for _ in range(20)]
+
+
+@pytest.mark.parametrize(("level", "operators"), [(1, "-"), (2, "*"), (2, ""), (4, "*")])
+def test_operators_a_level_cannot_use_are_refused(level, operators):
+    with pytest.raises(ValueError, match="operators|needs"):
+        make_env("cwm_rl/Math-v0", difficulty=level, operators=operators)
+
+
 def test_rewards_and_reasons():
     env = make_env("cwm_rl/Math-v0", difficulty=2)
     obs, info = env.reset(seed=4)
