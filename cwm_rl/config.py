@@ -127,6 +127,10 @@ class JobConfig(_Config):
     def _check(self) -> JobConfig:
         if not self.envs:
             raise ValueError("envs is empty: name at least one env, e.g. envs: [{id: cwm_rl/Math-v0}]")
+        sft = self.model.sft
+        if self.model.path is None and sft.steps and sft.eval_tasks < self.eval.num_tasks:
+            raise ValueError(f"model.sft.eval_tasks ({sft.eval_tasks}) < eval.num_tasks ({self.eval.num_tasks}): the warm start would "
+                             "train on tasks the RL eval holds out; set model.sft.eval_tasks >= eval.num_tasks")
         if abs(self.rollout.sampling.temperature - self.trainer.loss.temperature) > 1e-9 and self.rollout.sampling.temperature > 0:
             raise ValueError(f"rollout.sampling.temperature ({self.rollout.sampling.temperature}) differs from "
                              f"trainer.loss.temperature ({self.trainer.loss.temperature}): the trainer must score tokens at the "

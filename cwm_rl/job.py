@@ -127,6 +127,7 @@ class Buffer:
 # -- the job ----------------------------------------------------------------------------------------
 
 MAX_ENV_RETRIES = 5  # times a group whose env server was unreachable is played again before it is given up
+WORKER_RESTARTS = 3  # Ray restarts a dead rollout worker this many times; past that the job stops (checkpointed)
 EVAL_WAIT_FOR_SERVER_S = 120  # an eval waits this long for an env server to come back before leaving its tasks out
 
 
@@ -272,9 +273,10 @@ class Job:
             "env_modules": c.env_modules, "sys_path": [os.getcwd()] if c.env_modules else [],
         }
         # A worker that dies is restarted by Ray (max_restarts); its lost calls are re-submitted.
-        worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=3)
+        worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS)
         self.workers = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
         self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
+        self.worker_failures = [0] * len(self.workers)  # failed calls in a row, per worker
         self.reloads: list[Any] = []
         if self.published[0] > 0:  # resumed: workers start from the base model, bring them up to date
             self._publish_to_workers(wait=True)
@@ -399,11 +401,17 @@ class Job:
                 trajectories = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
             except Exception as e:  # the worker died: Ray restarts it; play the same tasks again
                 log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(request.tasks))
+                self.worker_failures[w] += 1
+                if self.worker_failures[w] > WORKER_RESTARTS + 1:  # Ray has given up on it (or its node is gone)
+                    self.stop_reason = "rollout_workers_lost"
+                    self.lost_error = f"rollout worker {w} failed {self.worker_failures[w]} times in a row; last: {type(e).__name__}: {e}"
+                    return
                 self._say(f"worker {w} failed ({type(e).__name__}); restarting it and re-submitting {len(request.tasks)} groups")
                 self._publish_to_workers(wait=False, only=[w])
                 if not self._submit(w, request.tasks, request.env_index, request.attempt):
                     self.replays.append(request)
                 continue
+            self.worker_failures[w] = 0
             self.store.add(trajectories)
             self.counts["trajectories_stored"] += len(trajectories)
             self.counts["generated_tokens"] += sum(t.num_generated_tokens for t in trajectories)
@@ -565,7 +573,8 @@ class Job:
     def finish(self) -> dict[str, Any]:
         """Final eval, checkpoint, summary.json and the plot. Runs on every exit path that can."""
         self.view.set_status(f"finishing ({self.stop_reason})")
-        if not self.eval_history or self.eval_history[-1]["step"] != self.trainer.step_count:
+        evaluated = self.eval_history and self.eval_history[-1]["step"] == self.trainer.step_count
+        if self.stop_reason != "rollout_workers_lost" and not evaluated:  # lost workers cannot evaluate
             self._evaluate()
         self._checkpoint()
         summary = {
@@ -641,7 +650,11 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     signal.signal(signal.SIGINT, on_interrupt)
     try:
         job.setup()
-        return job.run()
+        summary = job.run()
+        if job.stop_reason == "rollout_workers_lost":
+            raise RuntimeError(f"{job.lost_error}. The run is checkpointed at step {summary['steps']}; once the cause is fixed, "
+                               f"continue it with: cwm-rl train --resume {job.run_dir}")
+        return summary
     finally:
         signal.signal(signal.SIGINT, previous)
         job.close()

@@ -44,3 +44,21 @@ def test_temperature_must_match_between_sampling_and_trainer():
         JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.7}}})
     ok = JobConfig.model_validate({"rollout": {"sampling": {"temperature": 0.7}}, "trainer": {"loss": {"temperature": 0.7}}})
     assert ok.trainer.loss.temperature == 0.7
+
+
+def test_the_warm_start_holds_out_at_least_the_tasks_rl_evaluates_on():
+    with pytest.raises(ValueError, match="would train on tasks the RL eval holds out"):
+        JobConfig.model_validate({"model": {"sft": {"steps": 10, "eval_tasks": 50}}, "eval": {"num_tasks": 100}})
+    JobConfig.model_validate({"model": {"sft": {"steps": 10, "eval_tasks": 100}}, "eval": {"num_tasks": 100}})
+    JobConfig.model_validate({"model": {"path": "m", "sft": {"steps": 10, "eval_tasks": 50}}, "eval": {"num_tasks": 100}})  # no SFT here
+
+
+def test_stop_at_accuracy_needs_eval_every():
+    with pytest.raises(ValueError, match="stop_at_accuracy needs model.sft.eval_every"):
+        JobConfig.model_validate({"model": {"sft": {"steps": 10, "stop_at_accuracy": 0.3}}})
+
+
+def test_env_servers_and_urls_are_listed_in_order():
+    spec = JobConfig.model_validate({"envs": [{"id": "cwm_rl/Math-v0", "url": "http://a:1", "urls": ["http://b:2", "http://a:1"],
+                                               "servers": 2}]}).envs[0]
+    assert spec.endpoints == ["http://a:1", "http://b:2"] and spec.servers == 2
