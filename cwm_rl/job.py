@@ -127,7 +127,8 @@ class Buffer:
 # -- the job ----------------------------------------------------------------------------------------
 
 MAX_ENV_RETRIES = 5  # times a group whose env server was unreachable is played again before it is given up
-WORKER_RESTARTS = 3  # Ray restarts a dead rollout worker this many times; past that the job stops (checkpointed)
+WORKER_RESTARTS = 3  # Ray restarts a dead rollout worker this many times
+WORKER_RESTART_TIMEOUT_S = 300  # a failed worker that does not answer again within this stops the job (checkpointed)
 EVAL_WAIT_FOR_SERVER_S = 120  # an eval waits this long for an env server to come back before leaving its tasks out
 
 
@@ -276,7 +277,6 @@ class Job:
         worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS)
         self.workers = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
         self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
-        self.worker_failures = [0] * len(self.workers)  # failed calls in a row, per worker
         self.reloads: list[Any] = []
         if self.published[0] > 0:  # resumed: workers start from the base model, bring them up to date
             self._publish_to_workers(wait=True)
@@ -350,6 +350,21 @@ class Job:
                 if c.mode == "sync":
                     break
 
+    def _wait_for_worker(self, w: int, interruptible: bool = False) -> bool:
+        """Block until worker `w` answers again (Ray restarts a dead one; calls made while it restarts fail at
+        once), or False after WORKER_RESTART_TIMEOUT_S (Ray gave up on it, or its node is gone) or, when
+        `interruptible`, once Ctrl-C asked the job to stop."""
+        import ray
+
+        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+        while time.monotonic() < deadline and not (interruptible and self.stop_reason is not None):
+            try:
+                ray.get(self.workers[w].pid.remote(), timeout=30)
+                return True
+            except Exception:  # restarting (ActorUnavailableError), or the call timed out: ask again
+                time.sleep(1.0)
+        return False
+
     def _requests_of(self, w: int) -> int:
         return sum(1 for q in self.pending.values() if q.worker == w)
 
@@ -401,17 +416,17 @@ class Job:
                 trajectories = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
             except Exception as e:  # the worker died: Ray restarts it; play the same tasks again
                 log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(request.tasks))
-                self.worker_failures[w] += 1
-                if self.worker_failures[w] > WORKER_RESTARTS + 1:  # Ray has given up on it (or its node is gone)
-                    self.stop_reason = "rollout_workers_lost"
-                    self.lost_error = f"rollout worker {w} failed {self.worker_failures[w]} times in a row; last: {type(e).__name__}: {e}"
+                self._say(f"worker {w} failed ({type(e).__name__}); waiting for Ray to restart it, then re-submitting {len(request.tasks)} groups")
+                if not self._wait_for_worker(w, interruptible=True):
+                    if self.stop_reason is None:  # not Ctrl-C: the worker is gone for good
+                        self.stop_reason = "rollout_workers_lost"
+                        self.lost_error = (f"rollout worker {w} failed ({type(e).__name__}: {e}) and did not answer again "
+                                           f"within {WORKER_RESTART_TIMEOUT_S} s")
                     return
-                self._say(f"worker {w} failed ({type(e).__name__}); restarting it and re-submitting {len(request.tasks)} groups")
                 self._publish_to_workers(wait=False, only=[w])
                 if not self._submit(w, request.tasks, request.env_index, request.attempt):
                     self.replays.append(request)
                 continue
-            self.worker_failures[w] = 0
             self.store.add(trajectories)
             self.counts["trajectories_stored"] += len(trajectories)
             self.counts["generated_tokens"] += sum(t.num_generated_tokens for t in trajectories)
@@ -529,15 +544,21 @@ class Job:
             refs = [play(w, share, env) for w, share, (env, _) in asked]  # all workers at once
             unavailable = []
             for (w, share, (env, url)), ref in zip(asked, refs):
-                for tries in range(3):
+                for tries in range(WORKER_RESTARTS + 2):
                     try:
                         got = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
                         break
                     except Exception as e:  # the worker died mid-eval: Ray restarts it; bring it up to date, ask again
-                        if tries == 2:
-                            raise RuntimeError(f"evaluation failed 3 times on rollout worker {w}: {e}") from e
+                        if tries == WORKER_RESTARTS + 1:
+                            raise RuntimeError(f"evaluation failed {tries + 1} times on rollout worker {w}: {e}") from e
                         self._say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
-                        self._publish_to_workers(wait=True, only=[w])
+                        if not self._wait_for_worker(w):
+                            raise RuntimeError(f"rollout worker {w} failed during eval and did not answer again within "
+                                               f"{WORKER_RESTART_TIMEOUT_S} s: {e}") from e
+                        try:
+                            self._publish_to_workers(wait=True, only=[w])
+                        except Exception as reload_error:  # it died again: the next try tells
+                            log.warning("reloading worker %d after a failure failed: %s", w, reload_error)
                         ref = play(w, share, env)
                 for task, t in zip(share, got):
                     if t.finish_reason == "env_unavailable" and attempt < MAX_ENV_RETRIES:
