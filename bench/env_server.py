@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from envs.server.local import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 NUM_SESSIONS = 64
 ROUNDS_PER_EPISODE = 5_000  # Echo episodes long enough that no session ends mid-measurement
@@ -71,12 +73,6 @@ def serve_ours(port: int) -> None:
     from envs.server.config import EnvServerConfig
 
     serve(EnvServerConfig(host="127.0.0.1", port=port, max_sessions=4 * NUM_SESSIONS))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(kind: str) -> tuple[subprocess.Popen, str]:

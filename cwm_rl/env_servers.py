@@ -16,23 +16,16 @@ server this job started is restarted when its process is gone; a remote one is p
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from cwm_rl.config import EnvSpec
+from envs.server.client import health
+from envs.server.local import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -44,20 +37,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def health(url: str, timeout_s: float = 2.0) -> bool:
-    """True when the env server at `url` answers its /health."""
-    try:
-        return httpx.get(url.rstrip("/") + "/health", timeout=timeout_s).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 class LocalEnvServer:
     """One `cwm-rl env serve` process on 127.0.0.1, started and restarted by the job; output in `log_path`."""
 
     def __init__(self, env_id: str, log_path: Path, env_modules: list[str] = (), token: str | None = None):
         self.env_id, self.log_path, self.env_modules, self.token = env_id, log_path, list(env_modules), token
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.restarts = -1  # the first start is not a restart
 
@@ -86,7 +71,7 @@ class LocalEnvServer:
                     return
                 time.sleep(0.2)
             self.stop()
-            self.port = _free_port()  # the old port may have been taken by another process
+            self.port = free_port()  # the old port may have been taken by another process
         raise RuntimeError(f"env server for {self.env_id} did not start (3 tries); its output is in {self.log_path}")
 
     def stop(self) -> None:
@@ -103,7 +88,6 @@ class EnvServers:
     """The env servers one env of the mix is played on, and which of them are up."""
 
     def __init__(self, spec: EnvSpec, log_dir: Path, env_modules: list[str] = (), probe_every_s: float = 5.0):
-        self.spec = spec
         self.probe_every_s = probe_every_s
         self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.token)
                       for i in range(spec.servers)]
@@ -112,9 +96,6 @@ class EnvServers:
         self.urls = [s.url for s in self.local] + spec.endpoints
         self.down: dict[str, tuple[float, str]] = {}  # url -> (when marked down, why)
         self._next = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.urls)
 
     def pick(self) -> str | None:
         """The next server that is up (round-robin), or None while every one is down."""
@@ -136,7 +117,7 @@ class EnvServers:
         for i, server in enumerate(self.local):
             if not server.alive():
                 old = server.url
-                server.port = _free_port()  # a new URL: late failures reported against the old one cannot mark this one down
+                server.port = free_port()  # a new URL: late failures reported against the old one cannot mark this one down
                 server.start()
                 self.urls[i] = server.url
                 self.down.pop(old, None)

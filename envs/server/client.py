@@ -236,6 +236,14 @@ class RemoteEnv(gym.Env[Messages, str]):
                 pass
 
 
+def health(base_url: str, timeout_s: float = 2.0) -> bool:
+    """True when the env server at `base_url` answers its /health (no auth needed)."""
+    try:
+        return httpx.get(base_url.rstrip("/") + "/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def list_remote_envs(base_url: str, token: str | None = None) -> list[dict[str, str]]:
     """The envs an env server offers: [{"id", "description"}]."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}

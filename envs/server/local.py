@@ -19,6 +19,13 @@ from envs.server.app import create_app
 from envs.server.config import EnvServerConfig
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a server started in another process; ServerThread binds port 0 itself)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class ServerThread:
     def __init__(self, config: EnvServerConfig):
         self.config = config

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from envs.server.client import health
+from envs.server.local import free_port
 
 CLI = [str(Path(sys.executable).with_name("cwm-rl"))]
 
@@ -74,12 +76,6 @@ def test_bad_input_gets_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served() -> tuple[str, str]:
     """`cwm-rl env serve` in a subprocess with a token; yields (url, token)."""
@@ -88,12 +84,7 @@ def served() -> tuple[str, str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+    while not health(url, timeout_s=1):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"env serve did not come up: {proc.stdout.read()}")

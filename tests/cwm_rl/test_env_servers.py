@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from cwm_rl.config import EnvSpec
-from cwm_rl.env_servers import EnvServers, health
-from envs.server.client import RemoteEnv
+from cwm_rl.env_servers import EnvServers
+from envs.server.client import RemoteEnv, health
 from envs.server.config import EnvServerConfig
-from envs.server.local import ServerThread
+from envs.server.local import ServerThread, free_port
 
 
 def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket closes
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens on a port that is free
 
 
 def test_started_server_serves_the_env_and_is_restarted_after_kill_9(tmp_path):

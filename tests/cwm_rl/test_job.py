@@ -156,11 +156,9 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
     """Env servers the job starts, plus one named by URL that never answers: groups sent there fail with
     a reason and are played again elsewhere; a started server killed with -9 is restarted; nothing
     the job trains on came from an unreachable server; no server outlives the job."""
-    import socket
+    from envs.server.local import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
     settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=8", "eval.num_tasks=8", "eval.every_steps=4",

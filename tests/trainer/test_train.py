@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from envs.server.local import free_port
 from trainer.config import TrainerConfig
 from trainer.train import Trainer, lr_multiplier
 
@@ -139,12 +139,6 @@ def test_behaviour_ratio_with_tis_cap_is_refused():
         TrainerConfig.model_validate({"loss": {"ratio_against": "behaviour", "tis_cap": 2.0}})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one(tiny_model, sample_groups, tmp_path):
     """DDP over 2 CPU processes, each on its share of the groups, lands on the weights one process
@@ -160,7 +154,7 @@ def test_two_gloo_processes_train_like_one(tiny_model, sample_groups, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[1]), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-         f"--master-port={_free_port()}", str(HERE / "ddp_worker.py"), str(tiny_model), str(data), str(out)],
+         f"--master-port={free_port()}", str(HERE / "ddp_worker.py"), str(tiny_model), str(data), str(out)],
         env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "rank 1 trained" in run.stdout and "rank 0 trained" in run.stdout
