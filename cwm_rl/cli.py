@@ -1,4 +1,5 @@
-"""The `cwm-rl` command line: `env list|check|serve|play` and `doctor` (training commands come later).
+"""The `cwm-rl` command line: `env list|check|serve|play`, `doctor`, `train`, `rollout`, `trace`, and the groups
+`model ...`, `rollouts ...` and `sandbox ...` (each in its own cli_*.py).
 
 Every failure ends with one line saying what went wrong and what to do; exit code 2 for bad
 input, 1 for a failed check. Heavy imports happen inside the commands that need them.
@@ -24,9 +25,13 @@ env_app = typer.Typer(help="Define, check, serve and play environments.", no_arg
 app.add_typer(env_app, name="env")
 from cwm_rl.cli_model import model_app  # noqa: E402  (a Typer app; heavy imports stay inside its commands)
 from cwm_rl.cli_rollouts import rollouts_app  # noqa: E402  (the same; the store loads inside its commands)
+from cwm_rl.cli_sandbox import sandbox_app  # noqa: E402  (the same)
+from cwm_rl.cli_trace import trace as trace_command  # noqa: E402  (the same)
 
 app.add_typer(model_app, name="model")
 app.add_typer(rollouts_app, name="rollouts")
+app.add_typer(sandbox_app, name="sandbox")
+app.command("trace")(trace_command)
 console = Console()
 
 ImportOpt = Annotated[list[str], typer.Option("--import", "-i", help="Module that registers user envs (repeatable).")]

@@ -82,6 +82,17 @@ def _mmdebstrap() -> Finding:
     return Finding("mmdebstrap", "ok", shutil.which("mmdebstrap") or "")
 
 
+def _sandbox_root() -> Finding:
+    from envs.sandbox import SandboxError
+    from envs.sandbox.rootfs import sandbox_root
+
+    try:
+        return Finding("sandbox root", "ok", str(sandbox_root(build=False)))
+    except SandboxError as e:
+        return Finding("sandbox root", "missing", f"not built yet ({e}); built on first use otherwise",
+                       "cwm-rl sandbox build-root  (about a minute, as root)")
+
+
 def diagnose() -> list[Finding]:
     py = sys.version_info
     findings = [
@@ -97,5 +108,6 @@ def diagnose() -> list[Finding]:
         *_docker(),
         _bubblewrap(),
         _mmdebstrap(),
+        _sandbox_root(),
     ]
     return findings

@@ -23,18 +23,10 @@ from pathlib import Path
 
 from cwm_rl.config import EnvSpec
 from envs.server.client import health
+from envs.sandbox.process import die_with_parent
 from envs.server.local import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the job's process dies, even by kill -9 (Linux)."""
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LocalEnvServer:
@@ -63,7 +55,7 @@ class LocalEnvServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("a") as out:
                 self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
             self.restarts += 1
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self.alive():

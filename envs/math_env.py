@@ -8,17 +8,19 @@ reason in `info`. Grading is `rewards.math.grade_math` (math-verify in a hard-ti
 
 Tasks come from the seeded arithmetic generator (`difficulty` 1-5, `operators` to keep only some
 of a level's operators, e.g. `difficulty=2, operators="+"` for 2-digit addition) unless
-`tasks_path` names a GSM8K-form or plain question/answer .jsonl/.parquet file.
+`tasks_path` names a GSM8K-form or plain question/answer .jsonl/.parquet file. With `tool_calls=N`
+the model may run Python N times before answering (CWM's `python` tool, in the `sandbox`; `envs.tools`).
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 from cwm_rl.types import Task
 from envs.base import SingleTurnEnv
+from envs.tools import PythonToolMixin
+from envs.tasks import read_task_file
 from envs.tasks.math_tasks import DIFFICULTY_LEVELS, arithmetic_task, check_operators, load_math_tasks
 from rewards.math import grade_math
 
@@ -29,21 +31,7 @@ PROMPT_THINK = (
 )
 
 
-def _tasks_from(path: Path) -> tuple[Task, ...]:
-    """The file's tasks, read once per process while the file is unchanged: a worker makes a fresh
-    env for every episode, and re-reading an 8,000-line file each time slowed rollouts ten-fold."""
-    if not path.is_file():
-        raise FileNotFoundError(f"math task file {path} does not exist")
-    stat = path.stat()
-    return _read_tasks(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=8)
-def _read_tasks(path: str, mtime_ns: int, size: int) -> tuple[Task, ...]:
-    return tuple(load_math_tasks(path))
-
-
-class MathEnv(SingleTurnEnv):
+class MathEnv(PythonToolMixin, SingleTurnEnv):
     def __init__(
         self,
         difficulty: int = 1,
@@ -53,6 +41,8 @@ class MathEnv(SingleTurnEnv):
         correct_reward: float = 1.0,
         wrong_reward: float = -1.0,
         verify_timeout_s: float = 5.0,
+        tool_calls: int = 0,
+        sandbox: str = "bwrap",
         **kwargs: Any,
     ):
         if difficulty not in DIFFICULTY_LEVELS:
@@ -63,12 +53,13 @@ class MathEnv(SingleTurnEnv):
         super().__init__(**kwargs)
         self.difficulty = difficulty
         self.operators = operators
-        self.tasks = _tasks_from(Path(tasks_path)) if tasks_path else None
+        self.tasks = read_task_file(tasks_path, load_math_tasks, "math task") if tasks_path else None
         self.think = think
         self.correct_reward = correct_reward
         self.wrong_reward = wrong_reward
         self.verify_timeout_s = verify_timeout_s
         self.system_prompt = PROMPT_THINK if think else PROMPT_PLAIN
+        self._setup_python_tool(tool_calls, sandbox, timeout_s=10.0, memory_mb=512)
 
     def sample_task(self) -> Task:
         if self.tasks is not None:

@@ -25,6 +25,8 @@ ENTRY_POINT_GROUP = "cwm_rl.envs"
 BUILTIN_ENVS: dict[str, dict[str, Any]] = {
     f"{NAMESPACE}/Math-v0": {"entry_point": "envs.math_env:MathEnv"},
     f"{NAMESPACE}/Echo-v0": {"entry_point": "envs.echo_env:EchoEnv"},
+    f"{NAMESPACE}/Code-v0": {"entry_point": "envs.code_env:CodeEnv"},
+    f"{NAMESPACE}/Trace-v0": {"entry_point": "envs.trace_env:TraceEnv"},
 }
 
 

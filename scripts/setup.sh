@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-dev}"
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# Docker (SWE envs, Docker sandboxes), bubblewrap (light sandbox), mmdebstrap (sandbox root filesystems).
-APT_PACKAGES=(docker.io bubblewrap mmdebstrap)
+# Docker (SWE envs, Docker sandboxes), bubblewrap (light sandbox), mmdebstrap (sandbox root filesystems),
+# util-linux (setpriv and prlimit start sandboxed programs; Debian always has it).
+APT_PACKAGES=(docker.io bubblewrap mmdebstrap util-linux)
 
 PYTHON="${PYTHON:-}"
 if [ -z "$PYTHON" ]; then

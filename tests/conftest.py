@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -35,6 +36,44 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 def server(start_server) -> ServerThread:
     """An env server with default settings."""
     return start_server()
+
+
+# The sandbox's Debian root is built by mmdebstrap on first use (about a minute, then cached);
+# Docker tests need a running daemon (scripts/test.sh starts one and stops it at the end).
+@pytest.fixture(scope="session")
+def sandbox_root():
+    from envs.sandbox.rootfs import sandbox_root as build
+
+    if shutil.which("mmdebstrap") is None:
+        pytest.fail("mmdebstrap is missing: apt-get install mmdebstrap (bash scripts/setup.sh installs it)")
+    return build(log=print)
+
+
+@pytest.fixture(scope="session")
+def docker_ready():
+    if shutil.which("docker") is None:
+        pytest.fail("the docker CLI is missing: apt-get install docker.io (bash scripts/setup.sh installs it)")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("the Docker daemon is not running: start it (dockerd >/tmp/dockerd.log 2>&1 &), or run the suite "
+                    "with `bash scripts/test.sh`, which starts and stops one")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_sandbox_container_left_behind():
+    """After the suite: the process-wide sandboxes are closed and no container this process made remains."""
+    yield
+    import os
+    import socket
+
+    from envs import sandbox
+
+    for shared in list(sandbox._shared.values()):
+        shared.close()
+    if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=cwm-rl.sandbox", "--filter",
+                               f"label=cwm-rl.owner={socket.gethostname()}:{os.getpid()}"],
+                              capture_output=True, text=True).stdout.split()
+        assert not left, f"sandbox containers left behind by the test suite: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,112 @@
+"""`cwm-rl trace`: the execution tracer as a tool (the code runs in the sandbox, never on the host).
+
+    cwm-rl trace FILE.py::FUNC [--args JSON] [--kwargs JSON] [--json]    # one call's trace
+    cwm-rl trace dataset DIR --out FILE.jsonl                             # a folder of functions -> trace data
+
+A dataset folder holds `NAME.py` files, each with a `NAME.inputs.jsonl` beside it: one call per
+line, `{"function": "f", "args": [...], "kwargs": {...}}`. Every call becomes one JSONL record
+(`id`, `source`, `function`, `args`, `kwargs`, `events`, `return_repr`, `return`, `stdout`,
+`exception`, `trace`) that `cwm_rl/Trace-v0` reads with `tasks_path`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+
+def trace(
+    target: Annotated[str, typer.Argument(help="FILE.py::FUNC to trace, or `dataset` to trace a folder (then DIR).")],
+    directory: Annotated[Path | None, typer.Argument(help="With `dataset`: the folder of NAME.py + NAME.inputs.jsonl.")] = None,
+    args: Annotated[str, typer.Option("--args", help="Positional arguments as a JSON list.")] = "[]",
+    kwargs: Annotated[str, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = "{}",
+    out: Annotated[Path | None, typer.Option("--out", help="With `dataset`: the JSONL file to write.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tracer's JSON instead of the text trace.")] = False,
+    backend: Annotated[str, typer.Option(help="Sandbox backend: bwrap or docker.")] = "bwrap",
+    max_events: Annotated[int, typer.Option(help="Stop recording after this many events.")] = 1000,
+) -> None:
+    """Trace a function call (CWM-style: line, call, return and exception events; changed locals as JSON)."""
+    from envs.sandbox import make_sandbox
+
+    if target == "dataset":
+        if directory is None or out is None:
+            raise ValueError("usage: cwm-rl trace dataset DIR --out FILE.jsonl")
+        with make_sandbox(backend, **({"pool_size": 1} if backend == "docker" else {})) as sandbox:
+            count = trace_dataset(directory, out, sandbox, max_events)
+        typer.echo(f"wrote {count} traced calls to {out}")
+        return
+    path_text, sep, function = target.partition("::")
+    if not sep or not function:
+        raise ValueError(f"{target!r} is not FILE.py::FUNC (e.g. examples/sum.py::total), nor `dataset`")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file")
+    call_args, call_kwargs = _json_arg(args, "--args", list), _json_arg(kwargs, "--kwargs", dict)
+    from envs.trace import run_trace
+    from rewards.trace import render_event
+
+    with make_sandbox(backend, **({"pool_size": 0} if backend == "docker" else {})) as sandbox:
+        result = run_trace(path.read_text(), function, call_args, call_kwargs, sandbox=sandbox, max_events=max_events)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    lines = path.read_text().splitlines()
+    console = Console(highlight=False)
+    for event in result["events"]:
+        code = lines[event["line"] - 1].strip() if 0 < event["line"] <= len(lines) else ""
+        console.print(f"{escape(render_event(event)):<60} [dim]# {escape(code)}[/]")
+    if result["stdout"]:
+        console.print(f"[bold]printed:[/] {escape(result['stdout'].rstrip())}")
+    console.print(f"[bold]returned:[/] {escape(str(result['return_repr']))}" if result["exception"] is None
+                  else f"[bold red]raised:[/] {escape(result['exception'])}")
+    if result["truncated"]:
+        console.print(f"[yellow]trace cut at {max_events} events[/]")
+
+
+def _json_arg(text: str, name: str, kind: type):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not JSON ({e}): {text!r}") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {'list' if kind is list else 'object'}, got {text!r}")
+    return value
+
+
+def trace_dataset(directory: Path, out: Path, sandbox, max_events: int = 1000) -> int:
+    from envs.trace import run_trace
+    from rewards.trace import render_trace
+
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a folder")
+    programs = sorted(p for p in directory.glob("*.py"))
+    if not programs:
+        raise ValueError(f"{directory} holds no .py files (each NAME.py needs a NAME.inputs.jsonl beside it)")
+    count = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for program in programs:
+            inputs = program.with_suffix(".inputs.jsonl")
+            if not inputs.is_file():
+                raise FileNotFoundError(f"{program} has no {inputs.name} beside it (one call per line: "
+                                        '{"function": "f", "args": [...], "kwargs": {...}})')
+            source = program.read_text()
+            for index, line in enumerate(inputs.read_text().splitlines()):
+                if not line.strip():
+                    continue
+                call = json.loads(line)
+                if "function" not in call:
+                    raise ValueError(f"{inputs} line {index + 1} has no \"function\"")
+                result = run_trace(source, call["function"], call.get("args", []), call.get("kwargs") or {},
+                                   sandbox=sandbox, max_events=max_events)
+                record = {"id": f"{program.stem}-{call['function']}-{index}", "source": source, "function": call["function"],
+                          "args": call.get("args", []), "kwargs": call.get("kwargs") or {}, **result,
+                          "trace": render_trace(result["events"])}
+                f.write(json.dumps(record) + "\n")
+                count += 1
+    return count

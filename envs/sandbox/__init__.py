@@ -1,0 +1,46 @@
+"""Sandboxes for model-written code: one interface (`Sandbox.run` -> `ExecResult`), two backends.
+
+    from envs.sandbox import make_sandbox
+    with make_sandbox("bwrap") as sandbox:          # or "docker"
+        result = sandbox.run(["python3", "main.py"], files={"main.py": code}, stdin="1 2\\n")
+        result.exit_code, result.stdout, result.limits_hit
+
+`bwrap` (bubblewrap, the default on Linux) costs milliseconds per run; `docker` gives cgroup
+limits and a container per run from a warm pool. Both run the same Debian root (built once per
+machine by mmdebstrap, see `rootfs`), never the host's `/`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError
+
+BACKENDS = ("bwrap", "docker")
+_shared: dict[str, Sandbox] = {}
+_shared_lock = threading.Lock()
+
+
+def make_sandbox(backend: str = "bwrap", limits: Limits | None = None, **kwargs) -> Sandbox:
+    """A sandbox of the named backend (`docker` takes `pool_size`, `image`, `run_id`)."""
+    if backend == "bwrap":
+        from envs.sandbox.bwrap import BwrapSandbox
+
+        return BwrapSandbox(limits=limits, **kwargs)
+    if backend == "docker":
+        from envs.sandbox.docker import DockerSandbox
+
+        return DockerSandbox(limits=limits, **kwargs)
+    raise ValueError(f"unknown sandbox backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def shared_sandbox(backend: str = "bwrap") -> Sandbox:
+    """This process's sandbox of a backend, made on first use: envs are made per episode, and a Docker
+    pool (or the root check) should not be. Limits are passed per run."""
+    with _shared_lock:
+        if backend not in _shared:
+            _shared[backend] = make_sandbox(backend)
+        return _shared[backend]
+
+
+__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "make_sandbox", "shared_sandbox"]

@@ -1,0 +1,221 @@
+"""The Docker backend: one fresh container per run, taken from a warm pool.
+
+Containers run the sandbox base image (the same Debian tree as bubblewrap, `docker import`ed)
+with no network, a read-only root, tmpfs /work and /tmp, an unprivileged user, no capabilities,
+and cgroup limits on memory and processes plus rlimits on CPU, data size, file size and open
+files. A container serves one run and is then removed, so nothing a program leaves behind
+reaches the next; a background thread keeps `pool_size` started containers ready, so a run costs
+one `docker exec` instead of a `docker run`.
+
+Every container carries labels naming the process that owns it. Containers whose owner is gone
+(a crash, kill -9) are reaped when the next DockerSandbox starts, by `cwm-rl sandbox reap`, and
+a sandbox removes its own on close and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import os
+import queue
+import shutil
+import socket
+import tarfile
+import threading
+import time
+
+from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, classify
+from envs.sandbox.bwrap import ENV, SANDBOX_UID
+from envs.sandbox.process import run_limited
+
+LABEL = "cwm-rl.sandbox"  # every sandbox container has it
+LABEL_OWNER = "cwm-rl.owner"  # "HOSTNAME:PID" of the process that made it
+LABEL_RUN = "cwm-rl.run"  # the job's run id, when it has one
+# Runs the command, then kills everything else the sandbox user still runs (processes left behind
+# would hold `docker exec`'s output open), and exits with the command's status.
+KILL_LEFTOVERS = '"$@"; status=$?; kill -9 -1 2>/dev/null; exit $status'
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's: not ours to judge
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def reap(client=None, everything: bool = False, run_id: str | None = None) -> int:
+    """Remove sandbox containers whose owning process is gone (all of them with `everything`, or one run's)."""
+    import docker
+
+    client = client or docker.from_env(timeout=60)
+    filters = {"label": [LABEL] + ([f"{LABEL_RUN}={run_id}"] if run_id else [])}
+    removed = 0
+    for container in client.containers.list(all=True, filters=filters):
+        if everything or run_id or not _owner_alive(container.labels.get(LABEL_OWNER, "")):
+            try:
+                container.remove(force=True)
+                removed += 1
+            except docker.errors.NotFound:
+                pass
+    return removed
+
+
+class DockerSandbox(Sandbox):
+    backend = "docker"
+
+    def __init__(self, image: str | None = None, limits: Limits | None = None, pool_size: int = 2,
+                 run_id: str | None = None, log=None):
+        import docker
+
+        self.docker_cli = shutil.which("docker")
+        if self.docker_cli is None:
+            raise SandboxError("the docker CLI is missing: apt-get install docker.io, then start dockerd")
+        try:
+            self.client = docker.from_env(timeout=60)
+            self.client.ping()
+        except Exception as e:
+            raise SandboxError(f"the Docker daemon is not reachable ({type(e).__name__}): start it "
+                               "(dockerd >/var/log/dockerd.log 2>&1 &) or use the bwrap backend") from e
+        from envs.sandbox.rootfs import docker_base_image
+
+        self.image = image or docker_base_image(self.client, log=log)
+        self.limits = limits or Limits()
+        self.labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: run_id or ""}
+        reap(self.client)  # what crashed owners left behind
+        self.pool_size = pool_size
+        self._pool: queue.Queue = queue.Queue()
+        self._mine: set[str] = set()  # ids of every container this sandbox made and has not removed
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._wanted = threading.Semaphore(0)
+        self._filler = threading.Thread(target=self._fill, name="docker-sandbox-pool", daemon=True)
+        for _ in range(pool_size):
+            self._wanted.release()
+        self._filler.start()
+        atexit.register(self.close)
+
+    # -- containers --------------------------------------------------------------------------
+    def _create(self, limits: Limits):
+        from docker.types import Ulimit
+
+        disk = f"size={limits.disk_mb}m"
+        # The keeper (`sleep infinity` under docker-init) runs as the container's root, with no capabilities:
+        # programs run as SANDBOX_UID, and their `kill -9 -1` cannot take the container down.
+        container = self.client.containers.run(
+            self.image, ["sleep", "infinity"], detach=True, labels=self.labels, network_mode="none", read_only=True,
+            tmpfs={WORK_DIR: f"{disk},uid={SANDBOX_UID},gid={SANDBOX_UID},exec", "/tmp": disk}, working_dir=WORK_DIR,
+            environment=ENV, hostname="sandbox", cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True,
+            mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m", pids_limit=limits.processes + 2,
+            nano_cpus=10**9, ulimits=[Ulimit(name="cpu", soft=limits.cpu_s, hard=limits.cpu_s + 1),
+                                      Ulimit(name="data", soft=limits.memory_mb << 20, hard=limits.memory_mb << 20),
+                                      Ulimit(name="fsize", soft=limits.file_size_mb << 20, hard=limits.file_size_mb << 20),
+                                      Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files),
+                                      Ulimit(name="core", soft=0, hard=0)])
+        with self._lock:
+            self._mine.add(container.id)
+        return container
+
+    def _remove(self, container) -> None:
+        try:
+            container.remove(force=True)
+        except Exception:  # already gone (or the daemon is): the reaper gets it later
+            pass
+        with self._lock:
+            self._mine.discard(container.id)
+
+    def _fill(self) -> None:
+        while True:
+            self._wanted.acquire()
+            if self._closed.is_set():
+                return
+            try:
+                container = self._create(self.limits)
+                if self._closed.is_set():  # closed while it started
+                    self._remove(container)
+                    return
+                self._pool.put(container)
+            except Exception:  # daemon trouble: runs fall back to cold containers and report the error
+                time.sleep(1.0)
+                self._wanted.release()
+
+    def _acquire(self, limits: Limits):
+        if limits == self.limits:
+            try:
+                container = self._pool.get_nowait()
+                self._wanted.release()  # the filler starts a replacement now
+                return container
+            except queue.Empty:
+                pass
+        return self._create(limits)
+
+    # -- runs --------------------------------------------------------------------------------
+    def run(self, command: list[str] | str, files: dict[str, str | bytes] | None = None, stdin: str | bytes | None = None,
+            limits: Limits | None = None) -> ExecResult:
+        limits = limits or self.limits
+        command = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        stdin_bytes = stdin.encode() if isinstance(stdin, str) else stdin
+        started = time.perf_counter()
+        container = self._acquire(limits)
+        try:
+            as_user = ["-u", f"{SANDBOX_UID}:{SANDBOX_UID}"]
+            if files:
+                copied = run_limited([self.docker_cli, "exec", "-i", *as_user, container.id, "tar", "-x", "-C", WORK_DIR],
+                                     stdin=_tar(files), timeout_s=60, output_bytes=1 << 16)
+                if copied.exit_code != 0:
+                    raise SandboxError(f"copying files into the sandbox container failed: {copied.stderr.decode()[-500:]}")
+            remaining = limits.timeout_s - (time.perf_counter() - started)
+            done = run_limited([self.docker_cli, "exec", *(["-i"] if stdin_bytes else []), *as_user, container.id,
+                                "sh", "-c", KILL_LEFTOVERS, "sandbox", *command],
+                               stdin=stdin_bytes, timeout_s=max(remaining, 0.001), output_bytes=limits.output_bytes)
+        finally:
+            threading.Thread(target=self._remove, args=(container,), daemon=True).start()  # kills what is still running
+        stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
+        if done.exit_code in (125, 126, 127) and stderr.startswith(("Error response from daemon", "Error: No such container")):
+            raise SandboxError(f"docker exec failed: {stderr.strip()[-500:]}")
+        killed_for = list(done.killed_for)
+        if done.exit_code == 137 and not killed_for:  # SIGKILL from inside the cgroup: the OOM killer
+            killed_for.append("memory")
+        return ExecResult(exit_code=done.exit_code, stdout=stdout, stderr=stderr, stdout_truncated=done.stdout_truncated,
+                          stderr_truncated=done.stderr_truncated, wall_s=time.perf_counter() - started, cpu_s=None,
+                          backend=self.backend, limits_hit=classify(done.exit_code, stdout, stderr, killed_for, None, limits))
+
+    def close(self) -> None:
+        """Remove every container this sandbox made (pooled and in use)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wanted.release()
+        with self._lock:
+            ids = list(self._mine)
+        for cid in ids:
+            try:
+                self.client.containers.get(cid).remove(force=True)
+            except Exception:
+                pass
+        with self._lock:
+            self._mine.clear()
+        atexit.unregister(self.close)
+
+
+def _tar(files: dict[str, str | bytes]) -> bytes:
+    from envs.sandbox.bwrap import _inside_work
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, content in files.items():
+            _inside_work(name)  # the same rule as bwrap: relative paths inside the work dir
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.gid = len(data), 0o666, SANDBOX_UID, SANDBOX_UID
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
