@@ -2,7 +2,7 @@
 
 Two workloads, each run as a real `cwm-rl train` job (local Ray, one vLLM worker, the trainer)
 in `mode: sync` and `mode: async`, same config otherwise:
-(a) quickstart: the math env (difficulty 1), single turn;
+(a) quickstart: the quickstart's env, 2-digit addition (`cwm_rl/Math-v0`, difficulty 2, operators "+"), single turn;
 (b) env-latency-bound: `bench/SlowMath-v0` (bench/bench_envs/slow_math_env.py), the same env with every step waiting 0.5 s (as a
     sandboxed test run does), so generation is not the only thing to hide.
 A fresh untrained `tiny` model, zero-advantage groups kept (so every step trains on the same
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_job(run_dir: Path, model: Path, mode: str, env: str, steps: int) -> float:
     settings = [
         f"run_dir={run_dir}", f"model.path={model}", f"mode={mode}", f"steps={steps}", "max_minutes=20",
-        f"envs=[{{id: {env}, kwargs: {{difficulty: 1}}}}]", "env_modules=[slow_math_env]",
+        f"envs=[{{id: {env}, kwargs: {{difficulty: 2, operators: \"+\"}}}}]", "env_modules=[slow_math_env]",
         "rollout.group_size=8", "rollout.groups_per_request=4", "rollout.requests_in_flight=4", "buffer_groups=16",
         "rollout.sampling.max_tokens=16", "trainer.batch.step_tokens=512", "trainer.filters.drop_zero_advantage_groups=false",
         "trainer.filters.max_staleness=100", "eval.every_steps=0", "eval.num_tasks=8", "logging.tensorboard=false",

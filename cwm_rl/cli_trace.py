@@ -2,6 +2,7 @@
 
     cwm-rl trace FILE.py::FUNC [--args JSON] [--kwargs JSON] [--json]    # one call's trace
     cwm-rl trace dataset DIR --out FILE.jsonl                             # a folder of functions -> trace data
+    cwm-rl trace generate --difficulty 1 --count 4000 --out FILE.jsonl    # generated programs -> trace data
 
 A dataset folder holds `NAME.py` files, each with a `NAME.inputs.jsonl` beside it: one call per
 line, `{"function": "f", "args": [...], "kwargs": {...}}`. Every call becomes one JSONL record
@@ -21,7 +22,8 @@ from rich.markup import escape
 
 
 def trace(
-    target: Annotated[str, typer.Argument(help="FILE.py::FUNC to trace, or `dataset` to trace a folder (then DIR).")],
+    target: Annotated[str, typer.Argument(help="FILE.py::FUNC to trace, `dataset` to trace a folder (then DIR), or "
+                                               "`generate` to trace generated programs.")],
     directory: Annotated[Path | None, typer.Argument(help="With `dataset`: the folder of NAME.py + NAME.inputs.jsonl.")] = None,
     args: Annotated[str, typer.Option("--args", help="Positional arguments as a JSON list.")] = "[]",
     kwargs: Annotated[str, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = "{}",
@@ -29,10 +31,18 @@ def trace(
     as_json: Annotated[bool, typer.Option("--json", help="Print the tracer's JSON instead of the text trace.")] = False,
     backend: Annotated[str, typer.Option(help="Sandbox backend: bwrap or docker.")] = "bwrap",
     max_events: Annotated[int, typer.Option(help="Stop recording after this many events.")] = 1000,
+    difficulty: Annotated[int, typer.Option(help="With `generate`: the program level (1-4).")] = 1,
+    count: Annotated[int, typer.Option(help="With `generate`: how many programs.")] = 1000,
+    seed: Annotated[int, typer.Option(help="With `generate`: the generator's seed.")] = 0,
 ) -> None:
     """Trace a function call (CWM-style: line, call, return and exception events; changed locals as JSON)."""
     from envs.sandbox import make_sandbox
 
+    if target == "generate":
+        if out is None:
+            raise ValueError("usage: cwm-rl trace generate --difficulty N --count N --out FILE.jsonl")
+        typer.echo(f"wrote {generate_dataset(difficulty, count, seed, out, backend)} traced programs to {out}")
+        return
     if target == "dataset":
         if directory is None or out is None:
             raise ValueError("usage: cwm-rl trace dataset DIR --out FILE.jsonl")
@@ -110,3 +120,31 @@ def trace_dataset(directory: Path, out: Path, sandbox, max_events: int = 1000) -
                 f.write(json.dumps(record) + "\n")
                 count += 1
     return count
+
+
+def generate_dataset(difficulty: int, count: int, seed: int, out: Path, backend: str = "bwrap") -> int:
+    """`count` distinct generated programs at `difficulty`, traced in the sandbox 500 at a time."""
+    import numpy as np
+
+    from envs.sandbox import shared_sandbox
+    from envs.trace import run_traces
+    from envs.trace.programs import generate_program
+    from envs.trace_env import trace_task
+    from rewards.trace import render_trace
+
+    rng, seen, calls = np.random.default_rng(seed), set(), []
+    for _ in range(count * 50):
+        if len(calls) == count:
+            break
+        source, function, args = generate_program(rng, difficulty)
+        if (source, repr(args)) not in seen:
+            seen.add((source, repr(args)))
+            calls.append({"source": source, "function": function, "args": args, "kwargs": {}})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for start in range(0, len(calls), 500):
+            chunk = calls[start:start + 500]
+            for call, result in zip(chunk, run_traces(chunk, sandbox=shared_sandbox(backend)), strict=True):
+                ident = trace_task(call["source"], call["function"], call["args"], level=difficulty).id
+                f.write(json.dumps({"id": ident, **call, **result, "trace": render_trace(result["events"])}) + "\n")
+    return len(calls)

@@ -10,7 +10,8 @@ Two modes:
   the event sequences (1 only for the exact trace).
 
 Programs come from the seeded generator (`difficulty` 1-4: straight-line arithmetic, branches,
-loops, strings and lists) or from `tasks_path` (JSONL made by `cwm-rl trace dataset`). The
+loops, strings and lists) or from `tasks_path` (JSONL made by `cwm-rl trace dataset` or
+`cwm-rl trace generate`, references included). The
 reference comes from running the program under the tracer inside the sandbox.
 """
 

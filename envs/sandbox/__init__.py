@@ -36,10 +36,14 @@ def make_sandbox(backend: str = "bwrap", limits: Limits | None = None, **kwargs)
 
 def shared_sandbox(backend: str = "bwrap") -> Sandbox:
     """This process's sandbox of a backend, made on first use: envs are made per episode, and a Docker
-    pool (or the root check) should not be. Limits are passed per run."""
+    pool (or the root check) should not be. Limits are passed per run. Docker containers are labelled
+    with `$CWM_RL_RUN_ID` (the job sets it to its run's name)."""
+    import os
+
     with _shared_lock:
         if backend not in _shared:
-            _shared[backend] = make_sandbox(backend)
+            run_id = os.environ.get("CWM_RL_RUN_ID")
+            _shared[backend] = make_sandbox(backend, **({"run_id": run_id} if backend == "docker" else {}))
         return _shared[backend]
 
 

@@ -74,16 +74,20 @@ class BwrapSandbox(Sandbox):
         try:
             file_args = self._file_args(files or {}, fds)
             host_uid = HOST_UID_BASE + random.randrange(HOST_UID_SPAN) if os.geteuid() == 0 else None
-            argv = self.entry(limits, host_uid) + self.argv(command, limits, file_args)
+            # Inside, a NUL byte goes to stderr just before the command is exec'd: bwrap's own failures
+            # (before it) come without it, and nothing the program does can remove it.
+            started = ["sh", "-c", 'printf "\\000" >&2; exec "$@"', "sandbox"]
+            argv = self.entry(limits, host_uid) + self.argv(started + command, limits, file_args)
             done = run_limited(argv, stdin=stdin.encode() if isinstance(stdin, str) else stdin, timeout_s=limits.timeout_s,
                                output_bytes=limits.output_bytes, pass_fds=tuple(fds), env={})
         finally:
             for fd in fds:
                 os.close(fd)
-        stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
-        if done.exit_code == 1 and stderr.startswith("bwrap:"):
-            raise SandboxError(f"bubblewrap could not create the sandbox: {stderr.strip()} "
+        if not done.stderr.startswith(b"\0") and not done.killed_for:
+            raise SandboxError(f"bubblewrap could not create the sandbox: {done.stderr.decode(errors='replace').strip()[-500:]} "
                                "(`cwm-rl doctor` checks bubblewrap; the root must be readable by other users)")
+        stderr = (done.stderr[1:] if done.stderr.startswith(b"\0") else done.stderr).decode(errors="replace")
+        stdout = done.stdout.decode(errors="replace")
         return ExecResult(exit_code=done.exit_code, stdout=stdout, stderr=stderr, stdout_truncated=done.stdout_truncated,
                           stderr_truncated=done.stderr_truncated, wall_s=done.wall_s, backend=self.backend,
                           limits_hit=classify(done.exit_code, stdout, stderr, done.killed_for, None, limits))

@@ -156,7 +156,11 @@ class DockerSandbox(Sandbox):
                 return container
             except queue.Empty:
                 pass
-        return self._create(limits)
+        try:
+            return self._create(limits)
+        except Exception as e:  # the daemon refused or is gone: not the program's fault
+            raise SandboxError(f"could not start a sandbox container from {self.image} ({type(e).__name__}: {e}); "
+                               "is dockerd running? (`cwm-rl doctor`)") from e
 
     # -- runs --------------------------------------------------------------------------------
     def run(self, command: list[str] | str, files: dict[str, str | bytes] | None = None, stdin: str | bytes | None = None,
@@ -195,6 +199,7 @@ class DockerSandbox(Sandbox):
             return
         self._closed.set()
         self._wanted.release()
+        self._filler.join(timeout=60)  # a container it is starting now is removed before close returns
         with self._lock:
             ids = list(self._mine)
         for cid in ids:

@@ -24,13 +24,23 @@ class TraceError(RuntimeError):
 def run_trace(source: str, function: str, args: list | tuple = (), kwargs: dict | None = None, *, sandbox=None,
               limits=None, max_events: int = 1000) -> dict[str, Any]:
     """Trace `function(*args, **kwargs)` defined in `source`, inside the sandbox."""
+    return run_traces([{"source": source, "function": function, "args": list(args), "kwargs": kwargs or {}}],
+                      sandbox=sandbox, limits=limits, max_events=max_events)[0]
+
+
+def run_traces(calls: list[dict[str, Any]], *, sandbox=None, limits=None, max_events: int = 1000) -> list[dict[str, Any]]:
+    """Trace many calls (`{"source", "function", "args", "kwargs"}` each) in one sandbox run: one
+    process start for all of them, which matters when making thousands of references."""
     from envs.sandbox import Limits, shared_sandbox
 
     sandbox = sandbox or shared_sandbox("bwrap")
-    request = {"source": source, "function": function, "args": list(args), "kwargs": kwargs or {}, "max_events": max_events}
+    request = {"calls": [{**call, "max_events": max_events} for call in calls]}
+    timeout = 10 + 0.05 * len(calls)
     result = sandbox.run(["python3", "tracer.py"], files={"tracer.py": TRACER_SOURCE}, stdin=json.dumps(request),
-                         limits=limits or Limits(timeout_s=10, output_bytes=8 << 20))
+                         limits=limits or Limits(timeout_s=timeout, cpu_s=int(timeout) + 1, output_bytes=64 << 20))
     if result.exit_code != 0 or result.limits_hit:
         why = f"limits hit: {', '.join(result.limits_hit)}" if result.limits_hit else f"exit code {result.exit_code}"
-        raise TraceError(f"tracing {function} failed ({why}): {result.stderr.strip()[-800:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        name = calls[0]["function"] if len(calls) == 1 else f"{len(calls)} calls"
+        raise TraceError(f"tracing {name} failed ({why}): {result.stderr.strip()[-800:]}")
+    lines = result.stdout.strip().splitlines()
+    return [json.loads(line) for line in lines[-len(calls):]]

@@ -1,6 +1,6 @@
 """A seeded generator of small Python functions to trace, at four levels:
 
-1. straight-line arithmetic      2. branches      3. loops      4. string and list operations
+1. straight-line arithmetic (+ and -)      2. branches      3. loops      4. string and list operations
 
 Each program is one function `f` with its arguments; level 1 is easy enough for a tiny model to
 learn on a CPU. The reference (return value, printed output, trace) comes from running the
@@ -20,7 +20,7 @@ def _n(rng: np.random.Generator, lo: int = 1, hi: int = 10) -> int:
 
 def straight_line(rng: np.random.Generator) -> tuple[str, list]:
     a, b, c = _n(rng), _n(rng), _n(rng)
-    op1, op2 = rng.choice(["+", "-", "*"], size=2)
+    op1, op2 = rng.choice(["+", "-"], size=2)  # additive only: small numbers a tiny model can learn
     source = f"def f(x):\n    y = x {op1} {a}\n    z = y {op2} {b}\n    return z + {c}\n"
     return source, [_n(rng, 0, 20)]
 

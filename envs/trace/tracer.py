@@ -2,7 +2,8 @@
 
 This file runs INSIDE the sandbox as a script (`python3 tracer.py < request.json`), so it
 imports nothing of cwm-rl and only the standard library. The request is
-`{"source", "function", "args", "kwargs", "max_events"}`; it prints one JSON object:
+`{"source", "function", "args", "kwargs", "max_events"}` (or `{"calls": [request, ...]}` to trace
+many calls in one run); it prints one JSON object per call:
 
     {"events": [...], "return_repr": "4", "return": 4, "stdout": "", "exception": null, "truncated": false}
 
@@ -93,7 +94,10 @@ def trace_call(source, function, args=(), kwargs=None, max_events=1000):
 
 
 if __name__ == "__main__":
+    # One request object, or {"calls": [request, ...]}: one JSON line per call, in order.
     request = json.load(sys.stdin)
-    out = trace_call(request["source"], request["function"], request.get("args", []), request.get("kwargs") or {},
-                     request.get("max_events", 1000))
-    sys.stdout.write(json.dumps(out) + "\n")
+    results_out, sys.stdout = sys.stdout, io.StringIO()  # what programs print at module level is not a result
+    for call in request.get("calls", [request]):
+        out = trace_call(call["source"], call["function"], call.get("args", []), call.get("kwargs") or {},
+                         call.get("max_events", 1000))
+        results_out.write(json.dumps(out) + "\n")

@@ -125,3 +125,24 @@ def test_bad_kwargs_are_refused():
         make_env("cwm_rl/Trace-v0", mode="guess")
     with pytest.raises(ValueError, match="difficulty must be one of"):
         make_env("cwm_rl/Trace-v0", difficulty=9)
+
+
+def test_many_calls_trace_in_one_run_and_module_prints_stay_out(sandbox_root):
+    from envs.trace import run_traces
+
+    noisy = "print('imported!')\ndef f(x):\n    print('called', x)\n    return x * 2\n"
+    results = run_traces([{"source": noisy, "function": "f", "args": [i]} for i in range(5)])
+    assert [r["return"] for r in results] == [0, 2, 4, 6, 8]
+    assert [r["stdout"] for r in results] == [f"called {i}\n" for i in range(5)]
+
+
+def test_cli_generate_writes_distinct_traced_programs(sandbox_root, tmp_path):
+    out = tmp_path / "level2.jsonl"
+    r = subprocess.run([sys.executable, "-m", "cwm_rl.cli", "trace", "generate", "--difficulty", "2", "--count", "30",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "wrote 30 traced programs" in r.stdout, r.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["id"] for r in records}) == 30 and all(r["events"][0]["event"] == "call" for r in records)
+    env = make_env("cwm_rl/Trace-v0", mode="output", tasks_path=str(out))
+    env.reset(seed=3)
+    assert env.step(env.reference_action())[1] == 1.0

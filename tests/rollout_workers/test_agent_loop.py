@@ -110,3 +110,16 @@ async def test_remote_env_over_http(engine, server):
     assert traj.task_id == local.reset(seed=5)[1]["task_id"]
     decoded = engine.tokenizer.decode(traj.token_ids)
     assert render(engine.tokenizer, [m.model_dump() for m in traj.messages]).startswith(decoded)
+
+
+async def test_sandboxed_envs_play_on_the_engine(engine, sandbox_root):
+    """Trace-v0 grades each sample against a reference traced in the sandbox, inside the episode's step."""
+    trajs = await run_group(engine, lambda: make_env("cwm_rl/Trace-v0", mode="trace", difficulty=2), env_id="cwm_rl/Trace-v0",
+                            group_size=3, sampling=SAMPLING, limits=EpisodeLimits(max_turns=1, env_timeout_s=30.0), seed=4)
+    assert [t.finish_reason for t in trajs] == ["terminated"] * 3, [t.error for t in trajs]
+    for t in trajs:
+        assert -1.0 <= t.return_ <= 1.0 and "score" in t.reward_details and t.return_ == pytest.approx(
+            -1 + 2 * t.reward_details["score"], abs=1e-3)
+    trajs = await run_group(engine, lambda: make_env("cwm_rl/Code-v0", tool_calls=1), env_id="cwm_rl/Code-v0", group_size=2,
+                            sampling=SAMPLING, limits=EpisodeLimits(max_turns=2, env_timeout_s=30.0), seed=1)
+    assert all(t.finish_reason in ("terminated", "truncated") and t.return_ in (-1.0, 1.0) for t in trajs), [t.error for t in trajs]

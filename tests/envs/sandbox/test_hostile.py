@@ -220,3 +220,22 @@ def test_concurrent_runs(sandbox):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: sandbox.run(["python3", "-c", f"print({i} * 2)"]), range(8)))
     assert [r.stdout for r in results] == [f"{i * 2}\n" for i in range(8)]
+
+
+def test_bwrap_runs_die_with_the_process_that_started_them(bwrap_sandbox):
+    import signal
+    import subprocess
+    import sys
+
+    marker = f"owner-killed-{uuid.uuid4().hex[:8]}"
+    owner = subprocess.Popen([sys.executable, "-c", (
+        "from envs.sandbox import make_sandbox\n"
+        f"print(make_sandbox('bwrap').run(['sh', '-c', 'sleep 1000 # {marker}'], "
+        "limits=__import__('envs.sandbox').sandbox.Limits(timeout_s=600)))\n")])
+    deadline = time.monotonic() + 30
+    while not _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker), "the sandboxed sleep never started"
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert _wait_gone(marker) == [], "a sandboxed process outlived the process that started it (kill -9)"
