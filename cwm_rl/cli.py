@@ -48,6 +48,17 @@ def _kwargs(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _json_option(text: str, name: str, kind: type, example: str) -> dict | list:
+    """A JSON command-line option of the given kind (dict or list), or a ValueError that shows an example."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} {text!r} is not JSON ({e.msg}); e.g. {name} '{example}'") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{name} must be a JSON {'object' if kind is dict else 'list'}, got {text!r}; e.g. {name} '{example}'")
+    return value
+
+
 def _load(modules: list[str]) -> None:
     from envs import load_env_modules
 

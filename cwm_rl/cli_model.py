@@ -81,16 +81,10 @@ def model_sft(
     imports: Annotated[list[str], typer.Option("--import", "-i", help="Module that registers user envs (repeatable).")] = [],
 ) -> None:
     """Warm-start a model by SFT on an env's reference answers; report held-out accuracy before and after."""
-    import json
+    from cwm_rl.cli import _json_option, _load
 
-    try:
-        kwargs = json.loads(env_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--env-kwargs {env_kwargs!r} is not JSON ({e.msg}); pass an object, e.g. '{{\"difficulty\": 1}}'") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object, got {env_kwargs!r}; e.g. '{{\"difficulty\": 1}}'")
+    kwargs = _json_option(env_kwargs, "--env-kwargs", dict, '{"difficulty": 1}')
     _need_training_stack()
-    from cwm_rl.cli import _load
     from cwm_rl.sft import SFTConfig, run_sft
 
     _load(imports)

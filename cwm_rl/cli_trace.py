@@ -56,7 +56,10 @@ def trace(
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a file")
-    call_args, call_kwargs = _json_arg(args, "--args", list), _json_arg(kwargs, "--kwargs", dict)
+    from cwm_rl.cli import _json_option
+
+    call_args = _json_option(args, "--args", list, "[3, [1, 2]]")
+    call_kwargs = _json_option(kwargs, "--kwargs", dict, '{"n": 3}')
     from envs.trace import run_trace
     from rewards.trace import render_event
 
@@ -76,16 +79,6 @@ def trace(
                   else f"[bold red]raised:[/] {escape(result['exception'])}")
     if result["truncated"]:
         console.print(f"[yellow]trace cut at {max_events} events[/]")
-
-
-def _json_arg(text: str, name: str, kind: type):
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name} is not JSON ({e}): {text!r}") from None
-    if not isinstance(value, kind):
-        raise ValueError(f"{name} must be a JSON {'list' if kind is list else 'object'}, got {text!r}")
-    return value
 
 
 def trace_dataset(directory: Path, out: Path, sandbox, max_events: int = 1000) -> int:
