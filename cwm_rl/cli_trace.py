@@ -41,14 +41,16 @@ def trace(
     if target == "generate":
         if out is None:
             raise ValueError("usage: cwm-rl trace generate --difficulty N --count N --out FILE.jsonl")
-        typer.echo(f"wrote {generate_dataset(difficulty, count, seed, out, backend)} traced programs to {out}")
+        with make_sandbox(backend, **({"pool_size": 1} if backend == "docker" else {})) as sandbox:
+            written = write_traces(generated_calls(difficulty, count, seed), out, sandbox, max_events)
+        typer.echo(f"wrote {written} traced programs to {out}")
         return
     if target == "dataset":
         if directory is None or out is None:
             raise ValueError("usage: cwm-rl trace dataset DIR --out FILE.jsonl")
         with make_sandbox(backend, **({"pool_size": 1} if backend == "docker" else {})) as sandbox:
-            count = trace_dataset(directory, out, sandbox, max_events)
-        typer.echo(f"wrote {count} traced calls to {out}")
+            written = write_traces(folder_calls(directory), out, sandbox, max_events)
+        typer.echo(f"wrote {written} traced calls to {out}")
         return
     path_text, sep, function = target.partition("::")
     if not sep or not function:
@@ -81,49 +83,37 @@ def trace(
         console.print(f"[yellow]trace cut at {max_events} events[/]")
 
 
-def trace_dataset(directory: Path, out: Path, sandbox, max_events: int = 1000) -> int:
-    from envs.trace import run_trace
-    from rewards.trace import render_trace
-
+def folder_calls(directory: Path) -> list[tuple[str, dict]]:
+    """(id, call) for every line of every NAME.inputs.jsonl beside a NAME.py in `directory`."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder")
-    programs = sorted(p for p in directory.glob("*.py"))
+    programs = sorted(directory.glob("*.py"))
     if not programs:
         raise ValueError(f"{directory} holds no .py files (each NAME.py needs a NAME.inputs.jsonl beside it)")
-    count = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for program in programs:
-            inputs = program.with_suffix(".inputs.jsonl")
-            if not inputs.is_file():
-                raise FileNotFoundError(f"{program} has no {inputs.name} beside it (one call per line: "
-                                        '{"function": "f", "args": [...], "kwargs": {...}})')
-            source = program.read_text()
-            for index, line in enumerate(inputs.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                call = json.loads(line)
-                if "function" not in call:
-                    raise ValueError(f"{inputs} line {index + 1} has no \"function\"")
-                result = run_trace(source, call["function"], call.get("args", []), call.get("kwargs") or {},
-                                   sandbox=sandbox, max_events=max_events)
-                record = {"id": f"{program.stem}-{call['function']}-{index}", "source": source, "function": call["function"],
-                          "args": call.get("args", []), "kwargs": call.get("kwargs") or {}, **result,
-                          "trace": render_trace(result["events"])}
-                f.write(json.dumps(record) + "\n")
-                count += 1
-    return count
+    calls = []
+    for program in programs:
+        inputs = program.with_suffix(".inputs.jsonl")
+        if not inputs.is_file():
+            raise FileNotFoundError(f"{program} has no {inputs.name} beside it (one call per line: "
+                                    '{"function": "f", "args": [...], "kwargs": {...}})')
+        source = program.read_text()
+        for index, line in enumerate(inputs.read_text().splitlines()):
+            if not line.strip():
+                continue
+            call = json.loads(line)
+            if "function" not in call:
+                raise ValueError(f"{inputs} line {index + 1} has no \"function\"")
+            calls.append((f"{program.stem}-{call['function']}-{index}", {
+                "source": source, "function": call["function"], "args": call.get("args", []), "kwargs": call.get("kwargs") or {}}))
+    return calls
 
 
-def generate_dataset(difficulty: int, count: int, seed: int, out: Path, backend: str = "bwrap") -> int:
-    """`count` distinct generated programs at `difficulty`, traced in the sandbox 500 at a time."""
+def generated_calls(difficulty: int, count: int, seed: int) -> list[tuple[str, dict]]:
+    """(id, call) for `count` distinct generated programs at `difficulty` (fewer if the level has fewer)."""
     import numpy as np
 
-    from envs.sandbox import shared_sandbox
-    from envs.trace import run_traces
     from envs.trace.programs import generate_program
     from envs.trace_env import trace_task
-    from rewards.trace import render_trace
 
     rng, seen, calls = np.random.default_rng(seed), set(), []
     for _ in range(count * 50):
@@ -132,12 +122,21 @@ def generate_dataset(difficulty: int, count: int, seed: int, out: Path, backend:
         source, function, args = generate_program(rng, difficulty)
         if (source, repr(args)) not in seen:
             seen.add((source, repr(args)))
-            calls.append({"source": source, "function": function, "args": args, "kwargs": {}})
+            ident = trace_task(source, function, args, level=difficulty).id
+            calls.append((ident, {"source": source, "function": function, "args": args, "kwargs": {}}))
+    return calls
+
+
+def write_traces(calls: list[tuple[str, dict]], out: Path, sandbox, max_events: int = 1000) -> int:
+    """Trace the calls in the sandbox, 500 per run, and write one JSONL record each (what Trace-v0 reads)."""
+    from envs.trace import run_traces
+    from rewards.trace import render_trace
+
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for start in range(0, len(calls), 500):
             chunk = calls[start:start + 500]
-            for call, result in zip(chunk, run_traces(chunk, sandbox=shared_sandbox(backend)), strict=True):
-                ident = trace_task(call["source"], call["function"], call["args"], level=difficulty).id
+            results = run_traces([call for _, call in chunk], sandbox=sandbox, max_events=max_events)
+            for (ident, call), result in zip(chunk, results, strict=True):
                 f.write(json.dumps({"id": ident, **call, **result, "trace": render_trace(result["events"])}) + "\n")
     return len(calls)

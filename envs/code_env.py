@@ -47,19 +47,17 @@ class CodeEnv(PythonToolMixin, SingleTurnEnv):
         tool_calls: int = 0,
         **kwargs: Any,
     ):
-        from envs.sandbox import BACKENDS, Limits
+        from envs.sandbox import Limits, check_backend
 
         if correct_reward <= wrong_reward:
             raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
-        if sandbox not in BACKENDS:
-            raise ValueError(f"sandbox must be one of {', '.join(BACKENDS)}, got {sandbox!r}")
+        check_backend(sandbox)
         if kind not in (None, "function", "stdio"):
             raise ValueError(f"kind must be 'function', 'stdio' or None (both), got {kind!r}")
         super().__init__(**kwargs)
         self.tasks = read_task_file(tasks_path, load_code_tasks, "code task") if tasks_path else None
         self.kind, self.think, self.partial_credit = kind, think, partial_credit
         self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
-        self.sandbox_backend = sandbox
         self.limits = Limits(timeout_s=test_timeout_s, cpu_s=max(1, int(test_timeout_s)), memory_mb=memory_mb)
         self.system_prompt = PROMPT_THINK if think else PROMPT_PLAIN
         self._setup_python_tool(tool_calls, sandbox, test_timeout_s, memory_mb)

@@ -56,13 +56,11 @@ class PythonToolMixin:
     tool_calls: int = 0
 
     def _setup_python_tool(self, tool_calls: int, sandbox: str, timeout_s: float, memory_mb: int) -> None:
-        from envs.sandbox import BACKENDS, Limits
+        from envs.sandbox import Limits, check_backend
 
         if tool_calls < 0:
             raise ValueError(f"tool_calls must be >= 0, got {tool_calls}")
-        if sandbox not in BACKENDS:
-            raise ValueError(f"sandbox must be one of {', '.join(BACKENDS)}, got {sandbox!r}")
-        self.tool_calls, self.sandbox_backend = tool_calls, sandbox
+        self.tool_calls, self.sandbox_backend = tool_calls, check_backend(sandbox)
         self.tool_limits = Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb, output_bytes=1 << 16)
         self.max_turns = tool_calls + 1
         if tool_calls:

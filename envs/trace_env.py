@@ -76,7 +76,7 @@ def load_trace_tasks(path: str) -> list[Task]:
 class TraceEnv(SingleTurnEnv):
     def __init__(self, mode: str = "output", difficulty: int = 1, tasks_path: str | Path | None = None,
                  correct_reward: float = 1.0, wrong_reward: float = -1.0, sandbox: str = "bwrap", **kwargs: Any):
-        from envs.sandbox import BACKENDS
+        from envs.sandbox import check_backend
 
         if mode not in PROMPTS:
             raise ValueError(f"mode must be 'output' or 'trace', got {mode!r}")
@@ -84,8 +84,7 @@ class TraceEnv(SingleTurnEnv):
             raise ValueError(f"difficulty must be one of {list(LEVELS)}, got {difficulty!r}")
         if correct_reward <= wrong_reward:
             raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
-        if sandbox not in BACKENDS:
-            raise ValueError(f"sandbox must be one of {', '.join(BACKENDS)}, got {sandbox!r}")
+        check_backend(sandbox)
         super().__init__(**kwargs)
         self.tasks = read_task_file(tasks_path, load_trace_tasks, "trace task") if tasks_path else None
         self.mode, self.difficulty, self.sandbox_backend = mode, difficulty, sandbox

@@ -34,10 +34,17 @@ def make_sandbox(backend: str = "bwrap", limits: Limits | None = None, **kwargs)
     raise ValueError(f"unknown sandbox backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
+def check_backend(backend: str) -> str:
+    """`backend` if it names a sandbox backend, else a ValueError an env's bad kwarg gets."""
+    if backend not in BACKENDS:
+        raise ValueError(f"sandbox must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def shared_sandbox(backend: str = "bwrap") -> Sandbox:
     """This process's sandbox of a backend, made on first use: envs are made per episode, and a Docker
     pool (or the root check) should not be. Limits are passed per run. Docker containers are labelled
-    with `$CWM_RL_RUN_ID` (the job sets it to its run's name)."""
+    with `$CWM_RL_RUN_ID` when it is set (the job does not set it yet)."""
     import os
 
     with _shared_lock:
@@ -47,4 +54,4 @@ def shared_sandbox(backend: str = "bwrap") -> Sandbox:
         return _shared[backend]
 
 
-__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "make_sandbox", "shared_sandbox"]
+__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "check_backend", "make_sandbox", "shared_sandbox"]

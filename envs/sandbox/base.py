@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import re
+from pathlib import PurePosixPath
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 LimitName = Literal["timeout", "cpu", "memory", "processes", "output", "file_size", "disk", "open_files", "network"]
 
 WORK_DIR = "/work"  # the program's private writable directory (and its working directory)
+SANDBOX_UID = 1000  # the program's uid and gid inside the sandbox, under every backend
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORK_DIR, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+       "PYTHONUNBUFFERED": "1", "TMPDIR": "/tmp"}  # the program's whole environment
 
 
 class Limits(BaseModel):
@@ -45,7 +49,6 @@ class ExecResult(BaseModel):
     stderr_truncated: bool = False
     limits_hit: list[LimitName] = Field(default_factory=list)
     wall_s: float
-    cpu_s: float | None = Field(default=None, description="User + system CPU of the process tree, where the backend can tell.")
     backend: str
 
     @property
@@ -88,16 +91,26 @@ _SIGNS: dict[str, re.Pattern] = {
     "network": re.compile(r"Network is unreachable|Temporary failure in name resolution|Name or service not known|"
                           r"No address associated with hostname|Connection refused|Cannot assign requested address", re.I),
 }
-SIGXCPU, SIGXFSZ, SIGKILL = 24, 25, 9
+SIGXCPU, SIGXFSZ = 24, 25
 
 
-def classify(exit_code: int | None, stdout: str, stderr: str, killed_for: list[str], cpu_s: float | None,
-             limits: Limits) -> list[str]:
+def work_path(name: str) -> PurePosixPath:
+    """Where a given file lands in the sandbox; names must be relative paths that stay inside the work dir."""
+    if name.startswith("/") or ".." in PurePosixPath(name).parts or not name:
+        raise ValueError(f"sandbox file names are relative paths inside the work dir, got {name!r}")
+    return PurePosixPath(WORK_DIR) / name
+
+
+def as_bytes(data: str | bytes) -> bytes:
+    return data.encode() if isinstance(data, str) else data
+
+
+def classify(exit_code: int | None, stdout: str, stderr: str, killed_for: list[str]) -> list[str]:
     """Which limits a finished command hit: what the sandbox killed it for, the signal that ended it,
     and the errors a program prints when a limit refuses it (a heuristic: named in the docs)."""
     hit = list(killed_for)
     if exit_code is not None and exit_code != 0:
-        if exit_code == 128 + SIGXCPU or (exit_code == 128 + SIGKILL and cpu_s is not None and cpu_s >= limits.cpu_s):
+        if exit_code == 128 + SIGXCPU:
             hit.append("cpu")
         if exit_code == 128 + SIGXFSZ:
             hit.append("file_size")

@@ -16,16 +16,12 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from pathlib import PurePosixPath
 
-from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, classify
+from envs.sandbox.base import ENV, SANDBOX_UID, WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, as_bytes, classify, work_path
 from envs.sandbox.process import run_limited
 from envs.sandbox.rootfs import sandbox_root
 
-SANDBOX_UID = 1000  # the program's uid and gid inside the sandbox
 HOST_UID_BASE, HOST_UID_SPAN = 1_500_000_000, 1 << 24  # host uids drawn per run when we are root
-ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORK_DIR, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
-       "PYTHONUNBUFFERED": "1", "TMPDIR": "/tmp"}
 
 
 class BwrapSandbox(Sandbox):
@@ -78,7 +74,7 @@ class BwrapSandbox(Sandbox):
             # (before it) come without it, and nothing the program does can remove it.
             started = ["sh", "-c", 'printf "\\000" >&2; exec "$@"', "sandbox"]
             argv = self.entry(limits, host_uid) + self.argv(started + command, limits, file_args)
-            done = run_limited(argv, stdin=stdin.encode() if isinstance(stdin, str) else stdin, timeout_s=limits.timeout_s,
+            done = run_limited(argv, stdin=as_bytes(stdin) if stdin is not None else None, timeout_s=limits.timeout_s,
                                output_bytes=limits.output_bytes, pass_fds=tuple(fds), env={})
         finally:
             for fd in fds:
@@ -90,27 +86,21 @@ class BwrapSandbox(Sandbox):
         stdout = done.stdout.decode(errors="replace")
         return ExecResult(exit_code=done.exit_code, stdout=stdout, stderr=stderr, stdout_truncated=done.stdout_truncated,
                           stderr_truncated=done.stderr_truncated, wall_s=done.wall_s, backend=self.backend,
-                          limits_hit=classify(done.exit_code, stdout, stderr, done.killed_for, None, limits))
+                          limits_hit=classify(done.exit_code, stdout, stderr, done.killed_for))
 
     @staticmethod
     def _file_args(files: dict[str, str | bytes], fds: list[int]) -> list[str]:
         args, dirs = [], set()
         for name, content in files.items():
-            path = _inside_work(name)
+            path = work_path(name)
             for parent in reversed(path.parents):
                 if str(parent).startswith(WORK_DIR + "/") and parent not in dirs:
                     dirs.add(parent)
                     args += ["--perms", "0777", "--dir", str(parent)]
             fd = os.memfd_create("sandbox-file")
             fds.append(fd)
-            os.write(fd, content.encode() if isinstance(content, str) else content)
+            os.write(fd, as_bytes(content))
             os.lseek(fd, 0, os.SEEK_SET)
             args += ["--perms", "0666", "--file", str(fd), str(path)]
         return args
 
-
-def _inside_work(name: str) -> PurePosixPath:
-    path = PurePosixPath(WORK_DIR) / name
-    if name.startswith("/") or ".." in PurePosixPath(name).parts or not name:
-        raise ValueError(f"sandbox file names are relative paths inside the work dir, got {name!r}")
-    return path

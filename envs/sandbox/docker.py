@@ -24,8 +24,7 @@ import tarfile
 import threading
 import time
 
-from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, classify
-from envs.sandbox.bwrap import ENV, SANDBOX_UID
+from envs.sandbox.base import ENV, SANDBOX_UID, WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, as_bytes, classify, work_path
 from envs.sandbox.process import run_limited
 
 LABEL = "cwm-rl.sandbox"  # every sandbox container has it
@@ -167,7 +166,7 @@ class DockerSandbox(Sandbox):
             limits: Limits | None = None) -> ExecResult:
         limits = limits or self.limits
         command = ["sh", "-c", command] if isinstance(command, str) else list(command)
-        stdin_bytes = stdin.encode() if isinstance(stdin, str) else stdin
+        stdin_bytes = as_bytes(stdin) if stdin is not None else None
         started = time.perf_counter()
         container = self._acquire(limits)
         try:
@@ -190,8 +189,8 @@ class DockerSandbox(Sandbox):
         if done.exit_code == 137 and not killed_for:  # SIGKILL from inside the cgroup: the OOM killer
             killed_for.append("memory")
         return ExecResult(exit_code=done.exit_code, stdout=stdout, stderr=stderr, stdout_truncated=done.stdout_truncated,
-                          stderr_truncated=done.stderr_truncated, wall_s=time.perf_counter() - started, cpu_s=None,
-                          backend=self.backend, limits_hit=classify(done.exit_code, stdout, stderr, killed_for, None, limits))
+                          stderr_truncated=done.stderr_truncated, wall_s=time.perf_counter() - started,
+                          backend=self.backend, limits_hit=classify(done.exit_code, stdout, stderr, killed_for))
 
     def close(self) -> None:
         """Remove every container this sandbox made (pooled and in use)."""
@@ -213,13 +212,11 @@ class DockerSandbox(Sandbox):
 
 
 def _tar(files: dict[str, str | bytes]) -> bytes:
-    from envs.sandbox.bwrap import _inside_work
-
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, content in files.items():
-            _inside_work(name)  # the same rule as bwrap: relative paths inside the work dir
-            data = content.encode() if isinstance(content, str) else content
+            work_path(name)  # the same rule as bwrap: relative paths inside the work dir
+            data = as_bytes(content)
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.uid, info.gid = len(data), 0o666, SANDBOX_UID, SANDBOX_UID
             tar.addfile(info, io.BytesIO(data))

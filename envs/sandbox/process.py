@@ -1,4 +1,4 @@
-"""Run one process tree with a wall-clock deadline and capped output, and measure it.
+"""Run one process tree with a wall-clock deadline and capped output, and time it.
 
 Shared by the bubblewrap backend and the bare baseline the benchmark compares it with. One
 thread, no polling: a selector waits on stdout, stderr, stdin and the child's pidfd together.
@@ -31,15 +31,14 @@ class Finished:
     stderr_truncated: bool
     killed_for: list[str] = field(default_factory=list)  # "timeout" or "output"
     wall_s: float = 0.0
-    cpu_s: float = 0.0  # user + system of the tree (descendants reaped inside it included)
 
 
-def run_limited(argv: list[str], *, stdin: bytes | None, timeout_s: float, output_bytes: int, preexec_fn=None,
+def run_limited(argv: list[str], *, stdin: bytes | None, timeout_s: float, output_bytes: int,
                 pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None, cwd: str | None = None) -> Finished:
     """Run `argv` in a new session; kill its process group at `timeout_s` or once a stream passes `output_bytes`."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=preexec_fn, pass_fds=pass_fds, env=env, cwd=cwd,
+                            stderr=subprocess.PIPE, pass_fds=pass_fds, env=env, cwd=cwd,
                             start_new_session=True)
     pidfd = os.pidfd_open(proc.pid)
     selector = selectors.DefaultSelector()
@@ -100,7 +99,7 @@ def run_limited(argv: list[str], *, stdin: bytes | None, timeout_s: float, outpu
     finally:
         if killed_for or not exited:
             kill()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status = os.waitpid(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         selector.close()
         os.close(pidfd)
@@ -113,5 +112,4 @@ def run_limited(argv: list[str], *, stdin: bytes | None, timeout_s: float, outpu
     code = proc.returncode
     return Finished(exit_code=None if killed_for else (128 - code if code < 0 else code),
                     stdout=bytes(kept[out_fd]), stderr=bytes(kept[err_fd]), stdout_truncated=truncated[out_fd],
-                    stderr_truncated=truncated[err_fd], killed_for=killed_for, wall_s=time.perf_counter() - started,
-                    cpu_s=usage.ru_utime + usage.ru_stime)
+                    stderr_truncated=truncated[err_fd], killed_for=killed_for, wall_s=time.perf_counter() - started)

@@ -113,17 +113,19 @@ def docker_base_image(client=None, log=None) -> str:
     client = client or docker.from_env()
     root = sandbox_root(log=log)
     tag = f"{DOCKER_REPOSITORY}:{root.name.removeprefix('root-')}"
-    try:
-        client.images.get(tag)
-        return tag
-    except docker.errors.ImageNotFound:
-        pass
-    with _locked(cache_dir() / "sandbox" / "docker-import.lock"):
+
+    def imported() -> bool:
         try:
             client.images.get(tag)
-            return tag
+            return True
         except docker.errors.ImageNotFound:
-            pass
+            return False
+
+    if imported():
+        return tag
+    with _locked(cache_dir() / "sandbox" / "docker-import.lock"):
+        if imported():  # another process imported it while this one waited
+            return tag
         if log:
             log(f"importing the sandbox root into Docker as {tag}")
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
