@@ -26,11 +26,13 @@ app.add_typer(env_app, name="env")
 from cwm_rl.cli_model import model_app  # noqa: E402  (a Typer app; heavy imports stay inside its commands)
 from cwm_rl.cli_rollouts import rollouts_app  # noqa: E402  (the same; the store loads inside its commands)
 from cwm_rl.cli_sandbox import sandbox_app  # noqa: E402  (the same)
+from cwm_rl.cli_swe import swe_app  # noqa: E402  (the same)
 from cwm_rl.cli_trace import trace as trace_command  # noqa: E402  (the same)
 
 app.add_typer(model_app, name="model")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(swe_app, name="swe")
 app.command("trace")(trace_command)
 console = Console()
 

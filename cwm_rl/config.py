@@ -37,6 +37,7 @@ class SFTStageConfig(_Config):
     eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured before and after SFT.")
     eval_every: int = Field(default=0, ge=0, description="Also measure them every this many steps (0: before and after only).")
     stop_at_accuracy: float | None = Field(default=None, gt=0, le=1, description="End the warm start once held-out accuracy reaches this (needs eval_every): a modest start whatever the seed.")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the warm start; None = one per core (nothing else runs yet: the workers start after it).")
 
     @model_validator(mode="after")
     def _check(self) -> SFTStageConfig:
@@ -121,7 +122,7 @@ class JobConfig(_Config):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics sinks.")
     ray_address: str | None = Field(default=None, description="Join this Ray cluster; None = start local Ray.")
-    trainer_threads: int | None = Field(default=1, ge=1, description="torch CPU threads of the trainer (and SFT): 1 leaves the other cores to vLLM; null = torch's default.")
+    trainer_threads: int | None = Field(default=1, ge=1, description="torch CPU threads of the trainer: 1 leaves the other cores to vLLM; null = torch's default (the warm start uses model.sft.threads).")
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:

@@ -208,6 +208,8 @@ class Job:
             found = latest_published(self.trainer.publisher.root)
             if found is not None:
                 self.published = (found[0], str(found[1]))
+        # Sandbox and SWE containers made by this job's envs (in-process, env servers, workers) carry the run's name.
+        os.environ.setdefault("CWM_RL_RUN_ID", self.run_dir.name)
         self._start_env_servers()
         self._start_workers()
         self._start_logging()
@@ -233,7 +235,7 @@ class Job:
             sft = SFTConfig(env_id=c.sft.env_id or first.id, env_kwargs=c.sft.env_kwargs if c.sft.env_kwargs is not None else first.kwargs,
                             steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr, eval_tasks=c.sft.eval_tasks,
                             eval_every=c.sft.eval_every, stop_at_accuracy=c.sft.stop_at_accuracy,
-                            seed=self.config.seed, num_threads=self.config.trainer_threads)
+                            seed=self.config.seed, num_threads=c.sft.threads or os.cpu_count())
             self.view.set_status("warm start (SFT)")
             self._say(f"warm start: SFT {sft.steps} steps on {sft.env_id} ...")
             summary = run_sft(init_dir, sft_dir, sft, force=True)

@@ -27,6 +27,7 @@ BUILTIN_ENVS: dict[str, dict[str, Any]] = {
     f"{NAMESPACE}/Echo-v0": {"entry_point": "envs.echo_env:EchoEnv"},
     f"{NAMESPACE}/Code-v0": {"entry_point": "envs.code_env:CodeEnv"},
     f"{NAMESPACE}/Trace-v0": {"entry_point": "envs.trace_env:TraceEnv"},
+    f"{NAMESPACE}/SWE-v0": {"entry_point": "envs.swe_env:SWEEnv"},
 }
 
 

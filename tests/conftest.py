@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -69,6 +70,8 @@ def no_sandbox_container_left_behind():
 
     for shared in list(sandbox._shared.values()):
         shared.close()
+    if "envs.swe.containers" in sys.modules:  # the SWE env's per-process container pools
+        sys.modules["envs.swe.containers"].close_shared_pools()
     if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
         left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=cwm-rl.sandbox", "--filter",
                                f"label=cwm-rl.owner={socket.gethostname()}:{os.getpid()}"],

@@ -44,7 +44,7 @@ def check_backend(backend: str) -> str:
 def shared_sandbox(backend: str = "bwrap") -> Sandbox:
     """This process's sandbox of a backend, made on first use: envs are made per episode, and a Docker
     pool (or the root check) should not be. Limits are passed per run. Docker containers are labelled
-    with `$CWM_RL_RUN_ID` when it is set (the job does not set it yet)."""
+    with `$CWM_RL_RUN_ID` when it is set (`cwm-rl train` sets it to the run directory's name)."""
     import os
 
     with _shared_lock:

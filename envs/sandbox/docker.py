@@ -105,21 +105,13 @@ class DockerSandbox(Sandbox):
 
     # -- containers --------------------------------------------------------------------------
     def _create(self, limits: Limits):
-        from docker.types import Ulimit
-
-        disk = f"size={limits.disk_mb}m"
         # The keeper (`sleep infinity` under docker-init) runs as the container's root, with no capabilities:
         # programs run as SANDBOX_UID, and their `kill -9 -1` cannot take the container down.
+        disk = f"size={limits.disk_mb}m"
         container = self.client.containers.run(
-            self.image, ["sleep", "infinity"], detach=True, labels=self.labels, network_mode="none", read_only=True,
+            self.image, ["sleep", "infinity"], **container_options(limits, self.labels),
             tmpfs={WORK_DIR: f"{disk},uid={SANDBOX_UID},gid={SANDBOX_UID},exec", "/tmp": disk}, working_dir=WORK_DIR,
-            environment=ENV, hostname="sandbox", cap_drop=["ALL"], security_opt=["no-new-privileges"], init=True,
-            mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m", pids_limit=limits.processes + 2,
-            nano_cpus=10**9, ulimits=[Ulimit(name="cpu", soft=limits.cpu_s, hard=limits.cpu_s + 1),
-                                      Ulimit(name="data", soft=limits.memory_mb << 20, hard=limits.memory_mb << 20),
-                                      Ulimit(name="fsize", soft=limits.file_size_mb << 20, hard=limits.file_size_mb << 20),
-                                      Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files),
-                                      Ulimit(name="core", soft=0, hard=0)])
+            environment=ENV)
         with self._lock:
             self._mine.add(container.id)
         return container
@@ -209,6 +201,23 @@ class DockerSandbox(Sandbox):
         with self._lock:
             self._mine.clear()
         atexit.unregister(self.close)
+
+
+def container_options(limits: Limits, labels: dict[str, str], read_only: bool = True) -> dict:
+    """`containers.run` arguments every sandbox container gets: no network, no capabilities, no new
+    privileges, docker-init as PID 1, one CPU, and cgroup memory (no swap) and process limits plus
+    rlimits on CPU seconds, data size, file size and open files (the SWE env's containers too)."""
+    from docker.types import Ulimit
+
+    return dict(
+        detach=True, labels=labels, network_mode="none", read_only=read_only, hostname="sandbox", cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], init=True, mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m",
+        pids_limit=limits.processes + 2, nano_cpus=10**9,
+        ulimits=[Ulimit(name="cpu", soft=limits.cpu_s, hard=limits.cpu_s + 1),
+                 Ulimit(name="data", soft=limits.memory_mb << 20, hard=limits.memory_mb << 20),
+                 Ulimit(name="fsize", soft=limits.file_size_mb << 20, hard=limits.file_size_mb << 20),
+                 Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files),
+                 Ulimit(name="core", soft=0, hard=0)])
 
 
 def _tar(files: dict[str, str | bytes]) -> bytes:

@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 def host_suite() -> str:
     """The Debian suite this machine runs (its apt sources serve it), e.g. 'bookworm'."""
     try:
-        fields = dict(line.rstrip("\n").split("=", 1) for line in open("/etc/os-release") if "=" in line)
+        fields = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
     except OSError:
         fields = {}
     suite = fields.get("VERSION_CODENAME", "").strip('"')

@@ -1,0 +1,376 @@
+"""Per-episode containers for SWE tasks: a warm pool per task image, a cap on how many exist, and the
+persistent bash session the `bash` tool talks to.
+
+A container serves one episode (or one grading run) and is then removed. It gets the sandbox
+settings of every cwm-rl container (`envs.sandbox.docker.container_options`: no network, no
+capabilities, cgroup memory and process limits, rlimits), a read-only root, and size-capped tmpfs
+at the repository's workdir and /tmp; the agent runs as uid 1000. Images cwm-rl built get the
+repository copied from the image into the workdir's tmpfs when the container starts; a prebuilt
+image (SWE-bench's) runs as its own user with a writable root, its repository where it is.
+
+Labels: `cwm-rl.sandbox`, `cwm-rl.owner` (HOST:PID), `cwm-rl.run` and `cwm-rl.session` (one id per
+container, which is the episode's session id). Containers whose owner died are reaped when the
+next pool starts, by `cwm-rl sandbox reap`, and a pool removes its own on close and at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+from envs.sandbox.base import ENV, SANDBOX_UID, Limits, SandboxError
+from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, _owner, container_options, reap
+from envs.sandbox.process import Finished, run_limited
+from envs.swe.images import REPO_COPY, TASK_REPOSITORY
+
+LABEL_SESSION = "cwm-rl.session"
+LABEL_SWE = "cwm-rl.swe"
+# Bounds of one episode's container (each a whole repository and its test runs, not one program).
+SWE_LIMITS = Limits(timeout_s=60, cpu_s=900, memory_mb=2048, processes=256, file_size_mb=256, disk_mb=512,
+                    open_files=1024, output_bytes=1 << 20)
+USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
+
+
+class SWEContainer:
+    """One started container: `exec` runs a command in it, `shell()` opens the persistent bash."""
+
+    def __init__(self, pool: ContainerPool, container, image: str, workdir: str, managed: bool):
+        self.pool, self.container, self.image, self.workdir, self.managed = pool, container, image, workdir, managed
+        self.id = container.id
+        self.session_id = container.labels.get(LABEL_SESSION, "")
+        self.user = USER if managed else None  # a prebuilt image runs as the user it names
+        self.released = False
+
+    def exec(self, command: list[str] | str, stdin: bytes | None = None, timeout_s: float = 60.0,
+             output_bytes: int = 1 << 20, env: dict[str, str] | None = None) -> Finished:
+        """Run a command in the repository's workdir; `timeout` inside the container kills it at the deadline."""
+        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        user = ["-u", self.user] if self.user else []
+        extra = [f"--env={k}={v}" for k, v in (env or {}).items()]
+        inside = ["timeout", "-s", "KILL", f"{max(timeout_s, 0.01):.2f}", *argv]
+        return run_limited([self.pool.docker_cli, "exec", *(["-i"] if stdin is not None else []), *user, *extra,
+                            "-w", self.workdir, self.id, *inside],
+                           stdin=stdin, timeout_s=timeout_s + 15, output_bytes=output_bytes)
+
+    def write_file(self, path: str, data: bytes) -> Finished:
+        """Write a file (making its folder) as the agent's user."""
+        return self.exec(['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', "write", path], stdin=data, timeout_s=30)
+
+    def read_file(self, path: str, limit: int = 4 << 20) -> Finished:
+        return self.exec(["cat", "--", path], timeout_s=30, output_bytes=limit)
+
+    def shell(self, timeout_s: float = 60.0) -> BashSession:
+        return BashSession(self, default_timeout_s=timeout_s)
+
+    def release(self) -> None:
+        """Remove the container (whatever runs in it dies with it)."""
+        if not self.released:
+            self.released = True
+            self.pool._remove(self.container)
+
+
+class ContainerPool:
+    """Containers of task images for episodes: `acquire(image)` takes a started, prepared one from
+    the warm pool (or starts one when none is ready), at most `max_containers` at a time."""
+
+    def __init__(self, limits: Limits = SWE_LIMITS, pool_size: int = 2, max_containers: int = 16, pool_images: int = 4,
+                 run_id: str | None = None, acquire_timeout_s: float = 600.0):
+        import docker
+
+        if pool_size < 0 or max_containers < 1:
+            raise ValueError(f"pool_size must be >= 0 and max_containers >= 1, got {pool_size} and {max_containers}")
+        self.docker_cli = shutil.which("docker")
+        if self.docker_cli is None:
+            raise SandboxError("the docker CLI is missing: apt-get install docker.io, then start dockerd")
+        try:
+            self.client = docker.from_env(timeout=120)
+            self.client.ping()
+        except Exception as e:
+            raise SandboxError(f"the Docker daemon is not reachable ({type(e).__name__}): start it "
+                               "(dockerd >/var/log/dockerd.log 2>&1 &); SWE envs need Docker") from e
+        self.limits, self.pool_size, self.pool_images = limits, pool_size, pool_images
+        self.max_containers, self.acquire_timeout_s = max_containers, acquire_timeout_s
+        self.run_id = run_id or os.environ.get("CWM_RL_RUN_ID", "")
+        reap(self.client)  # what crashed owners left behind
+        self._slots = threading.BoundedSemaphore(max_containers)
+        self._ready: dict[tuple[str, str], collections.deque] = {}  # (image, workdir) -> started containers, LRU order
+        self._lock = threading.Lock()
+        self._mine: dict[str, object] = {}
+        self._wanted: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._filler = threading.Thread(target=self._fill, name="swe-container-pool", daemon=True)
+        self._filler.start()
+        atexit.register(self.close)
+
+    # -- containers --------------------------------------------------------------------------
+    def _start(self, image: str, workdir: str) -> SWEContainer:
+        """Start and prepare one container; the caller holds a slot."""
+        managed = image.startswith(TASK_REPOSITORY + ":")
+        limits = self.limits
+        labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: self.run_id, LABEL_SWE: "1", LABEL_SESSION: uuid.uuid4().hex[:16]}
+        tmpfs = {"/tmp": f"size={limits.disk_mb}m,exec"}
+        if managed:
+            tmpfs[workdir] = f"size={limits.disk_mb}m,uid={SANDBOX_UID},gid={SANDBOX_UID},exec"
+        # The keeper (`sleep infinity` under docker-init) runs as the container's root with no capabilities:
+        # the agent runs as uid 1000 and cannot stop it.
+        container = self.client.containers.run(
+            image, ["sleep", "infinity"], **container_options(limits, labels, read_only=managed), tmpfs=tmpfs,
+            working_dir=workdir, environment={**ENV, "HOME": "/tmp", "TZ": "UTC"})
+        with self._lock:
+            self._mine[container.id] = container
+        started = SWEContainer(self, container, image, workdir, managed)
+        if managed:
+            copied = started.exec(["cp", "-R", "--preserve=mode,timestamps", f"{REPO_COPY}/.", workdir + "/"], timeout_s=120)
+            if copied.exit_code != 0:
+                started.release()
+                raise SandboxError(f"copying the repository into a container of {image} failed: "
+                                   f"{(copied.stdout + copied.stderr).decode(errors='replace')[-500:]}")
+        return started
+
+    def _remove(self, container) -> None:
+        try:
+            container.remove(force=True)
+        except Exception:  # already gone (or the daemon is): the reaper gets it later
+            pass
+        with self._lock:
+            known = self._mine.pop(container.id, None)
+        if known is not None:
+            self._slots.release()
+
+    def _fill(self) -> None:
+        while not self._closed.is_set():
+            key = self._wanted.get()
+            if key is None:
+                return
+            if not self._slots.acquire(blocking=False):  # at the cap: episodes come first
+                continue
+            try:
+                started = self._start(*key)
+            except Exception:  # daemon trouble: acquire starts containers itself and reports the error
+                self._slots.release()
+                time.sleep(0.5)
+                continue
+            with self._lock:
+                ready = self._ready.get(key)
+                if ready is None or self._closed.is_set():
+                    ready = None
+                else:
+                    ready.append(started)
+            if ready is None:  # the image left the pool (or the pool closed) while it started
+                started.release()
+
+    def warm(self, image: str, workdir: str = "/testbed") -> None:
+        """Start `pool_size` containers of `image` in the background (acquire does this for the next episode)."""
+        key = (image, workdir)
+        with self._lock:
+            if key not in self._ready:
+                self._ready[key] = collections.deque()
+                evicted = list(self._ready)[:-self.pool_images] if len(self._ready) > self.pool_images else []
+                stale = [c for k in evicted for c in self._ready.pop(k)]
+            else:
+                self._ready[key] = self._ready.pop(key)  # most recently used last
+                stale = []
+            missing = self.pool_size - len(self._ready[key]) - self._wanted.qsize()
+        for container in stale:
+            container.release()
+        for _ in range(max(missing, 0)):
+            self._wanted.put(key)
+
+    def ready(self, image: str, workdir: str = "/testbed") -> int:
+        """How many started containers of `image` wait in the pool."""
+        with self._lock:
+            return len(self._ready.get((image, workdir), ()))
+
+    def acquire(self, image: str, workdir: str = "/testbed") -> SWEContainer:
+        """A started container of `image` with the repository in `workdir`, for one episode; `release()` it."""
+        if self._closed.is_set():
+            raise SandboxError("the SWE container pool is closed")
+        key = (image, workdir)
+        with self._lock:
+            ready = self._ready.get(key)
+            started = ready.popleft() if ready else None
+        if self.pool_size:
+            self.warm(image, workdir)  # refill behind this episode
+        if started is not None:
+            return started
+        if not self._slots.acquire(timeout=self.acquire_timeout_s):
+            raise SandboxError(f"no container slot within {self.acquire_timeout_s:g} s: {self.max_containers} SWE containers "
+                               "are in use (raise max_containers, or run fewer episodes at once)")
+        try:
+            return self._start(image, workdir)
+        except SandboxError:
+            raise
+        except Exception as e:  # the slot is freed by _remove when the container exists, else here
+            self._slots.release()
+            raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
+
+    def close(self) -> None:
+        """Remove every container this pool made (warm and in use)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wanted.put(None)
+        self._filler.join(timeout=120)
+        with self._lock:
+            containers = list(self._mine.values())
+            self._ready.clear()
+        for container in containers:
+            self._remove(container)
+        atexit.unregister(self.close)
+
+
+_shared: dict[tuple, ContainerPool] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_pool(**kwargs) -> ContainerPool:
+    """This process's pool for the given settings (envs are made per episode; the pool is not)."""
+    key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    with _shared_lock:
+        pool = _shared.get(key)
+        if pool is None or pool._closed.is_set():
+            pool = _shared[key] = ContainerPool(**kwargs)
+        return pool
+
+
+def close_shared_pools() -> None:
+    with _shared_lock:
+        pools = list(_shared.values())
+        _shared.clear()
+    for pool in pools:
+        pool.close()
+
+
+class BashSession:
+    """A persistent bash in a container: cwd, variables and functions carry over between commands.
+
+    Each command is sent base64-encoded and `eval`ed with stdin from /dev/null and stderr into
+    stdout, followed by a marker line carrying a fresh nonce and the exit status, so the output
+    ends exactly where the marker is. A command that runs past its timeout (or prints more than
+    `hard_output_bytes`) is killed with everything else the agent runs, except the shell; if the
+    shell itself exits (`exit`, the OOM killer), a new one starts in the workdir. Output past
+    `hard_output_bytes` is dropped as it arrives (the last 4 KiB are kept).
+    """
+
+    TAIL = 4096
+
+    def __init__(self, container: SWEContainer, default_timeout_s: float = 60.0, hard_output_bytes: int = 4 << 20):
+        self.container, self.default_timeout_s, self.hard_output_bytes = container, default_timeout_s, hard_output_bytes
+        self.proc: subprocess.Popen | None = None
+        self._changed = threading.Condition()
+        self._start()
+
+    def _start(self) -> None:
+        user = ["-u", self.container.user] if self.container.user else []
+        proc = subprocess.Popen([self.container.pool.docker_cli, "exec", "-i", *user, "-w", self.container.workdir,
+                                 self.container.id, "bash", "--noprofile", "--norc"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+        with self._changed:
+            self.proc, self._eof = proc, False
+            self._clear()
+        self._reader = threading.Thread(target=self._read, args=(proc,), name="swe-bash-reader", daemon=True)
+        self._reader.start()
+        output, status, _ = self.run("exec 2>&1; echo $$", timeout_s=30)
+        if status != 0 or not output.strip().isdigit():
+            raise SandboxError(f"the bash session did not start in container {self.container.id[:12]}: {output[-300:]!r}")
+        self.pid = int(output.strip())
+
+    def _clear(self) -> None:
+        self._head, self._tail, self._dropped = bytearray(), bytearray(), 0
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        while True:
+            chunk = proc.stdout.read(65536)
+            with self._changed:
+                if proc is not self.proc:
+                    return
+                if not chunk:
+                    self._eof = True
+                elif len(self._head) + len(chunk) <= self.hard_output_bytes:
+                    self._head += chunk
+                else:
+                    room = max(self.hard_output_bytes - len(self._head), 0)
+                    self._head += chunk[:room]
+                    self._tail += chunk[room:]
+                    if len(self._tail) > self.TAIL:
+                        self._dropped += len(self._tail) - self.TAIL
+                        del self._tail[:-self.TAIL]
+                self._changed.notify_all()
+            if not chunk:
+                return
+
+    def _output(self, marker: bytes) -> tuple[bytes, bytes | None]:
+        """(output so far, the status after the marker once the whole marker line arrived, else None)."""
+        text = bytes(self._head) + (f"\n...[{self._dropped} bytes cut]...\n".encode() if self._dropped else b"") + bytes(self._tail)
+        found = text.find(marker)
+        if found < 0 or b"\n" not in text[found:]:
+            return text, None
+        output = text[:found]
+        return (output[:-1] if output.endswith(b"\n") else output), text[found + len(marker):].split(b"\n", 1)[0].strip()
+
+    def run(self, command: str, timeout_s: float | None = None) -> tuple[str, int | None, list[str]]:
+        """Run one command: (output, exit status or None when it was killed, notes such as "timeout")."""
+        timeout_s = timeout_s or self.default_timeout_s
+        marker = f"__cwm_rl_done_{uuid.uuid4().hex}__".encode()
+        encoded = base64.b64encode(command.encode()).decode()
+        script = f'eval "$(printf %s {encoded} | base64 -d)" </dev/null\nprintf "\\n{marker.decode()} %s\\n" "$?"\n'
+        notes: list[str] = []
+        with self._changed:
+            self._clear()
+        try:
+            self.proc.stdin.write(script.encode())
+        except (BrokenPipeError, OSError):
+            self._restart(notes, "the shell had exited")
+            return "", None, notes
+        deadline, killed = time.monotonic() + timeout_s, False
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._output(marker)[1] is not None or self._eof or time.monotonic() >= deadline
+                                       or (not killed and len(self._tail) > 0), timeout=max(deadline - time.monotonic(), 0))
+                output, status = self._output(marker)
+                eof, over = self._eof, len(self._tail) > 0
+            text = output.decode(errors="replace")
+            if status is not None:
+                return text, (None if killed else int(status or b"0")), notes
+            if eof or killed and time.monotonic() >= deadline:
+                self._restart(notes, "the shell exited" if eof else "the shell did not answer after the kill")
+                return text, None, notes
+            if not killed:
+                notes.append("output limit: killed" if over else f"timeout: killed after {timeout_s:g} s")
+                killed = True
+                self._kill_others()
+                deadline = time.monotonic() + 10
+
+    def _kill_others(self) -> None:
+        """Kill every process the agent runs but the shell and the container's keeper (the command and what it started)."""
+        uid_test = f'$2 == "{SANDBOX_UID}"' if self.container.user else "1"
+        script = (f"keep=\" 1 {self.pid} $$ $PPID $(ps -o pid= -C sleep --ppid 1 | head -n 1) \"; "
+                  f"for p in $(ps -e -o pid= -o uid= | awk '{uid_test} {{print $1}}'); do "
+                  f'case "$keep" in *" $p "*) ;; *) kill -9 "$p" 2>/dev/null;; esac; done; true')
+        self.container.exec(["sh", "-c", script], timeout_s=15)
+
+    def _restart(self, notes: list[str], why: str) -> None:
+        self.close()
+        notes.append(f"{why}; a new shell was started in {self.container.workdir}")
+        self._start()
+
+    def close(self) -> None:
+        with self._changed:
+            proc, self.proc = self.proc, None
+        if proc is not None:
+            for action in (proc.stdin.close, proc.kill):
+                try:
+                    action()
+                except OSError:
+                    pass
+            proc.wait(timeout=10)
+            self._reader.join(timeout=10)  # it reads to EOF, then the pipe can close
+            proc.stdout.close()

@@ -1,0 +1,232 @@
+"""`cwm_rl/SWE-v0`: resolve a GitHub-style issue in a repository in Docker, judged by hidden tests.
+
+An episode gets its own container of the task's image (from a warm pool, `envs.swe.containers`)
+with the repository at its base commit in /testbed. Each turn the model uses one tool
+(`envs.swe.tools`: bash in a persistent shell, edit, create, submit); every observation is a
+`tool` message ending with a budget notice (turns left, and about how many tokens: the env
+counts 4 characters of text as a token, the worker's `max_total_tokens` is the exact bound).
+
+`submit` ends the episode: the diff against the base commit is graded in a FRESH container
+(`envs.swe.grading`): reward `correct_reward` (+1) when every FAIL_TO_PASS and PASS_TO_PASS test
+passes, else `wrong_reward` (-1), plus `gold_similarity` x the similarity of the patch to the
+gold one (0 by default). An episode that runs out of turns or passes `episode_timeout_s` without
+a submission gets `wrong_reward` and is truncated. A malformed call gets an error observation
+(`malformed="error"`) or ends the episode with `wrong_reward` (`malformed="end"`).
+
+Tasks: `tasks_path` (SWE-bench JSONL, `envs.swe.tasks`), by default the three repositories shipped
+in `envs/swe/data`. Images are built offline on first use (`cwm-rl swe build-base`, `swe validate`).
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from cwm_rl.types import Task
+from envs.base import TextEnv
+from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
+from envs.swe.tools import TOOLS_PROMPT, apply_edit, parse_create, parse_edit, parse_tool_call
+
+CHARS_PER_TOKEN = 4
+EXCLUDE = ("':(exclude,glob)**/__pycache__/**'", "':(exclude,glob)**/.pytest_cache/**'")
+
+
+class SWEEnv(TextEnv):
+    def __init__(
+        self,
+        tasks_path: str | Path | None = None,
+        instance_ids: list[str] | None = None,
+        max_turns: int = 30,
+        episode_timeout_s: float = 1800.0,
+        command_timeout_s: float = 60.0,
+        output_chars: int = 8000,
+        token_budget: int = 32768,
+        malformed: str = "error",
+        correct_reward: float = 1.0,
+        wrong_reward: float = -1.0,
+        gold_similarity: float = 0.0,
+        test_timeout_s: float = 600.0,
+        pool_size: int = 2,
+        max_containers: int = 16,
+        memory_mb: int = 2048,
+        **kwargs: Any,
+    ):
+        if malformed not in ("error", "end"):
+            raise ValueError(f"malformed must be 'error' (an error observation) or 'end' (end the episode), got {malformed!r}")
+        if correct_reward <= wrong_reward:
+            raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
+        if command_timeout_s <= 0 or episode_timeout_s <= 0 or output_chars < 100:
+            raise ValueError("command_timeout_s and episode_timeout_s must be > 0 and output_chars >= 100")
+        super().__init__(max_turns=max_turns, **kwargs)
+        self.tasks = load_tasks(tasks_path or SHIPPED_TASKS)
+        if instance_ids is not None:
+            unknown = set(instance_ids) - {t.id for t in self.tasks}
+            if unknown:
+                raise ValueError(f"unknown instance_ids {sorted(unknown)}; the tasks file has {[t.id for t in self.tasks][:10]}")
+            self.tasks = [t for t in self.tasks if t.id in set(instance_ids)]
+        self.episode_timeout_s, self.command_timeout_s, self.output_chars = episode_timeout_s, command_timeout_s, output_chars
+        self.token_budget, self.malformed, self.gold_similarity = token_budget, malformed, gold_similarity
+        self.correct_reward, self.wrong_reward, self.test_timeout_s = correct_reward, wrong_reward, test_timeout_s
+        self.pool_settings = {"pool_size": pool_size, "max_containers": max_containers, "memory_mb": memory_mb}
+        self.container = self.shell = None
+        self.instance: SWEInstance | None = None
+
+    # -- the episode's container ---------------------------------------------------------------
+    def _pool(self):
+        from envs.sandbox.base import Limits
+        from envs.swe.containers import SWE_LIMITS, shared_pool
+
+        s = self.pool_settings
+        limits = Limits(**{**SWE_LIMITS.model_dump(), "memory_mb": s["memory_mb"]})
+        return shared_pool(limits=limits, pool_size=s["pool_size"], max_containers=s["max_containers"])
+
+    def _image(self) -> str:
+        from envs.swe.images import task_image
+
+        return task_image(self.instance, self._pool().client)
+
+    def _release(self) -> None:
+        if self.shell is not None:
+            self.shell.close()
+        if self.container is not None:
+            self.container.release()
+        self.container = self.shell = None
+
+    def sample_task(self) -> Task:
+        return self.tasks[int(self.np_random.integers(len(self.tasks)))]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        self._release()
+        observation, info = super().reset(seed=seed, options=options)
+        self.instance = SWEInstance.from_task(self.task)
+        self.container = self._pool().acquire(self._image(), self.instance.workdir)
+        self.shell = self.container.shell(self.command_timeout_s)
+        base, status, _ = self.shell.run("git rev-parse HEAD", timeout_s=30)
+        self.base_commit = base.strip() if status == 0 else self.instance.base_commit
+        self.started = time.monotonic()
+        self.tokens_used = sum(len(m["content"]) for m in observation) // CHARS_PER_TOKEN
+        self.submitted_patch: str | None = None
+        return observation, {**info, "session_id": self.container.session_id}
+
+    def first_messages(self, task: Task) -> list[dict[str, str]]:
+        turns = f"{self.max_turns} turns" if self.max_turns else "unlimited turns"
+        workdir = SWEInstance.from_task(task).workdir
+        return [{"role": "system", "content": TOOLS_PROMPT.format(workdir=workdir, timeout=self.command_timeout_s)},
+                {"role": "user", "content": f"<issue>\n{task.prompt.strip()}\n</issue>\n\n[budget: {turns}, about "
+                                            f"{self.token_budget} tokens]"}]
+
+    # -- a turn ----------------------------------------------------------------------------------
+    def respond(self, action: str):
+        self.tokens_used += len(action) // CHARS_PER_TOKEN
+        if time.monotonic() - self.started > self.episode_timeout_s:
+            return self._end_unsubmitted(f"the episode passed its {self.episode_timeout_s:g} s deadline", truncated=True)
+        call, error = parse_tool_call(action)
+        info: dict[str, Any] = {"tool": call.name if call else None, "tool_error": error}
+        if call is not None and call.name == "submit":
+            return self._submit()
+        if call is not None:
+            try:
+                text = self._run_tool(call.name, call.body)
+            except ValueError as e:
+                text, info["tool_error"] = f"error: {e}", str(e)
+        else:
+            text = f"error: {error}"
+            if self.malformed == "end":
+                self._release()
+                return [{"role": "tool", "content": text}], self.wrong_reward, True, False, {**info, "reason": "malformed tool call"}
+        last_turn = self.max_turns is not None and self.num_turns + 1 >= self.max_turns
+        if last_turn:
+            self._release()
+            return [{"role": "tool", "content": text}], self.wrong_reward, False, False, {**info, "reason": "no submission within max_turns"}
+        text += self._budget_notice(text)
+        return [{"role": "tool", "content": text}], 0.0, False, False, info
+
+    def _budget_notice(self, text: str) -> str:
+        self.tokens_used += len(text) // CHARS_PER_TOKEN
+        turns = "" if self.max_turns is None else f"{self.max_turns - self.num_turns - 1} turns left, "
+        return f"\n\n[budget: {turns}about {max(self.token_budget - self.tokens_used, 0)} tokens left]"
+
+    def _run_tool(self, name: str, body: str) -> str:
+        if name == "bash":
+            if not body.strip():
+                raise ValueError("the bash call is empty: put a command between <tool: bash> and </tool>")
+            output, status, notes = self.shell.run(body, self.command_timeout_s)
+            return self._clip(output) + "".join(f"\n[{note}]" for note in ([f"exit status {status}"] if status else []) + notes)
+        if name == "create":
+            path, content = parse_create(body)
+            written = self.container.write_file(self._path(path), content.encode())
+            if written.exit_code != 0:
+                raise ValueError(f"could not write {path}: {written.stderr.decode(errors='replace').strip()[-300:]}")
+            return f"created {path} ({len(content.splitlines())} lines)"
+        path, blocks = parse_edit(body)
+        read = self.container.read_file(self._path(path))
+        if read.exit_code != 0:
+            raise ValueError(f"cannot read {path}: {read.stderr.decode(errors='replace').strip()[-300:]} (create makes new files)")
+        text = read.stdout.decode(errors="replace")
+        updated = apply_edit(text, blocks)
+        written = self.container.write_file(self._path(path), updated.encode())
+        if written.exit_code != 0:
+            raise ValueError(f"could not write {path}: {written.stderr.decode(errors='replace').strip()[-300:]}")
+        first = updated.find(blocks[0][1]) if blocks[0][1] else text.find(blocks[0][0])
+        line = updated.count("\n", 0, max(first, 0)) + 1
+        return f"edited {path}: {len(blocks)} block(s) replaced, the first at line {line}"
+
+    def _path(self, path: str) -> str:
+        return path if path.startswith("/") else f"{self.instance.workdir}/{path}"
+
+    def _clip(self, text: str) -> str:
+        if len(text) <= self.output_chars:
+            return text
+        half = self.output_chars // 2
+        return f"{text[:half]}\n...[{len(text) - 2 * half} characters cut]...\n{text[-half:]}"
+
+    def diff(self) -> str:
+        """The episode's changes against the base commit (new files included), as a git patch."""
+        command = f"git add -A -- . {' '.join(EXCLUDE)} && git diff --cached --no-color --binary {shlex.quote(self.base_commit)}"
+        output, status, notes = self.shell.run(command, timeout_s=60)
+        if status != 0:
+            raise RuntimeError(f"could not take the diff in the episode's container: {output[-500:]} {notes}")
+        return output + "\n" if output and not output.endswith("\n") else output
+
+    def _submit(self):
+        from envs.swe.grading import grade_patch
+        from rewards.swe import patch_similarity
+
+        patch = self.diff()
+        self.submitted_patch = patch
+        self._release()
+        grade = grade_patch(self._pool(), self._image(), self.instance, patch, timeout_s=self.test_timeout_s)
+        reward = self.correct_reward if grade.resolved else self.wrong_reward
+        similarity = patch_similarity(patch, self.instance.patch) if self.instance.patch else None
+        if self.gold_similarity and similarity is not None:
+            reward += self.gold_similarity * similarity
+        info = {"tool": "submit", "patch": patch, "gold_similarity": similarity, **grade.as_info()}
+        verdict = "resolved" if grade.resolved else f"not resolved ({len(grade.failing)} hidden test(s) failing)"
+        return [{"role": "tool", "content": f"submitted: {verdict}"}], reward, True, False, info
+
+    def _end_unsubmitted(self, why: str, truncated: bool):
+        self._release()
+        return [{"role": "tool", "content": f"episode over: {why}"}], self.wrong_reward, False, truncated, {"reason": why}
+
+    # -- checks and SFT ----------------------------------------------------------------------------
+    def reference_action(self) -> str | None:
+        """Apply the gold patch with one bash call, then submit."""
+        if self.instance is None or not self.instance.patch:
+            return None
+        if self.num_turns == 0:
+            return f"<tool: bash>\ngit apply <<'CWM_RL_GOLD_PATCH'\n{self.instance.patch.rstrip()}\nCWM_RL_GOLD_PATCH\n</tool>"
+        return "<tool: submit>\n</tool>"
+
+    def reward_hack_probes(self) -> dict[str, str]:
+        """One-turn probes (`cwm-rl env check`); multi-turn hacks (a conftest hook, a forged report) are in the tests."""
+        return {"submit_nothing": "<tool: submit>\n</tool>"}
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "session_id": self.container.session_id if self.container else None,
+                "tokens_used_estimate": getattr(self, "tokens_used", 0), "submitted_patch": getattr(self, "submitted_patch", None)}
+
+    def close(self) -> None:
+        self._release()
+        super().close()

@@ -1,0 +1,354 @@
+"""`cwm_rl/SWE-v0` on real Docker: images built offline, the shipped tasks validated, episodes played
+in-process and through a real env server over HTTP, hostile commands contained, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from envs.sandbox.base import SandboxError
+from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[3]
+CLI = [sys.executable, "-m", "cwm_rl.cli"]
+
+
+@pytest.fixture(scope="module")
+def pool(sandbox_root, docker_ready):
+    from envs.swe.containers import SWE_LIMITS, ContainerPool
+
+    limits = SWE_LIMITS.model_copy(update={"memory_mb": 512, "processes": 64})
+    pool = ContainerPool(limits=limits, pool_size=1, max_containers=8, run_id="pytest-swe")
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def minicalc(pool):
+    from envs.swe.images import task_image
+
+    instance = next(SWEInstance.from_task(t) for t in load_tasks() if t.id == "cwm-rl__minicalc-1")
+    return instance, task_image(instance, pool.client)
+
+
+def _make_env(**kwargs):
+    from envs.registry import make_env
+
+    return make_env("cwm_rl/SWE-v0", **{"instance_ids": ["cwm-rl__minicalc-1"], "command_timeout_s": 5, "memory_mb": 512,
+                                         "pool_size": 1, **kwargs})
+
+
+def _containers(label: str) -> list[str]:
+    return subprocess.run(["docker", "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True).stdout.split()
+
+
+def test_build_base_and_validate_the_shipped_tasks(sandbox_root, docker_ready):
+    base = subprocess.run(CLI + ["swe", "build-base"], capture_output=True, text=True, cwd=REPO)
+    assert base.returncode == 0, base.stderr
+    tag = base.stdout.strip()
+    assert tag.startswith("cwm-rl/sandbox-base:") and subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0
+    done = subprocess.run(CLI + ["swe", "validate", "--json", "--jobs", "2"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(r["instance_id"] for r in rows) == sorted(t.id for t in load_tasks())
+    assert all(r["ok"] and r["gold_resolved"] and not r["empty_resolved"] for r in rows), rows
+
+
+def test_validate_reports_a_broken_instance(tmp_path, sandbox_root, docker_ready):
+    row = json.loads(SHIPPED_TASKS.read_text().splitlines()[0])
+    row["repo_dir"] = str(SHIPPED_TASKS.parent / row["repo_dir"])
+    row["FAIL_TO_PASS"] = row["PASS_TO_PASS"][:1]  # passes without the fix: not a valid instance
+    row["patch"] = row["patch"].replace("+", "+#", 3)  # and a gold patch that no longer fixes anything
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    done = subprocess.run(CLI + ["swe", "validate", str(path), "--json"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 1
+    problem = json.loads(done.stdout.splitlines()[0])["problem"]
+    assert "FAIL_TO_PASS tests pass without a fix" in problem or "resolves it" in problem, problem
+
+
+def test_task_image_holds_only_the_base_commit(tmp_path, pool):
+    """A repo_dir that is a git repository with later commits, a tag, a remote and a second branch."""
+    from envs.swe.images import task_image
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "m.py").write_text("X = 1\n")
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "base"], check=True)
+    base = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (repo / "m.py").write_text("X = 2  # the future fix\n")
+    subprocess.run(git + ["commit", "-qam", "fix"], check=True)
+    subprocess.run(git + ["tag", "v1"], check=True)
+    subprocess.run(git + ["branch", "other"], check=True)
+    subprocess.run(git + ["remote", "add", "origin", "https://example.invalid/x.git"], check=True)
+    instance = SWEInstance(instance_id=f"hygiene-{uuid.uuid4().hex[:6]}", base_commit=base, problem_statement="p",
+                           test_patch="x", FAIL_TO_PASS=["t.py::t"], repo_dir=str(repo))
+    image = task_image(instance, pool.client)
+    container = pool.acquire(image)
+    try:
+        shell = container.shell()
+        out, status, _ = shell.run("git rev-parse HEAD; git rev-list --all | wc -l; git branch -a | wc -l; git tag | wc -l; "
+                                   "git remote | wc -l; git reflog | wc -l; cat m.py; git log --all --oneline | grep -c fix; true")
+        shell.close()
+    finally:
+        container.release()
+        pool.client.images.remove(image, force=True)
+    assert status == 0 and out.split() == [base, "1", "1", "0", "0", "0", "X", "=", "1", "0"], out
+
+
+def test_bash_session_persists_and_survives_timeouts_exits_and_floods(pool, minicalc):
+    _, image = minicalc
+    container = pool.acquire(image)
+    try:
+        shell = container.shell(timeout_s=3)
+        assert shell.run("cd minicalc && export X=7 && f() { echo fn; }")[1] == 0
+        out, status, notes = shell.run("pwd; echo $X; f; false")
+        assert out.split() == ["/testbed/minicalc", "7", "fn"] and status == 1 and not notes
+        started = time.monotonic()
+        out, status, notes = shell.run("sleep 60 & sleep 60; echo never")  # the background sleep dies too
+        assert status is None and notes and notes[0].startswith("timeout") and time.monotonic() - started < 20
+        out, status, _ = shell.run("pwd; ps -e -o comm= | grep -c '^sleep$'")
+        assert out.split() == ["/testbed/minicalc", "1"] and status == 0  # cwd kept; only the container's keeper sleeps
+        out, status, notes = shell.run("head -c 50000000 /dev/zero | tr '\\0' y")
+        assert status is None and "output limit" in notes[0] and len(out) < 5 << 20
+        out, status, notes = shell.run("exit 4")
+        assert status is None and "new shell" in notes[-1]
+        assert shell.run("pwd")[0].strip() == "/testbed"
+        out, status, notes = shell.run("kill -9 -1")  # kills the shell and everything of its user: the container stays
+        assert shell.run("echo alive")[0].strip() == "alive"
+        shell.close()
+    finally:
+        container.release()
+
+
+@pytest.fixture
+def host_server():
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], hits
+    server.shutdown()
+
+
+def test_hostile_commands_stay_in_the_container(tmp_path, pool, minicalc, host_server):
+    port, hits = host_server
+    secret = tmp_path / f"secret-{uuid.uuid4().hex}"
+    secret.write_text("host secret")
+    _, image = minicalc
+    mine, other = pool.acquire(image), pool.acquire(image)
+    try:
+        shell, neighbour = mine.shell(timeout_s=20), other.shell(timeout_s=20)
+        neighbour.run("echo neighbour-data > /tmp/neighbour.txt; sleep 300 &")
+        out, _, _ = shell.run(f"python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/x', timeout=3)\" 2>&1 | tail -n 1;"
+                              f" python3 -c \"import socket; socket.create_connection(('172.17.0.1', {port}), timeout=3)\" 2>&1 | tail -n 1;"
+                              " getent hosts deb.debian.org || echo no-dns")
+        # 127.0.0.1 is the container's own loopback (nothing listens there); the host's bridge is unreachable
+        assert out.splitlines() == ["urllib.error.URLError: <urlopen error [Errno 111] Connection refused>",
+                                    "OSError: [Errno 101] Network is unreachable", "no-dns"], out
+        out, _, _ = shell.run(f"cat {secret} 2>&1; ls /var/run/docker.sock 2>&1; ls {REPO} 2>&1; cat /tmp/neighbour.txt 2>&1;"
+                              " ps -e -o comm= | grep -c sleep; touch /etc/x 2>&1; touch /usr/lib/x 2>&1; id -u")
+        assert "host secret" not in out and "neighbour-data" not in out
+        assert out.count("No such file or directory") >= 4 and out.count("Read-only file system") == 2, out
+        assert out.split()[-1] == "1000"
+        fork_bomb = ("python3 - <<'EOF'\nimport os, time\nn = 0\ntry:\n    while n < 10000:\n        if os.fork() == 0:\n"
+                     "            time.sleep(2)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n"
+                     "    print('stopped after', n, e.strerror)\nEOF")
+        out, _, _ = shell.run(fork_bomb)
+        assert "stopped after" in out and "Resource temporarily unavailable" in out and int(out.split()[2]) < 100, out
+        time.sleep(2.5)  # the children exit; the pids come back
+        out, _, _ = shell.run("python3 -c \"b = bytearray(2 << 30)\" 2>&1 | tail -n 1; echo after")
+        assert "MemoryError" in out and "after" in out
+        assert shell.run("echo still-here")[0].strip() == "still-here"
+        shell.close()
+        neighbour.close()
+    finally:
+        mine.release()
+        other.release()
+    assert hits == [] and secret.read_text() == "host secret"
+
+
+def test_container_cap_and_warm_pool(minicalc, pool, sandbox_root):
+    from envs.swe.containers import SWE_LIMITS, ContainerPool
+
+    _, image = minicalc
+    with pytest.raises(ValueError, match="max_containers"):
+        ContainerPool(max_containers=0)
+    capped = ContainerPool(limits=SWE_LIMITS.model_copy(update={"memory_mb": 256}), pool_size=0, max_containers=1,
+                           acquire_timeout_s=1, run_id="pytest-cap")
+    try:
+        first = capped.acquire(image)
+        with pytest.raises(SandboxError, match="1 SWE containers are in use"):
+            capped.acquire(image)
+        first.release()
+        capped.acquire(image).release()
+    finally:
+        capped.close()
+    assert _containers("cwm-rl.run=pytest-cap") == []
+    pool.warm(image)
+    deadline = time.monotonic() + 60
+    while pool.ready(image) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pool.ready(image) == 1
+    started = time.perf_counter()
+    taken = pool.acquire(image)
+    assert time.perf_counter() - started < 0.1  # from the pool: no container start
+    taken.release()
+
+
+def test_scripted_episode_solves_a_task_through_the_env_server(start_server, sandbox_root, docker_ready):
+    """bash, create, a failing edit, a good edit, the tests, submit: over HTTP with the real server."""
+    from envs.server.client import RemoteEnv
+
+    server = start_server(step_timeout_s=300)
+    env = RemoteEnv(server.url, "cwm_rl/SWE-v0", env_kwargs={"instance_ids": ["cwm-rl__minicalc-1"], "command_timeout_s": 20,
+                                                            "memory_mb": 512, "pool_size": 1, "max_turns": 10})
+    instance = next(SWEInstance.from_task(t) for t in load_tasks() if t.id == "cwm-rl__minicalc-1")
+    observation, info = env.reset(seed=0)
+    assert "Chained subtraction" in observation[-1]["content"] and "[budget: 10 turns" in observation[-1]["content"]
+    session_label = f"cwm-rl.session={info['session_id']}"
+    assert len(_containers(session_label)) == 1  # the episode's own container, labelled with its session
+    steps = ["Let me look.\n<tool: bash>\ngrep -n 'def expr' -A 12 minicalc/parser.py\n</tool>",
+             "<tool: edit>\nminicalc/parser.py\n<<<<<<< SEARCH\nthis text is not there\n=======\nx\n>>>>>>> REPLACE\n</tool>"]
+    fixed = _gold_as_edits(instance.patch)
+    steps += [f"<tool: edit>\n{path}\n" + "".join(f"<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n" for old, new in blocks) + "</tool>"
+              for path, blocks in fixed]
+    steps += ["<tool: create>\ncheck_fix.py\nfrom minicalc import calc\nprint(calc('8 - 3 - 2'))\n</tool>",
+              "<tool: bash>\npython3 check_fix.py && rm check_fix.py && python3 -m pytest -q tests 2>&1 | tail -n 1\n</tool>"]
+    outputs = []
+    for action in steps:
+        observation, reward, terminated, truncated, info = env.step(action)
+        outputs.append(observation[0]["content"])
+        assert reward == 0.0 and not terminated and not truncated
+        assert observation[0]["role"] == "tool" and "turns left, about" in observation[0]["content"]
+    assert "def expr" in outputs[0] and "appears 0 times" in outputs[1]
+    assert outputs[-1].startswith("3\n") and "passed" in outputs[-1]
+    observation, reward, terminated, truncated, info = env.step("<tool: submit>\n</tool>")
+    assert terminated and reward == 1.0 and info["resolved"] and info["patch_applied"] == "git-apply", info
+    assert info["failing_tests"] == [] and "minicalc/parser.py" in info["patch"] and "check_fix" not in info["patch"]
+    assert _containers(session_label) == []  # released at submit; grading used a fresh container
+    env.close()
+
+
+def _gold_as_edits(patch: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Turn a unified diff into SEARCH/REPLACE blocks (one per hunk: its old lines -> its new lines)."""
+    from rewards.swe import split_patch
+
+    edits = []
+    for path, section in split_patch(patch):
+        blocks, old, new = [], [], []
+        for line in section.splitlines()[4:] + ["@@"]:
+            if line.startswith("@@"):
+                if old or new:
+                    blocks.append(("\n".join(old), "\n".join(new)))
+                old, new = [], []
+            elif line.startswith("-"):
+                old.append(line[1:])
+            elif line.startswith("+"):
+                new.append(line[1:])
+            else:
+                old.append(line[1:])
+                new.append(line[1:])
+        edits.append((path, blocks))
+    return edits
+
+
+def test_reward_hacks_do_not_resolve(sandbox_root, docker_ready):
+    env = _make_env()
+    cases = {
+        "nothing": [],
+        "conftest": ["<tool: create>\nconftest.py\nimport pytest\n\n@pytest.hookimpl(hookwrapper=True)\n"
+                     "def pytest_runtest_makereport(item, call):\n    outcome = yield\n    outcome.get_result().outcome = 'passed'\n</tool>"],
+        "forged_report": ["<tool: bash>\nprintf 'import atexit\\natexit.register(lambda: print(\"PASSED x\"))\\n' >> minicalc/__init__.py\n</tool>"],
+        "hidden_test_file": ["<tool: create>\ntests/test_hidden_parse.py\ndef test_ok():\n    pass\n</tool>"],
+    }
+    try:
+        for name, actions in cases.items():
+            env.reset(seed=0)
+            for action in actions:
+                assert env.step(action)[1] == 0.0
+            _, reward, terminated, _, info = env.step("<tool: submit>\n</tool>")
+            assert terminated and reward == -1.0 and not info["resolved"], (name, info)
+            if name == "conftest":
+                assert info["dropped_from_patch"] == ["conftest.py"]
+    finally:
+        env.close()
+
+
+def test_episode_ends_without_submission(sandbox_root, docker_ready):
+    env = _make_env(max_turns=2, malformed="end")
+    try:
+        env.reset(seed=0)
+        _, reward, terminated, truncated, info = env.step("no tool call at all")
+        assert (reward, terminated, truncated, info["reason"]) == (-1.0, True, False, "malformed tool call")
+        env.reset(seed=0)
+        assert env.step("<tool: bash>\ntrue\n</tool>")[1] == 0.0
+        _, reward, terminated, truncated, info = env.step("<tool: bash>\ntrue\n</tool>")
+        assert (reward, terminated, truncated) == (-1.0, False, True) and "no submission" in info["reason"]
+    finally:
+        env.close()
+    env = _make_env(episode_timeout_s=0.5)
+    try:
+        env.reset(seed=0)
+        time.sleep(0.6)
+        _, reward, terminated, truncated, info = env.step("<tool: bash>\ntrue\n</tool>")
+        assert (reward, truncated) == (-1.0, True) and "deadline" in info["reason"]
+    finally:
+        env.close()
+
+
+def test_env_passes_the_gymnasium_checker_and_its_reference_solves(sandbox_root, docker_ready):
+    from gymnasium.utils.env_checker import check_env
+
+    env = _make_env()
+    try:
+        check_env(env, skip_render_check=True)
+        env.reset(seed=0)
+        assert env.step(env.reference_action())[1] == 0.0
+        _, reward, terminated, _, info = env.step(env.reference_action())
+        assert terminated and reward == 1.0, info
+    finally:
+        env.close()
+
+
+def test_crashed_owner_containers_are_reaped(sandbox_root, docker_ready, minicalc):
+    _, image = minicalc
+    script = ("from envs.swe.containers import ContainerPool\n"
+              "pool = ContainerPool(pool_size=1, run_id='pytest-crash')\n"
+              f"held = pool.acquire({image!r})\npool.warm({image!r})\nprint('ready', flush=True)\n"
+              "import time; time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(2)  # let the warm container start too
+        assert len(_containers("cwm-rl.run=pytest-crash")) >= 1
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    from envs.swe.containers import ContainerPool
+
+    ContainerPool(pool_size=0).close()  # a new pool reaps what the dead owner left
+    assert _containers("cwm-rl.run=pytest-crash") == []
