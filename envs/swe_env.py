@@ -26,6 +26,7 @@ from typing import Any
 
 from cwm_rl.types import Task
 from envs.base import TextEnv
+from envs.sandbox.base import SandboxError
 from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
 from envs.swe.tools import TOOLS_PROMPT, apply_edit, parse_create, parse_edit, parse_tool_call
 
@@ -40,14 +41,14 @@ class SWEEnv(TextEnv):
         instance_ids: list[str] | None = None,
         max_turns: int = 30,
         episode_timeout_s: float = 1800.0,
-        command_timeout_s: float = 60.0,
+        command_timeout_s: float = 30.0,
         output_chars: int = 8000,
         token_budget: int = 32768,
         malformed: str = "error",
         correct_reward: float = 1.0,
         wrong_reward: float = -1.0,
         gold_similarity: float = 0.0,
-        test_timeout_s: float = 600.0,
+        test_timeout_s: float = 120.0,
         pool_size: int = 2,
         max_containers: int = 16,
         memory_mb: int = 2048,
@@ -131,6 +132,9 @@ class SWEEnv(TextEnv):
                 text = self._run_tool(call.name, call.body)
             except ValueError as e:
                 text, info["tool_error"] = f"error: {e}", str(e)
+            except SandboxError as e:  # the agent stopped its own container (e.g. killed everything as root)
+                self._release()
+                return [{"role": "tool", "content": f"episode over: {e}"}], self.wrong_reward, True, False, {**info, "reason": str(e)}
         else:
             text = f"error: {error}"
             if self.malformed == "end":
@@ -152,7 +156,7 @@ class SWEEnv(TextEnv):
         if name == "bash":
             if not body.strip():
                 raise ValueError("the bash call is empty: put a command between <tool: bash> and </tool>")
-            output, status, notes = self.shell.run(body, self.command_timeout_s)
+            output, status, notes = self.shell.run(body, self.command_timeout_s)  # SandboxError: the container is gone
             return self._clip(output) + "".join(f"\n[{note}]" for note in ([f"exit status {status}"] if status else []) + notes)
         if name == "create":
             path, content = parse_create(body)
@@ -183,18 +187,27 @@ class SWEEnv(TextEnv):
         return f"{text[:half]}\n...[{len(text) - 2 * half} characters cut]...\n{text[-half:]}"
 
     def diff(self) -> str:
-        """The episode's changes against the base commit (new files included), as a git patch."""
-        command = f"git add -A -- . {' '.join(EXCLUDE)} && git diff --cached --no-color --binary {shlex.quote(self.base_commit)}"
-        output, status, notes = self.shell.run(command, timeout_s=60)
-        if status != 0:
-            raise RuntimeError(f"could not take the diff in the episode's container: {output[-500:]} {notes}")
-        return output + "\n" if output and not output.endswith("\n") else output
+        """The episode's changes against the base commit (new files included), as a git patch; taken in the
+        repository's root whatever the shell's cwd, with git's external diff and text conversion off.
+        ValueError when git cannot take it (the agent broke the repository)."""
+        command = (f"git add -A -- . {' '.join(EXCLUDE)} && git diff --cached --no-color --binary --no-ext-diff --no-textconv "
+                   f"{shlex.quote(self.base_commit)}")
+        done = self.container.exec(["sh", "-c", command], timeout_s=60, output_bytes=16 << 20)
+        output = done.stdout.decode(errors="replace")
+        if done.exit_code != 0:
+            raise ValueError(f"git could not take the diff (exit {done.exit_code}): {done.stderr.decode(errors='replace')[-300:]}")
+        return output
 
     def _submit(self):
         from envs.swe.grading import grade_patch
         from rewards.swe import patch_similarity
 
-        patch = self.diff()
+        try:
+            patch = self.diff()
+        except ValueError as e:
+            self._release()
+            return ([{"role": "tool", "content": f"submitted: not resolved ({e})"}], self.wrong_reward, True, False,
+                    {"tool": "submit", "resolved": False, "grading_error": str(e), "patch": None})
         self.submitted_patch = patch
         self._release()
         grade = grade_patch(self._pool(), self._image(), self.instance, patch, timeout_s=self.test_timeout_s)

@@ -1,17 +1,20 @@
-"""SWE grading, the pure parts: which files a patch touches, what is dropped from a submission,
-each hidden test's outcome, the verdict and the optional similarity shaping.
+"""SWE grading, the pure parts: which paths a submission may not change, each hidden test's
+outcome, the verdict and the optional similarity shaping.
 
 The container work (apply the patch in a fresh container, run the tests) is `envs.swe.grading`.
 
-Outcomes come from a pytest plugin (`REPORT_PLUGIN`) that reads a nonce from a file and deletes
-it before any repository code is imported, and prints its report wrapped in that nonce after the
-session: the code under test cannot forge the report by printing (unless it searches its own
-process memory for the nonce). With a custom `test_cmd` the outcomes are read from pytest's
-`-rA` summary instead, which printed output can imitate.
+Outcomes come from a pytest plugin (`REPORT_PLUGIN`), installed under a random module name, that
+reads a nonce from a file and deletes it before any repository code is imported, keeps its state
+in closures, and prints its report wrapped in that nonce after the session: the code under test
+cannot forge the report by printing, nor shadow the plugin with a file of its own (unless it
+searches its own process for the nonce). pytest itself is imported before the repository's
+folder goes on sys.path, so a `pytest.py` in the repository cannot stand in for it. With a
+custom `test_cmd` the outcomes are read from pytest's `-rA` summary instead, which printed
+output can imitate. Only PASSED counts as passing (a patched library could call `pytest.xfail`).
 
-What a submission may not change: `conftest.py` files and the files the hidden test patch
-touches. Those parts of the patch are dropped before grading (a conftest hook could mark every
-test passed; editing the hidden tests' files would fight the test patch).
+What a submission may not change (`protected`): `conftest.py` files anywhere, the repository's
+pytest configuration files at its root, and the files the hidden test patch touches; changes
+to them are undone after the patch is applied, whatever form the patch took.
 """
 
 from __future__ import annotations
@@ -21,32 +24,42 @@ import json
 import re
 from dataclasses import dataclass, field
 
-PASSING = {"PASSED", "XFAIL"}
+PASSING = {"PASSED"}
+CONFIG_FILES = {"pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml"}  # at the repository root
 _FILE_HEADER = re.compile(r"^diff --git a/(\S+) b/(\S+)$", re.M)
 _SUMMARY = re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS|SKIPPED) (.+?)(?: - .*)?$", re.M)
 
-# Installed as cwm_rl_report.py on PYTHONPATH in the grading container and loaded with `-p cwm_rl_report`.
+# Installed as cwm_rl_report_<random>.py on PYTHONPATH in the grading container, loaded with `-p`.
 REPORT_PLUGIN = '''\
-import json, os
-_path = os.environ.pop("CWM_RL_NONCE_FILE")
-with open(_path) as _f:
-    _NONCE = _f.read().strip()
-os.unlink(_path)
-_OUT = os.fdopen(os.dup(1), "w")
-_status = {}
+def _install():
+    import json, os
+    path = os.environ.pop("CWM_RL_NONCE_FILE")
+    with open(path) as f:
+        nonce = f.read().strip()
+    os.unlink(path)
+    out = os.fdopen(os.dup(1), "w")
+    status = {}
 
-def pytest_runtest_logreport(report):
-    if report.failed:
-        _status[report.nodeid] = "FAILED" if report.when == "call" else "ERROR"
-    elif report.skipped:
-        _status.setdefault(report.nodeid, "XFAIL" if hasattr(report, "wasxfail") else "SKIPPED")
-    elif report.when == "call":
-        _status.setdefault(report.nodeid, "XPASS" if hasattr(report, "wasxfail") else "PASSED")
+    def logreport(report):
+        if report.failed:
+            status[report.nodeid] = "FAILED" if report.when == "call" else "ERROR"
+        elif report.skipped:
+            status.setdefault(report.nodeid, "XFAIL" if hasattr(report, "wasxfail") else "SKIPPED")
+        elif report.when == "call":
+            status.setdefault(report.nodeid, "XPASS" if hasattr(report, "wasxfail") else "PASSED")
 
-def pytest_unconfigure(config):
-    _OUT.write("\\n" + _NONCE + json.dumps(_status) + _NONCE + "\\n")
-    _OUT.flush()
+    def unconfigure(config):
+        out.write("\\n" + nonce + json.dumps(status) + nonce + "\\n")
+        out.flush()
+
+    return logreport, unconfigure
+
+
+pytest_runtest_logreport, pytest_unconfigure = _install()
+del _install
 '''
+# Runs pytest with the repository's folder put on sys.path only after pytest itself is imported.
+PYTEST = "import sys; cwd = sys.path.pop(0); import pytest; sys.path.insert(0, cwd); sys.exit(pytest.main(sys.argv[1:]))"
 
 
 def patch_files(patch: str) -> list[str]:
@@ -66,16 +79,9 @@ def split_patch(patch: str) -> list[tuple[str, str]]:
             for i, m in enumerate(starts)]
 
 
-def filter_patch(patch: str, protected: set[str]) -> tuple[str, list[str]]:
-    """Drop the sections touching `protected` paths or any conftest.py: (kept patch, dropped paths)."""
-    kept, dropped = [], []
-    for (path, section), (old, new) in zip(split_patch(patch), _FILE_HEADER.findall(patch), strict=True):
-        if {old, new} & protected or any(p.rsplit("/", 1)[-1] == "conftest.py" for p in (old, new)):
-            dropped.append(path)
-        else:
-            kept.append(section)
-    text = "".join(kept)
-    return (text if not text or text.endswith("\n") else text + "\n"), dropped
+def protected(paths: list[str], test_patch_files: set[str]) -> list[str]:
+    """Which of the changed `paths` a submission may not change (see the module docstring)."""
+    return [p for p in paths if p in test_patch_files or p.rsplit("/", 1)[-1] == "conftest.py" or p in CONFIG_FILES]
 
 
 def files_of_tests(test_ids: list[str]) -> list[str]:

@@ -16,7 +16,6 @@ next pool starts, by `cwm-rl sandbox reap`, and a pool removes its own on close 
 from __future__ import annotations
 
 import atexit
-import base64
 import collections
 import os
 import queue
@@ -105,6 +104,7 @@ class ContainerPool:
         self._lock = threading.Lock()
         self._mine: dict[str, object] = {}
         self._wanted: queue.Queue = queue.Queue()
+        self._pending: collections.Counter = collections.Counter()  # starts queued or under way, per (image, workdir)
         self._closed = threading.Event()
         self._filler = threading.Thread(target=self._fill, name="swe-container-pool", daemon=True)
         self._filler.start()
@@ -112,20 +112,30 @@ class ContainerPool:
 
     # -- containers --------------------------------------------------------------------------
     def _start(self, image: str, workdir: str) -> SWEContainer:
-        """Start and prepare one container; the caller holds a slot."""
+        """Start and prepare one container in a slot the caller took; on failure the slot is given back."""
         managed = image.startswith(TASK_REPOSITORY + ":")
         limits = self.limits
-        labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: self.run_id, LABEL_SWE: "1", LABEL_SESSION: uuid.uuid4().hex[:16]}
+        session = uuid.uuid4().hex[:16]
+        labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: self.run_id, LABEL_SWE: "1", LABEL_SESSION: session}
         tmpfs = {"/tmp": f"size={limits.disk_mb}m,exec"}
         if managed:
             tmpfs[workdir] = f"size={limits.disk_mb}m,uid={SANDBOX_UID},gid={SANDBOX_UID},exec"
         # The keeper (`sleep infinity` under docker-init) runs as the container's root with no capabilities:
         # the agent runs as uid 1000 and cannot stop it.
-        container = self.client.containers.run(
-            image, ["sleep", "infinity"], **container_options(limits, labels, read_only=managed), tmpfs=tmpfs,
-            working_dir=workdir, environment={**ENV, "HOME": "/tmp", "TZ": "UTC"})
+        try:
+            container = self.client.containers.run(
+                image, ["sleep", "infinity"], **container_options(limits, labels, read_only=managed), tmpfs=tmpfs,
+                working_dir=workdir, environment={**ENV, "HOME": "/tmp", "TZ": "UTC"})
+        except Exception as e:  # the daemon refused, or timed out after creating it: remove it by its label
+            try:
+                for leftover in self.client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
+                    leftover.remove(force=True)
+            except Exception:
+                pass
+            self._slots.release()
+            raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
         with self._lock:
-            self._mine[container.id] = container
+            self._mine[container.id] = container  # from here on, removing it gives the slot back
         started = SWEContainer(self, container, image, workdir, managed)
         if managed:
             copied = started.exec(["cp", "-R", "--preserve=mode,timestamps", f"{REPO_COPY}/.", workdir + "/"], timeout_s=120)
@@ -151,14 +161,18 @@ class ContainerPool:
             if key is None:
                 return
             if not self._slots.acquire(blocking=False):  # at the cap: episodes come first
+                with self._lock:
+                    self._pending[key] -= 1
                 continue
             try:
                 started = self._start(*key)
             except Exception:  # daemon trouble: acquire starts containers itself and reports the error
-                self._slots.release()
+                with self._lock:
+                    self._pending[key] -= 1
                 time.sleep(0.5)
                 continue
             with self._lock:
+                self._pending[key] -= 1
                 ready = self._ready.get(key)
                 if ready is None or self._closed.is_set():
                     ready = None
@@ -178,10 +192,11 @@ class ContainerPool:
             else:
                 self._ready[key] = self._ready.pop(key)  # most recently used last
                 stale = []
-            missing = self.pool_size - len(self._ready[key]) - self._wanted.qsize()
+            missing = max(self.pool_size - len(self._ready[key]) - self._pending[key], 0)
+            self._pending[key] += missing
         for container in stale:
             container.release()
-        for _ in range(max(missing, 0)):
+        for _ in range(missing):
             self._wanted.put(key)
 
     def ready(self, image: str, workdir: str = "/testbed") -> int:
@@ -194,23 +209,31 @@ class ContainerPool:
         if self._closed.is_set():
             raise SandboxError("the SWE container pool is closed")
         key = (image, workdir)
-        with self._lock:
-            ready = self._ready.get(key)
-            started = ready.popleft() if ready else None
+        deadline = time.monotonic() + self.acquire_timeout_s
+        while True:
+            with self._lock:
+                ready = self._ready.get(key)
+                started = ready.popleft() if ready else None
+            if started is not None:
+                if self.pool_size:
+                    self.warm(image, workdir)  # refill behind this episode
+                return started
+            if self._slots.acquire(timeout=0.2):
+                break
+            with self._lock:  # at the cap: warm containers of other images give up their slots
+                spare = next((r.popleft() for k, r in self._ready.items() if k != key and r), None)
+            if spare is not None:
+                spare.release()
+            elif time.monotonic() >= deadline:
+                raise SandboxError(f"no container slot within {self.acquire_timeout_s:g} s: {self.max_containers} SWE "
+                                   "containers are in use (raise max_containers, or run fewer episodes at once)")
         if self.pool_size:
-            self.warm(image, workdir)  # refill behind this episode
-        if started is not None:
-            return started
-        if not self._slots.acquire(timeout=self.acquire_timeout_s):
-            raise SandboxError(f"no container slot within {self.acquire_timeout_s:g} s: {self.max_containers} SWE containers "
-                               "are in use (raise max_containers, or run fewer episodes at once)")
-        try:
-            return self._start(image, workdir)
-        except SandboxError:
-            raise
-        except Exception as e:  # the slot is freed by _remove when the container exists, else here
-            self._slots.release()
-            raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
+            self.warm(image, workdir)
+        started = self._start(image, workdir)
+        if self._closed.is_set():  # closed while it started
+            started.release()
+            raise SandboxError("the SWE container pool is closed")
+        return started
 
     def close(self) -> None:
         """Remove every container this pool made (warm and in use)."""
@@ -252,19 +275,23 @@ def close_shared_pools() -> None:
 class BashSession:
     """A persistent bash in a container: cwd, variables and functions carry over between commands.
 
-    Each command is sent base64-encoded and `eval`ed with stdin from /dev/null and stderr into
-    stdout, followed by a marker line carrying a fresh nonce and the exit status, so the output
-    ends exactly where the marker is. A command that runs past its timeout (or prints more than
-    `hard_output_bytes`) is killed with everything else the agent runs, except the shell; if the
-    shell itself exits (`exit`, the OOM killer), a new one starts in the workdir. Output past
-    `hard_output_bytes` is dropped as it arrives (the last 4 KiB are kept).
+    Each command goes in as a quoted here-document (a fresh random delimiter) that bash's own
+    `read` takes and `eval` runs, with stdin from /dev/null and stderr into stdout, followed by
+    a marker line carrying a fresh nonce and the exit status, so the output ends exactly where
+    the marker is. Only bash builtins carry this, so a command that changes PATH does not break
+    the session. A command that runs past its timeout (or prints more than `hard_output_bytes`)
+    is killed with everything else the agent runs, except the shell; when the shell itself is
+    what loops, or it exits (`exit`, the OOM killer), it is killed and a new one starts in the
+    workdir. Output past `hard_output_bytes` is dropped as it arrives (the last 4 KiB are kept).
     """
 
     TAIL = 4096
+    KILL_GRACE_S = 3.0
 
     def __init__(self, container: SWEContainer, default_timeout_s: float = 60.0, hard_output_bytes: int = 4 << 20):
         self.container, self.default_timeout_s, self.hard_output_bytes = container, default_timeout_s, hard_output_bytes
         self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
         self._changed = threading.Condition()
         self._start()
 
@@ -278,9 +305,11 @@ class BashSession:
             self._clear()
         self._reader = threading.Thread(target=self._read, args=(proc,), name="swe-bash-reader", daemon=True)
         self._reader.start()
-        output, status, _ = self.run("exec 2>&1; echo $$", timeout_s=30)
+        output, status, notes = self._exchange("exec 2>&1; echo $$", 30, may_restart=False)
         if status != 0 or not output.strip().isdigit():
-            raise SandboxError(f"the bash session did not start in container {self.container.id[:12]}: {output[-300:]!r}")
+            self.close()
+            raise SandboxError(f"the bash session did not start in container {self.container.id[:12]} (is it still running?): "
+                               f"{output[-300:]!r} {notes}")
         self.pid = int(output.strip())
 
     def _clear(self) -> None:
@@ -307,58 +336,73 @@ class BashSession:
             if not chunk:
                 return
 
-    def _output(self, marker: bytes) -> tuple[bytes, bytes | None]:
-        """(output so far, the status after the marker once the whole marker line arrived, else None)."""
+    def _status(self, marker: bytes) -> bytes | None:
+        """The exit status after the marker once the whole marker line arrived (the stream's end is searched), else None."""
+        end = self._tail if self._tail else self._head[-self.TAIL:]
+        found = end.find(marker)
+        if found < 0 or b"\n" not in end[found:]:
+            return None
+        return bytes(end[found + len(marker):].split(b"\n", 1)[0].strip())
+
+    def _text(self, marker: bytes) -> str:
         text = bytes(self._head) + (f"\n...[{self._dropped} bytes cut]...\n".encode() if self._dropped else b"") + bytes(self._tail)
         found = text.find(marker)
-        if found < 0 or b"\n" not in text[found:]:
-            return text, None
-        output = text[:found]
-        return (output[:-1] if output.endswith(b"\n") else output), text[found + len(marker):].split(b"\n", 1)[0].strip()
+        output = text[:found] if found >= 0 else text
+        return (output[:-1] if output.endswith(b"\n") else output).decode(errors="replace")
 
     def run(self, command: str, timeout_s: float | None = None) -> tuple[str, int | None, list[str]]:
-        """Run one command: (output, exit status or None when it was killed, notes such as "timeout")."""
-        timeout_s = timeout_s or self.default_timeout_s
-        marker = f"__cwm_rl_done_{uuid.uuid4().hex}__".encode()
-        encoded = base64.b64encode(command.encode()).decode()
-        script = f'eval "$(printf %s {encoded} | base64 -d)" </dev/null\nprintf "\\n{marker.decode()} %s\\n" "$?"\n'
+        """Run one command: (output, exit status or None when it was killed, notes such as "timeout").
+        Raises SandboxError when no shell can be started any more (the container is gone)."""
+        return self._exchange(command, timeout_s or self.default_timeout_s, may_restart=True)
+
+    def _exchange(self, command: str, timeout_s: float, may_restart: bool) -> tuple[str, int | None, list[str]]:
+        nonce = uuid.uuid4().hex
+        marker = f"__cwm_rl_done_{nonce}__".encode()
+        script = (f"IFS= builtin read -r -d '' __cwm_rl_command <<'__cwm_rl_{nonce}'\n{command}\n__cwm_rl_{nonce}\n"
+                  f'builtin eval "$__cwm_rl_command" </dev/null\nbuiltin printf "\\n%s %s\\n" {marker.decode()} "$?"\n')
         notes: list[str] = []
         with self._changed:
             self._clear()
         try:
             self.proc.stdin.write(script.encode())
         except (BrokenPipeError, OSError):
+            if not may_restart:
+                return "", None, ["the shell is gone"]
             self._restart(notes, "the shell had exited")
             return "", None, notes
         deadline, killed = time.monotonic() + timeout_s, False
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._output(marker)[1] is not None or self._eof or time.monotonic() >= deadline
+                self._changed.wait_for(lambda: self._status(marker) is not None or self._eof or time.monotonic() >= deadline
                                        or (not killed and len(self._tail) > 0), timeout=max(deadline - time.monotonic(), 0))
-                output, status = self._output(marker)
-                eof, over = self._eof, len(self._tail) > 0
-            text = output.decode(errors="replace")
+                status, eof, over = self._status(marker), self._eof, len(self._tail) > 0
+                text = self._text(marker) if status is not None or eof or time.monotonic() >= deadline else ""
             if status is not None:
                 return text, (None if killed else int(status or b"0")), notes
+            if not may_restart and (eof or time.monotonic() >= deadline):
+                return text, None, ["the shell did not answer"]
             if eof or killed and time.monotonic() >= deadline:
-                self._restart(notes, "the shell exited" if eof else "the shell did not answer after the kill")
+                self._restart(notes, "the shell exited" if eof else "the shell itself kept running (killed)")
                 return text, None, notes
             if not killed:
                 notes.append("output limit: killed" if over else f"timeout: killed after {timeout_s:g} s")
                 killed = True
                 self._kill_others()
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + self.KILL_GRACE_S
 
     def _kill_others(self) -> None:
         """Kill every process the agent runs but the shell and the container's keeper (the command and what it started)."""
         uid_test = f'$2 == "{SANDBOX_UID}"' if self.container.user else "1"
-        script = (f"keep=\" 1 {self.pid} $$ $PPID $(ps -o pid= -C sleep --ppid 1 | head -n 1) \"; "
+        script = (f"keep=\" 1 {self.pid} $$ $PPID $(ps -e -o pid=,ppid=,comm= | awk '$2 == 1 && $3 == \"sleep\" {{print $1; exit}}') \"; "
                   f"for p in $(ps -e -o pid= -o uid= | awk '{uid_test} {{print $1}}'); do "
                   f'case "$keep" in *" $p "*) ;; *) kill -9 "$p" 2>/dev/null;; esac; done; true')
         self.container.exec(["sh", "-c", script], timeout_s=15)
 
     def _restart(self, notes: list[str], why: str) -> None:
+        old_pid = self.pid
         self.close()
+        if old_pid is not None:  # a shell stuck in a builtin loop survives its docker exec client
+            self.container.exec(["kill", "-9", str(old_pid)], timeout_s=15)
         notes.append(f"{why}; a new shell was started in {self.container.workdir}")
         self._start()
 

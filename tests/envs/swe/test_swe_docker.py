@@ -125,6 +125,9 @@ def test_bash_session_persists_and_survives_timeouts_exits_and_floods(pool, mini
         assert out.split() == ["/testbed/minicalc", "1"] and status == 0  # cwd kept; only the container's keeper sleeps
         out, status, notes = shell.run("head -c 50000000 /dev/zero | tr '\\0' y")
         assert status is None and "output limit" in notes[0] and len(out) < 5 << 20
+        out, status, notes = shell.run("while :; do :; done")  # the shell itself spins: it is replaced
+        assert status is None and notes[0].startswith("timeout") and "new shell" in notes[-1]
+        assert shell.run("ps -e -o comm= | grep -c '^bash$'")[0].strip() == "1"  # the spinning one is gone
         out, status, notes = shell.run("exit 4")
         assert status is None and "new shell" in notes[-1]
         assert shell.run("pwd")[0].strip() == "/testbed"
@@ -207,6 +210,20 @@ def test_container_cap_and_warm_pool(minicalc, pool, sandbox_root):
         capped.acquire(image).release()
     finally:
         capped.close()
+    # At the cap, a warm container of another image (here: another workdir) gives its slot to an episode.
+    capped = ContainerPool(limits=SWE_LIMITS.model_copy(update={"memory_mb": 256}), pool_size=1, max_containers=1,
+                           acquire_timeout_s=30, run_id="pytest-cap")
+    try:
+        capped.warm(image)
+        deadline = time.monotonic() + 60
+        while capped.ready(image) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert capped.ready(image) == 1
+        elsewhere = capped.acquire(image, "/srv")
+        assert capped.ready(image) == 0 and elsewhere.exec(["ls", "/srv/minicalc"]).exit_code == 0
+        elsewhere.release()
+    finally:
+        capped.close()
     assert _containers("cwm-rl.run=pytest-cap") == []
     pool.warm(image)
     deadline = time.monotonic() + 60
@@ -276,24 +293,47 @@ def _gold_as_edits(patch: str) -> list[tuple[str, list[tuple[str, str]]]]:
     return edits
 
 
-def test_reward_hacks_do_not_resolve(sandbox_root, docker_ready):
+PASS_EVERYTHING = ("import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
+                   "    outcome = yield\n    outcome.get_result().outcome = 'passed'\n")
+
+
+# A pytest.py in the repository that reads the nonce and prints a report of every test it can find as passed.
+FAKE_PYTEST = ("import glob, json, os, re\nnonce = open(os.environ['CWM_RL_NONCE_FILE']).read().strip()\n"
+               "ids = {f'{f}::{n}': 'PASSED' for f in glob.glob('tests/*.py') for n in re.findall(r'^def (test_\\w+)', open(f).read(), re.M)}\n"
+               "print(nonce + json.dumps(ids) + nonce)\n")
+
+
+def test_reward_hacks_do_not_resolve_and_an_honest_fix_does(sandbox_root, docker_ready):
     env = _make_env()
-    cases = {
+    instance = next(SWEInstance.from_task(t) for t in load_tasks() if t.id == "cwm-rl__minicalc-1")
+    apply_gold = f"<tool: bash>\ngit apply <<'P'\n{instance.patch}P\n</tool>"
+    hacks = {
         "nothing": [],
-        "conftest": ["<tool: create>\nconftest.py\nimport pytest\n\n@pytest.hookimpl(hookwrapper=True)\n"
-                     "def pytest_runtest_makereport(item, call):\n    outcome = yield\n    outcome.get_result().outcome = 'passed'\n</tool>"],
+        "conftest": [f"<tool: create>\nconftest.py\n{PASS_EVERYTHING}</tool>"],
+        "pytest_config": [f"<tool: create>\nhack_plugin.py\n{PASS_EVERYTHING}</tool>",
+                          "<tool: create>\npyproject.toml\n[tool.pytest.ini_options]\naddopts = '-p hack_plugin'\n</tool>"],
         "forged_report": ["<tool: bash>\nprintf 'import atexit\\natexit.register(lambda: print(\"PASSED x\"))\\n' >> minicalc/__init__.py\n</tool>"],
-        "hidden_test_file": ["<tool: create>\ntests/test_hidden_parse.py\ndef test_ok():\n    pass\n</tool>"],
+        "fake_pytest": [f"<tool: create>\npytest.py\n{FAKE_PYTEST}</tool>"],
+        "xfail_everything": ["<tool: bash>\nprintf 'def calc(*a, **k):\\n    import pytest\\n    pytest.xfail(\"no\")\\n' >> minicalc/__init__.py\n</tool>"],
+        "hidden_test_file": ["<tool: create>\ntests/test_hidden_assoc.py\ndef test_ok():\n    pass\n</tool>"],
     }
     try:
-        for name, actions in cases.items():
+        for name, actions in hacks.items():
             env.reset(seed=0)
             for action in actions:
                 assert env.step(action)[1] == 0.0
             _, reward, terminated, _, info = env.step("<tool: submit>\n</tool>")
             assert terminated and reward == -1.0 and not info["resolved"], (name, info)
-            if name == "conftest":
-                assert info["dropped_from_patch"] == ["conftest.py"]
+            if name in ("conftest", "pytest_config", "hidden_test_file"):
+                assert info["dropped_from_patch"] == [{"conftest": "conftest.py", "pytest_config": "pyproject.toml",
+                                                       "hidden_test_file": "tests/test_hidden_assoc.py"}[name]], info
+        # The honest fix, submitted from another directory, with the protected files left alone: resolved.
+        env.reset(seed=0)
+        env.step(apply_gold)
+        env.step("<tool: bash>\ncd tests && export PATH=/nowhere\n</tool>")  # neither breaks the session nor the diff
+        assert env.step("<tool: bash>\npwd\n</tool>")[0][0]["content"].startswith("/testbed/tests")
+        _, reward, terminated, _, info = env.step("<tool: submit>\n</tool>")
+        assert terminated and reward == 1.0 and info["dropped_from_patch"] == [], info
     finally:
         env.close()
 
@@ -352,3 +392,42 @@ def test_crashed_owner_containers_are_reaped(sandbox_root, docker_ready, minical
 
     ContainerPool(pool_size=0).close()  # a new pool reaps what the dead owner left
     assert _containers("cwm-rl.run=pytest-crash") == []
+
+
+def test_a_prebuilt_image_is_used_as_it_is(tmp_path, pool, minicalc):
+    """An instance naming `image` (as SWE-bench's do): the repository already in /testbed, owned by
+    root, no build; the episode runs as the image's user (root, no capabilities) and still grades."""
+    import io
+    import tarfile
+
+    from envs.sandbox.rootfs import docker_base_image
+    from envs.swe.images import COMMIT_ENV, PREPARE
+
+    instance, _ = minicalc
+    source = instance.source_dir()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        files = {"Dockerfile": f"FROM {docker_base_image(pool.client)}\nCOPY repo /testbed\nCOPY prepare.sh /tmp/p.sh\nRUN sh /tmp/p.sh\n",
+                 "prepare.sh": PREPARE.format(repo="/testbed", commit_env=COMMIT_ENV, base=instance.base_commit)}
+        files.update({f"repo/{p.relative_to(source)}": p.read_text() for p in source.rglob("*") if p.is_file()})
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(text.encode()), 0o644
+            tar.addfile(info, io.BytesIO(text.encode()))
+    tag = f"pytest-prebuilt/minicalc:{uuid.uuid4().hex[:8]}"
+    pool.client.images.build(fileobj=io.BytesIO(buffer.getvalue()), custom_context=True, tag=tag, network_mode="none", rm=True)
+    row = {**instance.model_dump(), "image": tag, "repo_dir": None}
+    tasks = tmp_path / "prebuilt.jsonl"
+    tasks.write_text(json.dumps(row) + "\n")
+    env = _make_env(tasks_path=str(tasks), command_timeout_s=2)
+    try:
+        env.reset(seed=0)
+        out = env.step("<tool: bash>\nid -u; pwd; sleep 30\n</tool>")[0][0]["content"]
+        assert out.startswith("0\n/testbed\n") and "timeout" in out  # root of the image, its own workdir
+        assert env.step("<tool: bash>\necho alive\n</tool>")[0][0]["content"].startswith("alive")  # the keeper survived the kill
+        assert env.step(f"<tool: bash>\ngit apply <<'P'\n{instance.patch}P\n</tool>")[1] == 0.0
+        _, reward, terminated, _, info = env.step("<tool: submit>\n</tool>")
+        assert terminated and reward == 1.0, info
+    finally:
+        env.close()
+        pool.client.images.remove(tag, force=True)

@@ -9,7 +9,8 @@ import pytest
 
 from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_instances, load_tasks
 from envs.swe.tools import apply_edit, parse_create, parse_edit, parse_tool_call
-from rewards.swe import filter_patch, parse_report, parse_summary, patch_files, patch_similarity, files_of_tests, verdict
+from envs.swe.grading import _GIT_DIR
+from rewards.swe import files_of_tests, parse_report, parse_summary, patch_files, patch_similarity, protected, split_patch, verdict
 
 
 def test_tool_call_parsing():
@@ -94,12 +95,18 @@ diff --git a/tests/test_core.py b/tests/test_core.py
 """
 
 
-def test_submissions_may_not_touch_conftest_or_the_hidden_tests_files():
-    kept, dropped = filter_patch(PATCH, protected={"tests/test_core.py"})
-    assert dropped == ["conftest.py", "tests/test_core.py"]
-    assert patch_files(kept) == ["pkg/core.py"] and kept.endswith("+a = 2\n")
-    assert filter_patch("", set()) == ("", [])
+def test_what_a_submission_may_not_change():
+    changed = ["pkg/core.py", "conftest.py", "pkg/sub/conftest.py", "tests/test_core.py", "pyproject.toml", "setup.cfg",
+               "docs/pyproject.toml", "tests/test_other.py"]
+    assert protected(changed, {"tests/test_core.py"}) == ["conftest.py", "pkg/sub/conftest.py", "tests/test_core.py",
+                                                         "pyproject.toml", "setup.cfg"]
+    assert patch_files(PATCH) == ["pkg/core.py", "conftest.py", "tests/test_core.py"]
+    assert [path for path, _ in split_patch(PATCH)] == patch_files(PATCH)
     assert files_of_tests(["tests/a.py::t1", "tests/a.py::C::t2", "tests/b.py"]) == ["tests/a.py", "tests/b.py"]
+    # A patch that writes inside .git is refused before it is applied (a hook there could run code).
+    assert _GIT_DIR.search("diff --git a/.git/hooks/pre-commit b/.git/hooks/pre-commit\n")
+    assert _GIT_DIR.search("--- /dev/null\n+++ b/.git/config\n") and _GIT_DIR.search("rename to .git/config\n")
+    assert not _GIT_DIR.search(PATCH + "+++ b/src/.gitignore\n+ .git/ in a line\n")
 
 
 def test_test_outcomes_and_verdict():
@@ -111,7 +118,8 @@ def test_test_outcomes_and_verdict():
     judged = verdict(outcomes, ["tests/a.py::t1"], ["tests/a.py::t2", "tests/a.py::t3"])
     assert not judged.resolved and judged.failing == ["tests/a.py::t1", "tests/a.py::t3"]
     assert judged.outcomes["tests/a.py::t3"] == "MISSING"
-    assert verdict({"x::a": "PASSED", "x::b": "XFAIL"}, ["x::a"], ["x::b"]).resolved
+    assert verdict({"x::a": "PASSED", "x::b": "PASSED"}, ["x::a"], ["x::b"]).resolved
+    assert not verdict({"x::a": "PASSED", "x::b": "XFAIL"}, ["x::a"], ["x::b"]).resolved  # a patch can make tests xfail
     summary = ("==== short test summary info ====\nPASSED tests/a.py::t[1 2]\nFAILED tests/a.py::t2 - AssertionError: x\n"
                "SKIPPED [1] tests/a.py:9: no\nERROR tests/b.py::t - boom\n")
     assert parse_summary(summary) == {"tests/a.py::t[1 2]": "PASSED", "tests/a.py::t2": "FAILED", "tests/b.py::t": "ERROR"}
