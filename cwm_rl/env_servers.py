@@ -10,7 +10,8 @@ Why: an env server that dies must not take the job down or lose work. Its episod
 finish reason "env_unavailable" (the client gave up reaching it); the job stores them as dropped
 with that reason, marks the server down and plays the same tasks again on another server. A
 server this job started is restarted when its process is gone; a remote one is probed on its
-/health every `probe_every_s` and used again once it answers.
+/health every `probe_every_s`, in a thread of its own (a server that does not answer must not
+stall the job's loop), and used again at the first `check()` after it answered.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,8 +88,11 @@ class EnvServers:
         for server in self.local:
             server.start()
         self.urls = [s.url for s in self.local] + spec.endpoints
-        self.down: dict[str, tuple[float, str]] = {}  # url -> (when marked down, why)
+        self.down: dict[str, tuple[float, str]] = {}  # url -> (when marked down or last probed, why)
         self._next = 0
+        self._probing: set[str] = set()  # down URLs whose /health probe is under way
+        self._answered: set[str] = set()  # down URLs whose last probe got an answer
+        self._lock = threading.Lock()
 
     def pick(self) -> str | None:
         """The next server that is up (round-robin), or None while every one is down."""
@@ -102,6 +107,8 @@ class EnvServers:
         if url in self.urls and url not in self.down:
             log.warning("env server %s is down: %s", url, reason)
             self.down[url] = (time.monotonic(), reason)
+            with self._lock:
+                self._answered.discard(url)  # an answer from before it failed again does not count
 
     def check(self) -> list[str]:
         """Restart dead local servers and probe the servers marked down; returns the URLs back up."""
@@ -115,14 +122,26 @@ class EnvServers:
                 self.down.pop(old, None)
                 back.append(server.url)
         now = time.monotonic()
-        for url, (since, _) in list(self.down.items()):
-            if now - since >= self.probe_every_s:
-                if health(url):
-                    del self.down[url]
-                    back.append(url)
-                else:
-                    self.down[url] = (now, self.down[url][1])
+        for url, (since, why) in list(self.down.items()):
+            with self._lock:
+                answered, probing = url in self._answered, url in self._probing
+                self._answered.discard(url)
+            if answered:
+                del self.down[url]
+                back.append(url)
+            elif not probing and now - since >= self.probe_every_s:
+                self.down[url] = (now, why)
+                with self._lock:
+                    self._probing.add(url)
+                threading.Thread(target=self._probe, args=(url,), name="env-server-probe", daemon=True).start()
         return back
+
+    def _probe(self, url: str) -> None:
+        answered = health(url)
+        with self._lock:
+            self._probing.discard(url)
+            if answered:
+                self._answered.add(url)
 
     def restarts(self) -> int:
         return sum(s.restarts for s in self.local)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,11 +49,38 @@ def test_unreachable_server_is_left_out_until_its_health_answers(tmp_path):
         assert [servers.pick() for _ in range(4)] == [up.url, gone, up.url, gone]
         servers.mark_down(gone, "connection refused")
         assert [servers.pick() for _ in range(3)] == [up.url] * 3
-        assert servers.check() == [] and gone in servers.down  # still refused
+        assert _checks_until_back(servers, within_s=1.0) == [] and gone in servers.down  # still refused
         servers.mark_down(up.url, "pretend it failed")
         assert servers.pick() is None  # every server down: the job waits rather than playing elsewhere
-        assert servers.check() == [up.url]  # its /health answers: back in the rotation
+        assert _checks_until_back(servers) == [up.url]  # its /health answers: back in the rotation
         assert servers.pick() == up.url
+
+
+def _checks_until_back(servers: EnvServers, within_s: float = 10.0) -> list[str]:
+    """Call check() (as the job's loop does) until a server comes back or time is up; each call must be quick."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        back = servers.check()
+        assert time.monotonic() - started < 0.1  # probes run in threads of their own
+        if back:
+            return back
+        time.sleep(0.05)
+    return []
+
+
+def test_a_server_that_never_answers_does_not_stall_check(tmp_path):
+    """A socket that accepts connections and never replies: its probe waits out its timeout in a thread."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        servers = EnvServers(EnvSpec(id="cwm_rl/Math-v0", urls=[url]), log_dir=tmp_path, probe_every_s=0.0)
+        servers.mark_down(url, "timed out")
+        assert _checks_until_back(servers, within_s=3.0) == [] and url in servers.down
+    finally:
+        silent.close()
 
 
 def test_started_servers_die_with_a_killed_job(tmp_path):
