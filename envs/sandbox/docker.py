@@ -33,6 +33,12 @@ LABEL_RUN = "cwm-rl.run"  # the job's run id, when it has one
 # Runs the command, then kills everything else the sandbox user still runs (processes left behind
 # would hold `docker exec`'s output open), and exits with the command's status.
 KILL_LEFTOVERS = '"$@"; status=$?; kill -9 -1 2>/dev/null; exit $status'
+STDIN_FILE = "/tmp/.cwm-rl-stdin"
+# With files or stdin, one exec does it all: unpack the tar it reads (the files into the work dir,
+# the program's stdin into STDIN_FILE), point stdin at that file (unlinked) or /dev/null, write a
+# NUL byte to stderr (a run without it failed to set up: not the program's doing), then run.
+UNPACK_THEN_RUN = (f'tar -x --no-same-owner -C / || exit 125; if [ -e {STDIN_FILE} ]; then exec <{STDIN_FILE}; rm -f {STDIN_FILE}; '
+                   'else exec </dev/null; fi; printf "\\000" >&2; ' + KILL_LEFTOVERS)
 
 
 def _owner() -> str:
@@ -97,10 +103,13 @@ class DockerSandbox(Sandbox):
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._wanted = threading.Semaphore(0)
-        self._filler = threading.Thread(target=self._fill, name="docker-sandbox-pool", daemon=True)
+        # Starting a container takes about 0.5 s; with one filler the pool refills at 2 containers/s at most.
+        self._fillers = [threading.Thread(target=self._fill, name="docker-sandbox-pool", daemon=True)
+                         for _ in range(max(1, min(pool_size, 4)))]
         for _ in range(pool_size):
             self._wanted.release()
-        self._filler.start()
+        for filler in self._fillers:
+            filler.start()
         atexit.register(self.close)
 
     # -- containers --------------------------------------------------------------------------
@@ -163,17 +172,21 @@ class DockerSandbox(Sandbox):
         container = self._acquire(limits)
         try:
             as_user = ["-u", f"{SANDBOX_UID}:{SANDBOX_UID}"]
-            if files:
-                copied = run_limited([self.docker_cli, "exec", "-i", *as_user, container.id, "tar", "-x", "-C", WORK_DIR],
-                                     stdin=_tar(files), timeout_s=60, output_bytes=1 << 16)
-                if copied.exit_code != 0:
-                    raise SandboxError(f"copying files into the sandbox container failed: {copied.stderr.decode()[-500:]}")
-            remaining = limits.timeout_s - (time.perf_counter() - started)
-            done = run_limited([self.docker_cli, "exec", *(["-i"] if stdin_bytes else []), *as_user, container.id,
-                                "sh", "-c", KILL_LEFTOVERS, "sandbox", *command],
-                               stdin=stdin_bytes, timeout_s=max(remaining, 0.001), output_bytes=limits.output_bytes)
+            remaining = max(limits.timeout_s - (time.perf_counter() - started), 0.001)
+            if files or stdin_bytes is not None:
+                done = run_limited([self.docker_cli, "exec", "-i", *as_user, container.id, "sh", "-c", UNPACK_THEN_RUN,
+                                    "sandbox", *command],
+                                   stdin=tar_files(files or {}, stdin_bytes), timeout_s=remaining, output_bytes=limits.output_bytes)
+            else:
+                done = run_limited([self.docker_cli, "exec", *as_user, container.id, "sh", "-c", KILL_LEFTOVERS, "sandbox", *command],
+                                   stdin=None, timeout_s=remaining, output_bytes=limits.output_bytes)
         finally:
             threading.Thread(target=self._remove, args=(container,), daemon=True).start()  # kills what is still running
+        if files or stdin_bytes is not None:
+            if not done.stderr.startswith(b"\0") and not done.killed_for:
+                raise SandboxError(f"setting up the sandbox run failed (docker exec, then unpacking the files): "
+                                   f"{done.stderr.decode(errors='replace').strip()[-500:]}")
+            done.stderr = done.stderr[1:] if done.stderr.startswith(b"\0") else done.stderr
         stdout, stderr = done.stdout.decode(errors="replace"), done.stderr.decode(errors="replace")
         if done.exit_code in (125, 126, 127) and stderr.startswith(("Error response from daemon", "Error: No such container")):
             raise SandboxError(f"docker exec failed: {stderr.strip()[-500:]}")
@@ -189,8 +202,10 @@ class DockerSandbox(Sandbox):
         if self._closed.is_set():
             return
         self._closed.set()
-        self._wanted.release()
-        self._filler.join(timeout=60)  # a container it is starting now is removed before close returns
+        for filler in self._fillers:
+            self._wanted.release()
+        for filler in self._fillers:
+            filler.join(timeout=60)  # a container it is starting now is removed before close returns
         with self._lock:
             ids = list(self._mine)
         for cid in ids:
@@ -220,13 +235,15 @@ def container_options(limits: Limits, labels: dict[str, str], read_only: bool = 
                  Ulimit(name="core", soft=0, hard=0)])
 
 
-def _tar(files: dict[str, str | bytes]) -> bytes:
+def tar_files(files: dict[str, str | bytes], stdin: bytes | None = None, work_dir: str = WORK_DIR) -> bytes:
+    """A tar to unpack at `/`: the files under `work_dir` (relative names, owned by the sandbox user)
+    and, when given, the program's stdin as STDIN_FILE."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, content in files.items():
-            work_path(name)  # the same rule as bwrap: relative paths inside the work dir
-            data = as_bytes(content)
-            info = tarfile.TarInfo(name)
+        entries = [(str(work_path(name)) if work_dir == WORK_DIR else f"{work_dir}/{name}", as_bytes(content))
+                   for name, content in files.items()]
+        for path, data in entries + ([(STDIN_FILE, stdin)] if stdin is not None else []):
+            info = tarfile.TarInfo(path.lstrip("/"))
             info.size, info.mode, info.uid, info.gid = len(data), 0o666, SANDBOX_UID, SANDBOX_UID
             tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()

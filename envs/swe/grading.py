@@ -15,14 +15,13 @@ model-written code too.
 
 from __future__ import annotations
 
-import io
 import re
 import shlex
-import tarfile
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from envs.sandbox.docker import tar_files
 from envs.swe.containers import ContainerPool
 from envs.swe.tasks import SWEInstance
 from rewards.swe import PYTEST, REPORT_PLUGIN, files_of_tests, parse_report, parse_summary, patch_files, protected, verdict
@@ -69,16 +68,6 @@ class Grade:
                 "test_log_tail": self.log_tail}
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def grade_patch(pool: ContainerPool, image: str, instance: SWEInstance, patch: str, timeout_s: float = 600.0) -> Grade:
     """Apply `patch` in a fresh container of `image`, run the hidden tests, and judge them."""
     started = time.perf_counter()
@@ -96,7 +85,7 @@ def grade_patch(pool: ContainerPool, image: str, instance: SWEInstance, patch: s
     try:
         files = {"model.patch": patch.encode(), "test.patch": instance.test_patch.encode(),
                  f"{plugin}.py": REPORT_PLUGIN.encode()}
-        copied = container.exec(["sh", "-c", f"mkdir -p {GRADER_DIR} && tar -x -C {GRADER_DIR}"], stdin=_tar(files), timeout_s=60)
+        copied = container.exec(["tar", "-x", "--no-same-owner", "-C", "/"], stdin=tar_files(files, work_dir=GRADER_DIR), timeout_s=60)
         if copied.exit_code != 0:
             return Grade(False, "failed", error=f"could not copy the patch into the grading container: {copied.stderr.decode()[-300:]}")
         applying = container.exec(["sh", "-c", APPLY.format(grader=GRADER_DIR), "grade", instance.workdir], timeout_s=120)
