@@ -47,6 +47,7 @@ class SWEContainer:
         self.session_id = container.labels.get(LABEL_SESSION, "")
         self.user = USER if managed else None  # a prebuilt image runs as the user it names
         self.released = False
+        self.spare_shell: BashSession | None = None  # started by the pool while the container waited
 
     def exec(self, command: list[str] | str, stdin: bytes | None = None, timeout_s: float = 60.0,
              output_bytes: int = 1 << 20, env: dict[str, str] | None = None) -> Finished:
@@ -67,12 +68,19 @@ class SWEContainer:
         return self.exec(["cat", "--", path], timeout_s=30, output_bytes=limit)
 
     def shell(self, timeout_s: float = 60.0) -> BashSession:
-        return BashSession(self, default_timeout_s=timeout_s)
+        """The persistent bash session (the one the pool started, if it did; one `docker exec` otherwise)."""
+        shell, self.spare_shell = self.spare_shell, None
+        if shell is None:
+            return BashSession(self, default_timeout_s=timeout_s)
+        shell.default_timeout_s = timeout_s
+        return shell
 
     def release(self) -> None:
         """Remove the container (whatever runs in it dies with it)."""
         if not self.released:
             self.released = True
+            if self.spare_shell is not None:
+                self.spare_shell.close()
             self.pool._remove(self.container)
 
 
@@ -166,6 +174,11 @@ class ContainerPool:
                 continue
             try:
                 started = self._start(*key)
+                try:  # its bash session too, so that an episode's reset waits for neither
+                    started.spare_shell = BashSession(started)
+                except SandboxError:
+                    started.release()
+                    raise
             except Exception:  # daemon trouble: acquire starts containers itself and reports the error
                 with self._lock:
                     self._pending[key] -= 1
