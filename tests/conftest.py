@@ -6,9 +6,11 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,27 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 def server(start_server) -> ServerThread:
     """An env server with default settings."""
     return start_server()
+
+
+@pytest.fixture
+def host_server():
+    """A real HTTP server on the host's loopback that counts the requests it gets: sandboxes must not reach it."""
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"host secret")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], hits
+    server.shutdown()
 
 
 # The sandbox's Debian root is built by mmdebstrap on first use (about a minute, then cached);

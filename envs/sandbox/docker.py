@@ -75,22 +75,28 @@ def reap(client=None, everything: bool = False, run_id: str | None = None) -> in
     return removed
 
 
+def connect(advice: str, timeout_s: float = 60.0) -> tuple[str, object]:
+    """(path of the docker CLI, a pinged Docker SDK client), or a SandboxError saying what to install or start."""
+    import docker
+
+    docker_cli = shutil.which("docker")
+    if docker_cli is None:
+        raise SandboxError("the docker CLI is missing: apt-get install docker.io, then start dockerd")
+    try:
+        client = docker.from_env(timeout=timeout_s)
+        client.ping()
+    except Exception as e:
+        raise SandboxError(f"the Docker daemon is not reachable ({type(e).__name__}): start it "
+                           f"(dockerd >/var/log/dockerd.log 2>&1 &) {advice}") from e
+    return docker_cli, client
+
+
 class DockerSandbox(Sandbox):
     backend = "docker"
 
     def __init__(self, image: str | None = None, limits: Limits | None = None, pool_size: int = 2,
                  run_id: str | None = None, log=None):
-        import docker
-
-        self.docker_cli = shutil.which("docker")
-        if self.docker_cli is None:
-            raise SandboxError("the docker CLI is missing: apt-get install docker.io, then start dockerd")
-        try:
-            self.client = docker.from_env(timeout=60)
-            self.client.ping()
-        except Exception as e:
-            raise SandboxError(f"the Docker daemon is not reachable ({type(e).__name__}): start it "
-                               "(dockerd >/var/log/dockerd.log 2>&1 &) or use the bwrap backend") from e
+        self.docker_cli, self.client = connect("or use the bwrap backend")
         from envs.sandbox.rootfs import docker_base_image
 
         self.image = image or docker_base_image(self.client, log=log)

@@ -19,14 +19,13 @@ import atexit
 import collections
 import os
 import queue
-import shutil
 import subprocess
 import threading
 import time
 import uuid
 
 from envs.sandbox.base import ENV, SANDBOX_UID, Limits, SandboxError
-from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, _owner, container_options, reap
+from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, _owner, connect, container_options, reap
 from envs.sandbox.process import Finished, run_limited
 from envs.swe.images import REPO_COPY, TASK_REPOSITORY
 
@@ -90,19 +89,9 @@ class ContainerPool:
 
     def __init__(self, limits: Limits = SWE_LIMITS, pool_size: int = 2, max_containers: int = 16, pool_images: int = 4,
                  run_id: str | None = None, acquire_timeout_s: float = 600.0):
-        import docker
-
         if pool_size < 0 or max_containers < 1:
             raise ValueError(f"pool_size must be >= 0 and max_containers >= 1, got {pool_size} and {max_containers}")
-        self.docker_cli = shutil.which("docker")
-        if self.docker_cli is None:
-            raise SandboxError("the docker CLI is missing: apt-get install docker.io, then start dockerd")
-        try:
-            self.client = docker.from_env(timeout=120)
-            self.client.ping()
-        except Exception as e:
-            raise SandboxError(f"the Docker daemon is not reachable ({type(e).__name__}): start it "
-                               "(dockerd >/var/log/dockerd.log 2>&1 &); SWE envs need Docker") from e
+        self.docker_cli, self.client = connect("(SWE envs need Docker)", timeout_s=120)
         self.limits, self.pool_size, self.pool_images = limits, pool_size, pool_images
         self.max_containers, self.acquire_timeout_s = max_containers, acquire_timeout_s
         self.run_id = run_id or os.environ.get("CWM_RL_RUN_ID", "")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -41,27 +39,6 @@ def _wait_gone(marker: str, within_s: float = 10.0) -> list[int]:
     while (left := _processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
-
-
-@pytest.fixture
-def host_server():
-    """A real HTTP server on the host's loopback that counts the requests it gets."""
-    hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"host secret")
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], hits
-    server.shutdown()
 
 
 def test_network_connect_and_dns_fail(sandbox, host_server):
