@@ -40,8 +40,8 @@ USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
 class SWEContainer:
     """One started container: `exec` runs a command in it, `shell()` opens the persistent bash."""
 
-    def __init__(self, pool: ContainerPool, container, image: str, workdir: str, managed: bool):
-        self.pool, self.container, self.image, self.workdir, self.managed = pool, container, image, workdir, managed
+    def __init__(self, pool: ContainerPool, container, workdir: str, managed: bool):
+        self.pool, self.container, self.workdir = pool, container, workdir
         self.id = container.id
         self.session_id = container.labels.get(LABEL_SESSION, "")
         self.user = USER if managed else None  # a prebuilt image runs as the user it names
@@ -49,13 +49,12 @@ class SWEContainer:
         self.spare_shell: BashSession | None = None  # started by the pool while the container waited
 
     def exec(self, command: list[str] | str, stdin: bytes | None = None, timeout_s: float = 60.0,
-             output_bytes: int = 1 << 20, env: dict[str, str] | None = None) -> Finished:
+             output_bytes: int = 1 << 20) -> Finished:
         """Run a command in the repository's workdir; `timeout` inside the container kills it at the deadline."""
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         user = ["-u", self.user] if self.user else []
-        extra = [f"--env={k}={v}" for k, v in (env or {}).items()]
         inside = ["timeout", "-s", "KILL", f"{max(timeout_s, 0.01):.2f}", *argv]
-        return run_limited([self.pool.docker_cli, "exec", *(["-i"] if stdin is not None else []), *user, *extra,
+        return run_limited([self.pool.docker_cli, "exec", *(["-i"] if stdin is not None else []), *user,
                             "-w", self.workdir, self.id, *inside],
                            stdin=stdin, timeout_s=timeout_s + 15, output_bytes=output_bytes)
 
@@ -133,7 +132,7 @@ class ContainerPool:
             raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
         with self._lock:
             self._mine[container.id] = container  # from here on, removing it gives the slot back
-        started = SWEContainer(self, container, image, workdir, managed)
+        started = SWEContainer(self, container, workdir, managed)
         if managed:
             copied = started.exec(["cp", "-R", "--preserve=mode,timestamps", f"{REPO_COPY}/.", workdir + "/"], timeout_s=120)
             if copied.exit_code != 0:

@@ -36,7 +36,8 @@ elif git reset -q --hard && git clean -fdq && git apply --3way --whitespace=nowa
 elif git reset -q --hard && git clean -fdq && patch -p1 --batch --fuzz=3 -i "$G/model.patch" >>"$G/apply.err" 2>&1; then echo "@@apply patch-fuzz"
 else git reset -q --hard; git clean -fdq; echo "@@apply failed"; tail -c 1500 "$G/apply.err"; exit 0
 fi
-{{ git diff --name-only --no-renames -z HEAD; git ls-files --others -z; }} > "$G/changed"
+echo "@@changed"
+git diff --name-only --no-renames -z HEAD; git ls-files --others -z
 """
 # Undo the changes to protected paths (the arguments), then apply the hidden tests and run them.
 RESTORE = r"""for p; do
@@ -95,7 +96,9 @@ def grade_patch(pool: ContainerPool, image: str, instance: SWEInstance, patch: s
         if applied == "failed":
             grade.error = None if "@@apply failed" in log else f"the apply step ended early (exit {applying.exit_code})"
             return grade
-        changed = container.exec(["cat", f"{GRADER_DIR}/changed"], timeout_s=30).stdout.decode(errors="replace").split("\0")
+        # After the marker, stdout holds the paths the patch changed or added, NUL-separated.
+        _, marker, listed = applying.stdout.partition(b"@@changed\n")
+        changed = listed.decode(errors="replace").split("\0") if marker else []
         grade.dropped_from_patch = protected([p for p in changed if p], set(patch_files(instance.test_patch)))
         if grade.dropped_from_patch:
             container.exec(["sh", "-c", RESTORE, "restore", *grade.dropped_from_patch], timeout_s=60)
