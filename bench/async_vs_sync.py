@@ -33,7 +33,7 @@ def run_job(run_dir: Path, model: Path, mode: str, env: str, steps: int) -> floa
         "rollout.group_size=8", "rollout.groups_per_request=4", "rollout.requests_in_flight=4", "buffer_groups=16",
         "rollout.sampling.max_tokens=16", "trainer.batch.step_tokens=512", "trainer.filters.drop_zero_advantage_groups=false",
         "trainer.filters.max_staleness=100", "eval.every_steps=0", "eval.num_tasks=8", "logging.tensorboard=false",
-        "trainer.checkpoint_every=0",
+        "checkpoint_every=0",
     ]
     cli = Path(sys.executable).with_name("cwm-rl")
     args = [str(cli), "train", str(ROOT / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]

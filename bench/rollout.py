@@ -99,8 +99,8 @@ def raw_multi_turn_tokens_per_s(llm, prompts: list[list[int]], observations: lis
 
 async def ours_tokens_per_s(engine, num_episodes: int, rounds: int, per_turn: int, max_model_len: int) -> float:
     from envs import make_env
-    from rollout_workers.agent_loop import EpisodeLimits, run_episode
-    from rollout_workers.engine import SamplingConfig
+    from rollout_workers.agent_loop import run_episode
+    from rollout_workers.config import EpisodeLimits, SamplingConfig
 
     sampling = SamplingConfig(temperature=1.0, max_tokens=per_turn, ignore_eos=True)
     limits = EpisodeLimits(max_turns=rounds, max_total_tokens=max_model_len)
@@ -115,7 +115,9 @@ async def ours_tokens_per_s(engine, num_episodes: int, rounds: int, per_turn: in
 
 async def measure(model: str, prompts: list[list[int]], observations, args, max_model_len: int) -> dict[str, list[float]]:
     """Both engines stay up; the four workloads alternate for `args.rounds` rounds (drift hits all alike)."""
-    from rollout_workers.engine import EngineConfig, RolloutEngine
+    from rollout_workers.config import EngineConfig
+    from rollout_workers.engine import RolloutEngine
+    from rollout_workers.vllm_adapter import shutdown_offline_llm
 
     llm = start_raw(model, len(prompts), max_model_len)
     engine = RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.25, max_num_seqs=len(prompts)))
@@ -132,7 +134,7 @@ async def measure(model: str, prompts: list[list[int]], observations, args, max_
             print("round:", {k: round(v[-1]) for k, v in figures.items()}, file=sys.stderr)
     finally:
         engine.shutdown()
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_llm(llm)
     return figures
 
 

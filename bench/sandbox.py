@@ -90,7 +90,7 @@ def tests_per_s(run_one, tasks: list[dict[str, str]]) -> float:
 
 def wait_for_pool(sandbox: DockerSandbox, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    while sandbox._pool.qsize() < sandbox.pool_size and time.monotonic() < deadline:
+    while sandbox.num_warm() < sandbox.pool_size and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -1,59 +1,35 @@
 """The job config: one YAML file describes a whole RL run (model, envs, workers, trainer, eval).
 
-    config = load_config("configs/quickstart.yaml", overrides=["trainer.optim.lr=1e-4", "run_dir=runs/x"])
+    >>> config = load_config("configs/quickstart.yaml", overrides=["trainer.optim.lr=1e-4", "run_dir=runs/x"])
+    >>> config.trainer.optim.lr, config.rollout.engine.max_model_len, config.run_dir
+    (0.0001, 256, 'runs/x')
 
 Pydantic models: every field has a default and a one-line description, unknown keys are errors
-(a typo never silently does nothing), `--set a.b=c` overrides any field (the value is read as
-YAML, so `--set rollout.sampling.temperature=0.8` is a float and `--set envs=[...]` a list).
-Imports no vLLM or Ray (torch comes in with the trainer's config): the CLI validates a config
-before starting anything heavy.
+(a typo never silently does nothing; a key that moved says where to), `--set a.b=c` overrides
+any field (the value is read as YAML, so `--set rollout.sampling.temperature=0.8` is a float and
+`--set envs=[...]` a list). One config class per component, embedded as it is: the rollout
+workers' `EngineConfig`, `SamplingConfig` and `EpisodeLimits` (`rollout_workers/config.py`), the
+`TrainerConfig` and weight-sync `PublishConfig` (`trainer/config.py`), and the warm start's
+`SFTConfig` (`cwm_rl/sft.py`). Importing this imports no torch, vLLM or Ray: `cwm-rl train`
+answers a bad config in well under a second, before anything heavy starts.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rollout_workers.agent_loop import EpisodeLimits
-from rollout_workers.engine import SamplingConfig
-from trainer.config import TrainerConfig
+from cwm_rl.sft import SFTConfig
+from rollout_workers.config import EngineConfig, EpisodeLimits, SamplingConfig
+from trainer.config import PublishConfig, TrainerConfig
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class SFTStageConfig(_Config):
-    """A supervised warm start before RL (`cwm-rl model sft` with these settings)."""
-
-    steps: int = Field(default=0, ge=0, description="SFT optimiser steps; 0 = no warm start.")
-    env_id: str | None = Field(default=None, description="Env whose reference answers make the data; default: the first RL env.")
-    env_kwargs: dict[str, Any] | None = Field(default=None, description="Its kwargs; default: the first RL env's.")
-    batch_size: int = Field(default=64, ge=1, description="Sequences per SFT step.")
-    lr: float = Field(default=2e-3, gt=0, description="SFT learning rate.")
-    eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured before and after SFT.")
-    eval_every: int = Field(default=0, ge=0, description="Also measure them every this many steps (0: before and after only).")
-    stop_at_accuracy: float | None = Field(default=None, gt=0, le=1, description="End the warm start once held-out accuracy reaches this (needs eval_every): a modest start whatever the seed.")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the warm start; None = one per core (nothing else runs yet: the workers start after it).")
-
-    @model_validator(mode="after")
-    def _check(self) -> SFTStageConfig:
-        if self.stop_at_accuracy is not None and not self.eval_every:
-            raise ValueError("model.sft.stop_at_accuracy needs model.sft.eval_every (how often accuracy is measured)")
-        return self
-
-
-class ModelConfig(_Config):
-    """Where the policy comes from: a local HF directory, or a tiny model made here (then SFT)."""
-
-    path: str | None = Field(default=None, description="A local Hugging Face model directory; None = make one with `init`.")
-    init_preset: Literal["tiny", "small"] = Field(default="tiny", description="Preset of the model made here when `path` is None.")
-    init_arch: Literal["cwm", "qwen2"] = Field(default="cwm", description="Architecture of the model made here.")
-    init_seed: int = Field(default=0, description="Seed of the model made here.")
-    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Supervised warm start before RL.")
 
 
 class EnvSpec(_Config):
@@ -73,17 +49,52 @@ class EnvSpec(_Config):
         return ([self.url] if self.url else []) + [u for u in self.urls if u != self.url]
 
 
+class SFTStageConfig(SFTConfig):
+    """A supervised warm start before RL: `cwm-rl model sft`'s settings, with the job's defaults."""
+
+    steps: int = Field(default=0, ge=0, description="SFT optimiser steps; 0 = no warm start.")
+    env_id: str | None = Field(default=None, description="Env whose reference answers make the data; None = the first RL env.")
+    env_kwargs: dict[str, Any] | None = Field(default=None, description="Its kwargs; None = the first RL env's.")
+    seed: int | None = Field(default=None, ge=0, description="Seed of the data order and the trainer's RNGs; None = the job's seed.")
+    eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured during the warm start (at least eval.num_tasks: the RL eval draws from them).")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the warm start; None = one per core (nothing else runs yet: the workers start after it).")
+
+    def resolve(self, first_env: EnvSpec, job_seed: int) -> SFTConfig:
+        """The `SFTConfig` this stage runs: what is unset taken from the job."""
+        return SFTConfig.model_validate({**self.model_dump(), "env_id": self.env_id or first_env.id,
+                                         "env_kwargs": first_env.kwargs if self.env_kwargs is None else self.env_kwargs,
+                                         "seed": job_seed if self.seed is None else self.seed,
+                                         "num_threads": self.num_threads or os.cpu_count()})
+
+
+class ModelConfig(_Config):
+    """Where the policy comes from: a local HF directory, or a tiny model made here (then SFT)."""
+
+    path: str | None = Field(default=None, description="A local Hugging Face model directory; None = make one with `init`.")
+    init_preset: Literal["tiny", "small"] = Field(default="tiny", description="Preset of the model made here when `path` is None.")
+    init_arch: Literal["cwm", "qwen2"] = Field(default="cwm", description="Architecture of the model made here.")
+    init_seed: int = Field(default=0, description="Seed of the model made here.")
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Supervised warm start before RL.")
+
+
 class RolloutConfig(_Config):
     """The rollout workers: how many, their engine, how they sample."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _job_engine_defaults(cls, data: Any) -> Any:
+        """A job's engines hold 1,024 tokens unless told otherwise (a bare EngineConfig holds 2,048)."""
+        if isinstance(data, dict) and "max_model_len" not in (data.get("engine") or {}):
+            engine = data.get("engine")
+            if engine is None or isinstance(engine, dict):
+                data = {**data, "engine": {**(engine or {}), "max_model_len": 1024}}
+        return data
 
     num_workers: int = Field(default=1, ge=1, description="Rollout worker actors (one vLLM engine each).")
     group_size: int = Field(default=8, ge=1, description="Samples per task (GRPO group).")
     groups_per_request: int = Field(default=4, ge=1, description="Groups a worker plays per call (played concurrently).")
     requests_in_flight: int = Field(default=2, ge=1, description="Calls outstanding per worker: keeps the engine busy while results travel.")
-    max_model_len: int = Field(default=1024, ge=16, description="Longest sequence the engine holds (prompt + all turns).")
-    kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory per engine in GiB.")
-    max_num_seqs: int = Field(default=64, ge=1, description="Sequences one engine step batches.")
-    dtype: str = Field(default="float32", description="Engine weights dtype (float32 on CPU, bfloat16 on GPU).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Each worker's vLLM engine (its model is the job's); max_model_len defaults to 1024 here.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=64), description="How each turn is sampled.")
     limits: EpisodeLimits = Field(default_factory=lambda: EpisodeLimits(max_turns=1, max_total_tokens=1024), description="When an episode is cut.")
 
@@ -112,6 +123,7 @@ class JobConfig(_Config):
     mode: Literal["async", "sync"] = Field(default="async", description="async: workers keep generating while the trainer steps; sync: generate, train, repeat.")
     seed: int = Field(default=0, description="Seed of task sampling and the trainer.")
     steps: int = Field(default=100, ge=1, description="Trainer steps to run.")
+    checkpoint_every: int = Field(default=50, ge=0, description="Save a resumable checkpoint (trainer state + task cursors) every this many steps; 0 = only at the end.")
     max_minutes: float | None = Field(default=None, gt=0, description="Stop (cleanly, with a checkpoint) after this many minutes of RL.")
     buffer_groups: int = Field(default=16, ge=1, description="Finished groups the buffer holds; workers get no new work while it is full (backpressure).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
@@ -119,15 +131,19 @@ class JobConfig(_Config):
     env_modules: list[str] = Field(default_factory=list, description="Modules to import (here and in every worker) that register user envs, like `cwm-rl env --import`.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="The trainer (docs/trainer.md).")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="How each new policy version reaches the rollout workers.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics sinks.")
     ray_address: str | None = Field(default=None, description="Join this Ray cluster; None = start local Ray.")
-    trainer_threads: int | None = Field(default=1, ge=1, description="torch CPU threads of the trainer: 1 leaves the other cores to vLLM; null = torch's default (the warm start uses model.sft.threads).")
+    trainer_threads: int | None = Field(default=1, ge=1, description="torch CPU threads of the trainer: 1 leaves the other cores to vLLM; null = torch's default (the warm start uses model.sft.num_threads).")
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if not self.envs:
             raise ValueError("envs is empty: name at least one env, e.g. envs: [{id: cwm_rl/Math-v0}]")
+        if self.rollout.engine.model is not None:
+            raise ValueError(f"rollout.engine.model ({self.rollout.engine.model}) is set by the job: name the policy with "
+                             "model.path instead, and remove rollout.engine.model")
         sft = self.model.sft
         if self.model.path is None and sft.steps and sft.eval_tasks < self.eval.num_tasks:
             raise ValueError(f"model.sft.eval_tasks ({sft.eval_tasks}) < eval.num_tasks ({self.eval.num_tasks}): the warm start would "
@@ -137,6 +153,18 @@ class JobConfig(_Config):
                              f"trainer.loss.temperature ({self.trainer.loss.temperature}): the trainer must score tokens at the "
                              "temperature they were sampled at; set both to the same value")
         return self
+
+
+# Keys that moved, with where they live now: a config written for an older cwm-rl gets the fix, not just "extra input".
+MOVED_KEYS = {
+    "trainer.checkpoint_every": "checkpoint_every",
+    "trainer.publish": "publish",
+    "rollout.max_model_len": "rollout.engine.max_model_len",
+    "rollout.kv_cache_gib": "rollout.engine.kv_cache_gib",
+    "rollout.max_num_seqs": "rollout.engine.max_num_seqs",
+    "rollout.dtype": "rollout.engine.dtype",
+    "model.sft.threads": "model.sft.num_threads",
+}
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -171,5 +199,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return JobConfig.model_validate(data)
     except ValidationError as e:
-        lines = [f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()]
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            moved = f" (it moved: use {MOVED_KEYS[key]})" if key in MOVED_KEYS and err["type"] == "extra_forbidden" else ""
+            lines.append(f"{key or '(top level)'}: {err['msg']}{moved}")
         raise ValueError(f"invalid job config{f' {path}' if path else ''}:\n  " + "\n  ".join(lines)) from None

@@ -1,10 +1,9 @@
 """Supervised warm start: train a model on an env's reference answers, report held-out accuracy.
 
-    cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --env-kwargs '{"difficulty": 1}' \\
-        --steps 300 --out models/tiny-sft
+    cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --kwarg difficulty=1 --steps 300 --out models/tiny-sft
 
-    from cwm_rl.sft import SFTConfig, run_sft
-    summary = run_sft("models/tiny", "models/tiny-sft", SFTConfig(env_id="cwm_rl/Math-v0", steps=300))
+From Python, `run_sft("models/tiny", "models/tiny-sft", SFTConfig(env_id="cwm_rl/Math-v0", steps=300))`
+does the same and returns the summary (`tests/cwm_rl/test_sft.py` runs both).
 
 Data: the env's own task generator. A training example is `env.reset(seed=s)` for a seed from
 the training range (even seeds) and `env.reference_action()` as the assistant's answer; the
@@ -331,7 +330,7 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
             "optim": {"lr": config.lr, "warmup_steps": config.warmup_steps, "schedule": "constant",
                       "total_steps": max(config.steps, 1), "max_grad_norm": config.max_grad_norm},
             "batch": {"micro_batch_tokens": config.micro_batch_tokens},
-            "checkpoint_every": 0, "seed": config.seed,
+            "seed": config.seed,
         }), model_dir)
 
     def run_eval(step: int) -> tuple[EvalResult, EvalResult | None]:

@@ -1,13 +1,20 @@
 """The rollout store: every finished Trajectory of a run, durable and queryable, in the run directory.
 
-    store = RolloutStore("runs/demo")                       # opens (or creates) runs/demo/rollouts.sqlite
-    store.add(trajectories)                                 # returns once committed: stored means stored
-    store.mark_trained([t.trajectory_id for t in batch], step=12)
-    store.mark_dropped(ids, reason="stale", step=12)        # reason: the trainer's drop key
-    store.buffered()                                        # what a resumed run reloads, oldest first
-    store.query(env="cwm_rl/Math-v0", min_return=1.0, order="-return", limit=20)   # light rows
-    store.get("3fa9c2")                                     # a full Trajectory, by id or unique id prefix
-    store.export_parquet("runs/demo/rollouts.parquet")      # needs pyarrow
+    >>> import tempfile
+    >>> store = RolloutStore(tempfile.mkdtemp())   # opens (or creates) DIR/rollouts.sqlite
+    >>> won, lost = (Trajectory(task_id="t1", env_id="cwm_rl/Math-v0", token_ids=[1, 2], loss_mask=[0, 1], logprobs=[0.0, -0.5],
+    ...                         policy_versions=[-1, 3], finish_reason="max_turns", **{"return": r}) for r in (1.0, -1.0))
+    >>> store.add([won, lost])                     # returns once committed: stored means stored
+    2
+    >>> store.mark_step(12, trained_ids=[won.trajectory_id], dropped_ids={"stale": [lost.trajectory_id]})
+    >>> [(row.status, row.step) for row in store.query(env="cwm_rl/Math-v0", order="-return")]   # light rows
+    [('trained', 12), ('dropped_stale', 12)]
+    >>> store.get(won.trajectory_id[:8]).return_   # a full Trajectory, by id or unique id prefix
+    1.0
+    >>> store.close()
+
+`buffered()` is what a resumed run reloads (oldest first); `export_parquet(path)` writes Parquet
+(needs pyarrow); `tests/cwm_rl/test_store.py` covers each.
 
 Storage: one SQLite file in WAL mode (stdlib `sqlite3`; no server, no ML stack). One table,
 `trajectories`: indexed columns to filter on (env, task, group, status, step, return, policy
@@ -304,6 +311,12 @@ class RolloutStore:
         any other reason (`gibberish`, `zero_advantage`, ...) `dropped_other`; the reason is kept."""
         self._mark(ids, "dropped_stale" if reason == "stale" else "dropped_other", step, reason)
 
+    def mark_step(self, step: int, trained_ids: Iterable[str], dropped_ids: dict[str, list[str]]) -> None:
+        """What trainer step `step` did with its batch: trained on some, dropped the others by reason."""
+        self.mark_trained(trained_ids, step)
+        for reason, ids in dropped_ids.items():
+            self.mark_dropped(ids, reason, step)
+
     def _mark(self, ids: Iterable[str], status: str, step: int | None, reason: str | None) -> None:
         ids = list(dict.fromkeys(ids))
         with self._write() as conn:
@@ -428,6 +441,13 @@ class RolloutStore:
         if self._conn is None:
             raise RuntimeError(f"the rollout store {self.path} is closed")
         return self._conn
+
+    def pragma(self, name: str) -> Any:
+        """An SQLite setting of this store's connection (`journal_mode`, `synchronous`, ...), for diagnostics."""
+        if not name.isidentifier():
+            raise ValueError(f"{name!r} is not a PRAGMA name")
+        with self._lock:
+            return self._connection().execute(f"PRAGMA {name}").fetchone()[0]
 
     def close(self) -> None:
         """Close the connection (idempotent). Everything `add` returned from is already on disk."""

@@ -1,4 +1,4 @@
-"""Environments: the text-env API, the registry, built-in envs (math, echo), the env server and its client.
+"""Environments: the text-env API, the registry, the built-in envs (Math, Echo, Code, Trace, SWE), sandboxes, the env server and its client.
 
 Importing this package registers the built-in envs with Gymnasium (`cwm_rl/Math-v0`, ...).
 It never imports torch, vLLM or the trainer: an env server runs in a small container.

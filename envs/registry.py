@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from importlib.metadata import entry_points
 from typing import Any
@@ -38,8 +39,11 @@ def register_builtin_envs() -> None:
             gym.register(id=env_id, **spec)
 
 
-def load_env_modules(modules: list[str] | tuple[str, ...] = ()) -> None:
-    """Import env modules (which register their envs): the `cwm_rl.envs` entry points, then `modules`."""
+def load_env_modules(modules: list[str] | tuple[str, ...] = (), from_cwd: bool = False) -> None:
+    """Import env modules (which register their envs): the `cwm_rl.envs` entry points, then `modules`.
+    `from_cwd`: also find `modules` in the current directory (as `--import my_envs` finds my_envs.py)."""
+    if from_cwd and modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             ep.load()

@@ -181,6 +181,11 @@ class VerifierPool:
     def closed(self) -> bool:
         return self._closed
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers started and not yet killed (busy or idle): they start lazily, on demand."""
+        with self._lock:
+            return [w.process.pid for w in self._live]
+
     def __enter__(self) -> VerifierPool:
         return self
 

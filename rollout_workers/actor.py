@@ -1,9 +1,9 @@
 """The rollout worker as a Ray actor: one vLLM engine, many concurrent episodes, in-flight reloads.
 
-    Worker = rollout_worker_actor(num_cpus=1)
-    worker = Worker.remote(WorkerConfig(model="runs/tiny", env_id="cwm_rl/Math-v0").model_dump())
-    trajectories = ray.get(worker.run_groups.remote(seeds=[0, 1], group_size=4))   # JSON strings
-    ray.get(worker.update_weights.remote(1, "runs/x/weights/v1"))
+`rollout_worker_actor(num_cpus=1)` is the actor class; `Worker.remote(WorkerConfig(...).model_dump())`
+starts one, `worker.run_groups.remote(seeds=[0, 1], group_size=4)` plays a group per seed and
+returns Trajectories as JSON strings, `worker.update_weights.remote(version, path)` reloads in
+flight (`tests/rollout_workers/test_actor.py` runs these on a real Ray actor).
 
 Episodes are asyncio tasks in the actor's event loop; env calls never block it (local envs step
 in threads, remote envs over async HTTP). Trajectories travel as JSON strings, so the caller
@@ -17,26 +17,9 @@ import os
 import sys
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from rollout_workers.agent_loop import EpisodeLimits, run_group
-from rollout_workers.engine import EngineConfig, RolloutEngine, SamplingConfig
-
-
-class WorkerConfig(BaseModel):
-    """Everything one rollout worker needs: its engine, what it plays, and how."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    engine: EngineConfig = Field(description="The worker's vLLM engine.")
-    env_id: str = Field(description="Env to play, e.g. 'cwm_rl/Math-v0'.")
-    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
-    env_url: str | None = Field(default=None, description="Play the env on this env server instead of in-process.")
-    env_token: str | None = Field(default=None, description="Bearer token for env_url.")
-    env_modules: list[str] = Field(default_factory=list, description="Modules to import first: they register user envs.")
-    sys_path: list[str] = Field(default_factory=list, description="Directories to put on sys.path first (where env_modules live).")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How each turn is sampled.")
-    limits: EpisodeLimits = Field(default_factory=EpisodeLimits, description="When the worker ends an episode.")
+from rollout_workers.agent_loop import run_group
+from rollout_workers.config import WorkerConfig
+from rollout_workers.engine import RolloutEngine
 
 
 class RolloutWorker:

@@ -19,22 +19,11 @@ import functools
 import time
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
 from cwm_rl.types import NO_VERSION, Message, Span, Task, Trajectory, Turn, new_id
 from envs.server.client import EnvServerUnavailable
-from rollout_workers.engine import RolloutEngine, SamplingConfig
-
-
-class EpisodeLimits(BaseModel):
-    """When the worker ends an episode that the env has not ended."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_turns: int = Field(default=8, ge=1, description="Model turns per episode at most.")
-    max_total_tokens: int = Field(default=2048, ge=16, description="Prompt + all turns, in tokens (at most the engine's max_model_len).")
-    env_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one env reset or step.")
+from rollout_workers.config import EpisodeLimits, SamplingConfig
+from rollout_workers.engine import RolloutEngine
 
 
 class _Tokens:

@@ -1,10 +1,10 @@
 """One vLLM engine per worker: token-in/token-out generation with behaviour logprobs and a policy
 version on every token, and in-place weight reloads while requests are in flight.
 
-    engine = RolloutEngine(EngineConfig(model="runs/tiny-model"))
-    out = await engine.generate(prompt_ids, SamplingConfig(max_tokens=64))
-    out.token_ids, out.logprobs, out.versions, out.finish_reason
-    await engine.update_weights(version=1, path="runs/x/weights/v1")
+`RolloutEngine(EngineConfig(model=DIR))` starts the engine; `await engine.generate(prompt_ids,
+SamplingConfig(max_tokens=64))` returns a `Generation` (`token_ids`, `logprobs`, `versions`,
+`finish_reason`); `await engine.update_weights(version, path)` reloads a published version in
+place (`tests/rollout_workers/test_engine.py` runs these on a real engine).
 
 The reload protocol (`update_weights`): pause the scheduler keeping every request ("keep"),
 reload the weights in place (vLLM's `reload_weights`, no engine restart), let the frontend
@@ -14,8 +14,8 @@ in-flight requests recompute their prefixes with the new weights (set `keep_kv_c
 to skip that: faster, but tokens after the reload then attend to old-weight keys and values),
 bump the version, resume. Requests are never dropped; every token generated after the reload
 carries the new version. Requests return one final output (no per-step streaming to Python),
-and the recorded counts split their tokens by version; the counts come from vLLM's output
-processor (`request_states`), an internal that `tests/rollout_workers/test_engine.py` pins.
+and the recorded counts split their tokens by version; the counts come from vLLM internals,
+read only in `rollout_workers/vllm_adapter.py` (its test pins them to the installed vLLM).
 
 Behaviour logprobs are vLLM's "processed" logprobs: the log-probability of the sampled token
 under the distribution actually sampled from (after temperature and top-p/top-k), which is
@@ -33,36 +33,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class EngineConfig(BaseModel):
-    """How to start the worker's vLLM engine."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Path of a Hugging Face model directory (safetensors + config + tokenizer).")
-    dtype: str = Field(default="float32", description="Weights dtype: float32 on CPU, bfloat16 on GPU.")
-    max_model_len: int = Field(default=2048, ge=16, description="Longest sequence (prompt + all turns) in tokens.")
-    kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory in GiB (CPU RAM on the CPU backend).")
-    max_num_seqs: int = Field(default=64, ge=1, description="Sequences batched per engine step.")
-    seed: int = Field(default=0, description="Engine sampling seed.")
-    enforce_eager: bool = Field(default=True, description="Skip torch.compile and graph capture (fast start; right for CPU and tests).")
-    keep_kv_cache_on_reload: bool = Field(default=False, description="On reload keep in-flight KV caches (faster, approximate) instead of recomputing prefixes.")
-    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="More vllm.AsyncEngineArgs fields, passed as they are.")
-
-
-class SamplingConfig(BaseModel):
-    """How to sample one turn."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(default=-1, description="Top-k sampling; -1 disables it.")
-    max_tokens: int = Field(default=256, ge=1, description="Most tokens generated in one turn.")
-    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end a turn (the EOS token always does).")
-    ignore_eos: bool = Field(default=False, description="Keep generating past EOS (benchmarks and tests only).")
+from rollout_workers import vllm_adapter
+from rollout_workers.config import EngineConfig, SamplingConfig
 
 
 @dataclass
@@ -82,6 +54,8 @@ class RolloutEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if config.model is None:
+            raise ValueError("EngineConfig.model is not set: name the Hugging Face model directory the engine should load")
         self.config = config
         self.version = version
         args = AsyncEngineArgs(
@@ -90,7 +64,7 @@ class RolloutEngine:
             max_model_len=config.max_model_len,
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             max_num_seqs=config.max_num_seqs,
-            seed=config.seed,
+            seed=config.seed or 0,
             enforce_eager=config.enforce_eager,
             logprobs_mode="processed_logprobs",
             **config.extra_engine_args,
@@ -148,30 +122,19 @@ class RolloutEngine:
             await self.engine.pause_generation(mode="keep", clear_cache=not self.config.keep_kv_cache_on_reload)
             try:
                 await self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
-                await self._settle()
-                states = self.engine.output_processor.request_states
+                await vllm_adapter.drain_outputs(self.engine)  # the old-weight tokens are all counted
                 for request_id, reloads in self._active.items():
-                    if (state := states.get(request_id)) is not None:  # gone: finished on the old weights
-                        reloads.append((state.detokenizer.num_output_tokens(), version))
+                    num_tokens = vllm_adapter.num_output_tokens(self.engine, request_id)
+                    if num_tokens is not None:  # None: it finished on the old weights
+                        reloads.append((num_tokens, version))
                 self.version = version
             finally:
                 await self.engine.resume_generation()
 
-    async def _settle(self) -> None:
-        """Let the frontend process every output the paused engine already sent (old-weight tokens),
-        so the token counts read next are final."""
-        queue = self.engine.engine_core.outputs_queue
-        for _ in range(1000):
-            if queue.empty():
-                break
-            await asyncio.sleep(0.001)
-        for _ in range(3):
-            await asyncio.sleep(0)
-
     def in_flight(self) -> list[int]:
         """Tokens generated so far by each running request (e.g. to time a reload in a test)."""
-        states = self.engine.output_processor.request_states
-        return [states[r].detokenizer.num_output_tokens() for r in self._active if r in states]
+        counts = (vllm_adapter.num_output_tokens(self.engine, r) for r in self._active)
+        return [n for n in counts if n is not None]
 
     def shutdown(self) -> None:
         """Stop the engine's processes. Idempotent."""

@@ -91,8 +91,7 @@ def no_sandbox_container_left_behind():
 
     from envs import sandbox
 
-    for shared in list(sandbox._shared.values()):
-        shared.close()
+    sandbox.close_shared_sandboxes()
     if "envs.swe.containers" in sys.modules:  # the SWE env's per-process container pools
         sys.modules["envs.swe.containers"].close_shared_pools()
     if shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0:

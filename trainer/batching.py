@@ -1,8 +1,9 @@
 """From Trajectories to micro-batches: filter, score groups, pack to a token budget, pad.
 
-    samples, dropped = prepare_samples(trajectories, policy_version=3, config=cfg, vocab_size=V)
-    for rows in pack(samples, micro_batch_tokens=4096):
-        batch = collate(rows, pad_token_id=1)   # tensors [B, T]
+`prepare_samples(trajectories, policy_version=..., filters=..., advantage=..., vocab_size=...)` drops
+what the filters refuse (with reasons) and scores the groups; `pack(samples, micro_batch_tokens)`
+makes the rows of each micro-batch and `collate(rows, pad_token_id)` their tensors, [B, T]
+(`tests/trainer/test_batching.py` covers each).
 
 Micro-batches hold whole sequences, right-padded; their cost is rows x longest row, packed
 longest-first so similar lengths share a batch. (Packing several sequences into one row needs

@@ -1,9 +1,17 @@
 """Training checkpoints: save everything a run needs to resume exactly, and load it back.
 
-    path = save_checkpoint("runs/x/checkpoints", model=model, optimizer=opt, scheduler=sched,
-                           step=100, policy_version=100, data_cursor={"epoch": 0, "index": 3200})
-    state = load_checkpoint(latest_checkpoint("runs/x/checkpoints"), model=model, optimizer=opt, scheduler=sched)
-    state["step"], state["policy_version"], state["data_cursor"]
+    >>> import tempfile
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = torch.optim.AdamW(model.parameters())
+    >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    >>> root = tempfile.mkdtemp()
+    >>> path = save_checkpoint(root, model=model, optimizer=opt, scheduler=sched, step=100, policy_version=100,
+    ...                        data_cursor={"epoch": 0, "index": 3200})
+    >>> path.name
+    'step_00000100'
+    >>> state = load_checkpoint(latest_checkpoint(root), model=model, optimizer=opt, scheduler=sched)
+    >>> state["step"], state["policy_version"], state["data_cursor"]
+    (100, 100, {'epoch': 0, 'index': 3200})
 
 A checkpoint is `directory/step_{step:08d}/` holding:
     model.safetensors   the weights (DDP / torch.compile wrappers removed; tied weights once)

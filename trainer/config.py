@@ -1,7 +1,8 @@
 """The trainer's configuration: objective, filters, batching, optimiser, health checks.
 
 Every field has a default (CWM's where CWM chose one) and a one-line description; unknown keys
-are errors. The job config (issue 5) nests `TrainerConfig` under `trainer:`.
+are errors. The job config nests `TrainerConfig` under `trainer:` and `PublishConfig` (weight
+sync, which the job drives) under `publish:`. Pydantic only: importing this never imports torch.
 """
 
 from __future__ import annotations
@@ -10,11 +11,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.publish import PublishConfig
-
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class PublishConfig(_Config):
+    """How each new policy version reaches the rollout workers (`trainer/publish.py`; the job publishes every `every_steps` steps)."""
+
+    backend: Literal["files", "nccl"] = Field(default="files", description="files: HF checkpoint dirs on a shared or RAM filesystem; nccl: not built yet.")
+    root: str | None = Field(default=None, description="Directory versions are published into; None means <run_dir>/weights (use /dev/shm/... for same-host workers).")
+    every_steps: int = Field(default=1, ge=1, description="Publish after every this many optimiser steps.")
+    keep_last: int = Field(default=3, ge=1, description="Published versions kept on disk; older ones are deleted.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Dtype of published weights; auto keeps the trainer's (bfloat16 suits a GPU engine).")
+    fsync: bool = Field(default=False, description="fsync each version before announcing it (survives power loss; slower, needless on /dev/shm).")
 
 
 AggregationMode = Literal["constant", "token_mean", "seq_mean_token_mean", "dr_grpo"]
@@ -94,10 +104,8 @@ class TrainerConfig(_Config):
     batch: BatchConfig = Field(default_factory=BatchConfig, description="Micro-batches and steps.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Mismatch check.")
-    publish: PublishConfig = Field(default_factory=PublishConfig, description="Weight publishing to the rollout workers.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="Autocast dtype: auto = bfloat16 on GPU, float32 on CPU.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward (less memory, ~30% slower).")
-    checkpoint_every: int = Field(default=50, ge=0, description="Save a resumable checkpoint every this many steps; 0 = only at the end.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk (the newest).")
     seed: int = Field(default=0, description="Seed of the trainer's RNGs.")
 

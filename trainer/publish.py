@@ -1,9 +1,10 @@
 """Weight publishing: the trainer hands each new policy version to the rollout workers as files.
 
-    publisher = make_publisher(PublishConfig(), base_model_dir="models/tiny", root="runs/x/weights")
-    path = publisher.publish(1, model.state_dict())     # runs/x/weights/v00000001
-    latest_published("runs/x/weights")                  # (1, path), from any process
-    await engine.update_weights(1, str(path))           # a rollout worker reloads it in place
+`make_publisher(PublishConfig(), base_model_dir="models/tiny", root="runs/x/weights")` makes the
+publisher; `publisher.publish(1, model.state_dict())` writes `runs/x/weights/v00000001` and
+returns it; `latest_published("runs/x/weights")` is `(1, path)` from any process, and a rollout
+worker reloads that path in place (`tests/trainer/test_publish.py`,
+`tests/rollout_workers/test_publish_reload.py`).
 
 Version N is a complete Hugging Face checkpoint directory, `root/v{N:08d}`: `model.safetensors`
 plus the base model's config, generation config, tokenizer and chat template, so transformers
@@ -40,12 +41,12 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from trainer.config import PublishConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ TRAINING_STATE_PREFIXES = ("optimizer", "scheduler", "rng_state", "trainer_state
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Subscriber = Callable[[int, Path], None]
-
-
-class PublishConfig(BaseModel):
-    """How the trainer publishes new policy weights to the rollout workers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["files", "nccl"] = Field(default="files", description="files: HF checkpoint dirs on a shared or RAM filesystem; nccl: not built yet.")
-    root: str | None = Field(default=None, description="Directory versions are published into; None means <run_dir>/weights (use /dev/shm/... for same-host workers).")
-    every_steps: int = Field(default=1, ge=1, description="Publish after every this many optimiser steps.")
-    keep_last: int = Field(default=3, ge=1, description="Published versions kept on disk; older ones are deleted.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Dtype of published weights; auto keeps the trainer's (bfloat16 suits a GPU engine).")
-    fsync: bool = Field(default=False, description="fsync each version before announcing it (survives power loss; slower, needless on /dev/shm).")
 
 
 class WeightPublisher:

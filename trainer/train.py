@@ -1,14 +1,15 @@
 """The optimisation loop: one `step` = Trajectories in, one AdamW step, a new policy version out.
 
-    trainer = Trainer(TrainerConfig(), model_dir="models/tiny", run_dir="runs/x")
-    metrics = trainer.step(trajectories)      # filter, advantages, micro-batches, backward, step, publish
-    trainer.save_checkpoint(data_cursor=...)  # resumable; Trainer(..., resume=path) picks it up
-
-A step reads top to bottom: prepare samples (filters + group advantages) -> this rank's share
--> token weights over the whole step -> per micro-batch: forward, logprobs, loss, backward
-(gradients accumulate; DDP syncs only on the last) -> clip -> AdamW -> schedule -> version += 1
--> publish. Data parallel: start the processes with torch.distributed initialised (gloo on CPU,
-nccl on GPU) and give every rank the SAME trajectories; each trains on its share of the groups.
+`Trainer(TrainerConfig(), model_dir="models/tiny", run_dir="runs/x")` loads the model;
+`trainer.step(trajectories)` returns a `StepResult` (`metrics`, `trained_ids`, `dropped_ids` by
+reason); `trainer.save_checkpoint(data_cursor=...)` saves a resumable checkpoint that
+`Trainer(..., resume=path)` picks up (`tests/trainer/test_train.py` runs these). A step reads top to bottom: prepare samples (filters
++ group advantages) -> this rank's share -> token weights over the whole step -> per
+micro-batch: forward, logprobs, loss, backward (gradients accumulate; DDP syncs only on the last)
+-> clip -> AdamW -> schedule -> version += 1. Publishing the weights and checkpointing are the
+caller's (the job's loop, `cwm_rl/loop/driver.py`), so a reader sees them where they happen.
+Data parallel: start the processes with torch.distributed initialised (gloo on CPU, nccl on GPU)
+and give every rank the SAME trajectories; each trains on its share of the groups.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,6 @@ from trainer.batching import MicroBatch, Sample, collate, pack, prepare_samples,
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import TrainerConfig
 from trainer.loss import LossInputs, policy_loss, sft_loss, token_weights
-from trainer.publish import make_publisher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,20 @@ def lr_multiplier(step: int, warmup_steps: int, schedule: str, total_steps: int,
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    """What one `Trainer.step` did: its metrics, and the fate of every trajectory it was given."""
+
+    metrics: dict[str, Any]
+    trained_ids: list[str] = field(default_factory=list)  # trajectories whose tokens were trained on
+    dropped_ids: dict[str, list[str]] = field(default_factory=dict)  # reason (stale, gibberish, ...) -> ids
+
+    @property
+    def skipped(self) -> bool:
+        """No trajectory had a learning signal: no optimiser step, no new policy version."""
+        return bool(self.metrics.get("skipped"))
 
 
 class Trainer:
@@ -99,32 +114,28 @@ class Trainer:
         self.step_count = 0
         self.policy_version = 0
         self.data_cursor: Any = None
-        self.last_prepared = None
-        self.publisher = None
-        if self.rank == 0 and (config.publish.root is not None or self.run_dir is not None):
-            root = Path(config.publish.root) if config.publish.root else self.run_dir / "weights"
-            self.publisher = make_publisher(config.publish, base_model_dir=self.model_dir, root=root)
         if resume is not None:
             self.resume(resume)
 
     # -- the RL step ------------------------------------------------------------------------------
 
-    def step(self, trajectories: Sequence[Trajectory]) -> dict[str, Any]:
-        """One optimiser step on `trajectories` (every rank passes the same list). Returns metrics."""
+    def step(self, trajectories: Sequence[Trajectory]) -> StepResult:
+        """One optimiser step on `trajectories` (every rank passes the same list)."""
         started = time.perf_counter()
         cfg = self.config
         prepared = prepare_samples(trajectories, policy_version=self.policy_version, filters=cfg.filters,
                                    advantage=cfg.advantage, vocab_size=self.vocab_size)
-        self.last_prepared = prepared  # which trajectories were trained on or dropped, and why (for the job's store)
+        result = StepResult(metrics={}, trained_ids=sorted({s.trajectory_id for s in prepared.samples}),
+                            dropped_ids={reason: list(ids) for reason, ids in prepared.dropped_ids.items()})
         samples = shard_by_group(prepared.samples, self.rank, self.world_size)
         num_sequences = len(prepared.samples)
         num_tokens = sum(s.num_loss_tokens for s in prepared.samples)
-        metrics: dict[str, Any] = {"step": self.step_count, "policy_version": self.policy_version,
-                                   "trajectories": len(trajectories), "sequences": num_sequences, "loss_tokens": num_tokens,
-                                   **{f"dropped_{k}": v for k, v in prepared.dropped.items()}}
+        metrics = result.metrics
+        metrics.update({"step": self.step_count, "policy_version": self.policy_version, "trajectories": len(trajectories),
+                        "sequences": num_sequences, "loss_tokens": num_tokens, **{f"dropped_{k}": v for k, v in prepared.dropped.items()}})
         if num_sequences == 0:
             metrics.update(skipped=True, step_time_s=time.perf_counter() - started)
-            return metrics
+            return result
 
         def weights_for(mask: torch.Tensor) -> torch.Tensor:
             return token_weights(mask, cfg.loss.aggregation, num_sequences=num_sequences, num_tokens=num_tokens,
@@ -153,9 +164,9 @@ class Trainer:
         totals = _all_reduce_sums({**totals, "loss": loss_total})  # one all-reduce for every sum
         metrics.update(_summarise(totals, prepared.samples))
         self._check_mismatch(metrics)
-        metrics.update(self._after_step())
+        metrics["new_policy_version"] = self._next_version()
         metrics["step_time_s"] = time.perf_counter() - started
-        return metrics
+        return result
 
     # -- supervised fine-tuning (warm starts) ------------------------------------------------------
 
@@ -175,7 +186,7 @@ class Trainer:
             loss_total += loss.item()
         metrics = {"step": self.step_count, "sft_loss": _all_reduce_sums({"loss": loss_total})["loss"], "loss_tokens": num_tokens}
         metrics.update(self._optimizer_step())
-        metrics.update(self._after_step())
+        metrics["new_policy_version"] = self._next_version()
         metrics["step_time_s"] = time.perf_counter() - started
         return metrics
 
@@ -212,17 +223,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(grad_norm), "lr": lr}
 
-    def _after_step(self) -> dict[str, Any]:
-        """Bump the version, publish the weights, checkpoint on schedule."""
+    def _next_version(self) -> int:
+        """Count the optimiser step: the weights are now policy version N + 1."""
         self.step_count += 1
         self.policy_version += 1
-        out: dict[str, Any] = {"new_policy_version": self.policy_version}
-        if self.publisher is not None and self.step_count % self.config.publish.every_steps == 0:
-            out["published"] = str(self.publisher.publish(self.policy_version, self.model.state_dict()))
-        every = self.config.checkpoint_every
-        if self.run_dir is not None and every and self.step_count % every == 0:
-            out["checkpoint"] = str(self.save_checkpoint())
-        return out
+        return self.policy_version
+
+    def skip_to_version(self, version: int) -> None:
+        """Call the current weights `version` (> the current one). A run resumed from a checkpoint older
+        than its last published weights does this: versions only grow (workers and staleness rely on it)."""
+        if version <= self.policy_version:
+            raise ValueError(f"policy versions only grow: {version} is not above the current {self.policy_version}")
+        self.policy_version = version
 
     def _check_mismatch(self, metrics: dict[str, Any]) -> None:
         """At the first step, a large KL between vLLM's and our logprobs means we train on a policy
@@ -261,14 +273,6 @@ class Trainer:
         state = load_checkpoint(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step_count, self.policy_version = state["step"], state["policy_version"]
         self.data_cursor = state.get("data_cursor")
-        published = self.publisher.latest_version if self.publisher is not None else None
-        if published is not None and published > self.policy_version:
-            # The run published past its last checkpoint before it stopped. Versions must only grow
-            # (workers and staleness rely on it), so the resumed weights become a new version.
-            self.policy_version = published + 1
-            log.warning("resumed from step %d, but weights up to version %d were published after that checkpoint; "
-                        "publishing the resumed weights as version %d", self.step_count, published, self.policy_version)
-            self.publisher.publish(self.policy_version, self.model.state_dict())
         return self.data_cursor
 
 

@@ -1,11 +1,15 @@
-"""`cwm-rl model ...`: make tiny models locally and check chat templates.
+"""`cwm-rl model ...`: make tiny models locally, check chat templates, warm-start by SFT, play a model.
 
     cwm-rl model init --out models/tiny [--preset tiny|small] [--arch cwm|qwen2] [--seed 0] [--force]
     cwm-rl model check-template models/tiny     # exit 0 "template OK", 1 with the problems listed
     cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --steps 300 --out models/tiny-sft \
-        [--env-kwargs '{"difficulty": 1}'] [--batch-size 64] [--lr 2e-3] [--eval-tasks 200] [--seed 0] [--force]
+        [--kwarg difficulty=1] [--batch-size 64] [--lr 2e-3] [--eval-tasks 200] [--seed 0] [--force]
+    cwm-rl model play --model models/tiny --env cwm_rl/Math-v0 -n 16 --out episodes.jsonl \
+        [--group-size 4] [--workers 1] [--kwarg difficulty=1] [--url URL] [--max-turns 8] [--temperature 1.0]
 
-Heavy imports (torch, transformers) happen inside the commands, so `cwm-rl --help` stays quick.
+`model play` is a frozen model playing an env (`cwm-rl env play` is you playing it); the
+episodes go to a JSONL file, one Trajectory per line. Heavy imports (torch, transformers, vLLM,
+Ray) happen inside the commands, so `cwm-rl --help` stays quick.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Annotated
 
 import typer
 
-model_app = typer.Typer(help="Create tiny models locally and check chat templates.", no_args_is_help=True)
+from cwm_rl.cli.common import ImportOpt, KwargOpt, console, load_user_envs, need_training_stack, parse_kwargs
+
+model_app = typer.Typer(help="Create tiny models, check chat templates, warm-start by SFT, play a frozen model.", no_args_is_help=True)
 
 
 @model_app.command("init")
@@ -31,7 +37,7 @@ def model_init(
 
     from cwm_rl.models.create import count_parameters, init_model
 
-    _need_training_stack()
+    need_training_stack()
 
     path = init_model(out, preset=preset, arch=arch, seed=seed, force=force)
     config = json.loads((path / "config.json").read_text())
@@ -45,7 +51,7 @@ def model_check_template(
     model_dir: Annotated[str, typer.Argument(help="Model or tokenizer directory (with a chat template).")],
 ) -> None:
     """Check the chat template is prefix-consistent for multi-turn token-in/token-out rollouts."""
-    _need_training_stack()
+    need_training_stack()
     from transformers import AutoTokenizer
 
     from cwm_rl.models.template_check import check_template
@@ -68,7 +74,8 @@ def model_sft(
     env: Annotated[str, typer.Option("--env", help="Env id whose tasks and reference answers make the data.")],
     steps: Annotated[int, typer.Option("--steps", help="Optimiser steps.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the warm-started model into.")],
-    env_kwargs: Annotated[str, typer.Option("--env-kwargs", help='Env constructor arguments as a JSON object, e.g. \'{"difficulty": 1}\'.')] = "{}",
+    kwarg: KwargOpt = [],
+    env_kwargs: Annotated[str | None, typer.Option("--env-kwargs", hidden=True, help="Renamed: --kwarg KEY=VALUE.")] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 10,
@@ -78,16 +85,17 @@ def model_sft(
     seed: Annotated[int, typer.Option(help="Seed of the data order and the trainer.")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: one per core; 1 is much faster on a busy machine).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out directory.")] = False,
-    imports: Annotated[list[str], typer.Option("--import", "-i", help="Module that registers user envs (repeatable).")] = [],
+    imports: ImportOpt = [],
 ) -> None:
     """Warm-start a model by SFT on an env's reference answers; report held-out accuracy before and after."""
-    from cwm_rl.cli import _json_option, _load
-
-    kwargs = _json_option(env_kwargs, "--env-kwargs", dict, '{"difficulty": 1}')
-    _need_training_stack()
+    if env_kwargs is not None:
+        raise ValueError("--env-kwargs JSON is now --kwarg KEY=VALUE (repeatable, values read as YAML), "
+                         "e.g. --kwarg difficulty=1, as in every cwm-rl command")
+    kwargs = parse_kwargs(kwarg)
+    need_training_stack()
     from cwm_rl.sft import SFTConfig, run_sft
 
-    _load(imports)
+    load_user_envs(imports)
 
     config = SFTConfig(env_id=env, env_kwargs=kwargs, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                        eval_tasks=eval_tasks, eval_every=eval_every, stop_at_accuracy=stop_at_accuracy, seed=seed, num_threads=threads)
@@ -109,9 +117,44 @@ def model_sft(
                + (" (stopped: --stop-at-accuracy reached)" if summary["stopped_at_accuracy"] else ""))
 
 
-def _need_training_stack() -> None:
-    import importlib.util
+@model_app.command("play")
+def model_play(
+    model: Annotated[str, typer.Option(help="Model directory (Hugging Face format), e.g. from `cwm-rl model init`.")],
+    env: Annotated[str, typer.Option(help="Env id to play.")],
+    num_episodes: Annotated[int, typer.Option("-n", "--num-episodes", help="Episodes to run.")],
+    out: Annotated[Path, typer.Option(help="Where to write the Trajectories (JSONL).")],
+    group_size: Annotated[int, typer.Option(help="Episodes per task (a GRPO group).")] = 1,
+    workers: Annotated[int, typer.Option(help="Rollout worker actors (one vLLM engine each).")] = 1,
+    kwarg: KwargOpt = [],
+    url: Annotated[str | None, typer.Option(help="Play the env on this env server instead of in-process.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="CWM_RL_ENV_TOKEN", help="Bearer token for --url.")] = None,
+    max_turns: Annotated[int, typer.Option(help="Model turns per episode at most.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per turn at most.")] = 256,
+    max_model_len: Annotated[int, typer.Option(help="Longest sequence (prompt + all turns).")] = 2048,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first task (group g uses seed + g).")] = 0,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting a local one.")] = None,
+    imports: ImportOpt = [],
+) -> None:
+    """A frozen model plays episodes of an env (on Ray); the Trajectories go to a JSONL file."""
+    from cwm_rl.config import EnvSpec, RolloutConfig
+    from cwm_rl.loop.workers import worker_config
+    from cwm_rl.play import play_model
 
-    missing = [m for m in ("torch", "transformers", "tokenizers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ImportError(f"{', '.join(missing)} not installed; `bash scripts/setup.sh dev,train` installs the training stack")
+    load_user_envs(imports)
+    spec = EnvSpec(id=env, kwargs=parse_kwargs(kwarg), url=url, token=token)
+    rollout = RolloutConfig.model_validate({"engine": {"max_model_len": max_model_len},
+                                            "sampling": {"temperature": temperature, "max_tokens": max_tokens},
+                                            "limits": {"max_turns": max_turns, "max_total_tokens": max_model_len}})
+    if not url:
+        from envs import make_env
+
+        make_env(env, **spec.kwargs).close()  # a bad env id or kwargs fails here, before Ray starts
+    if not Path(model, "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a model directory (no config.json); make one with `cwm-rl model init --out DIR`")
+    config = worker_config(rollout, spec, model, seed=0, env_modules=imports)
+    with console.status(f"running {num_episodes} episode(s) of {env} on {workers} worker(s) ..."):
+        summary = play_model(config, num_episodes, group_size, workers, seed, out, ray_address)
+    console.print(f"{summary['episodes']} episodes -> {summary['out']}: mean return {summary['mean_return']:.3f}, "
+                  f"finish reasons {summary['finish_reasons']}, {summary['generated_tokens']} tokens generated "
+                  f"in {summary['seconds']} s", highlight=False)

@@ -16,11 +16,9 @@ from typing import Annotated
 
 import typer
 
+from cwm_rl.cli.common import say
+
 sandbox_app = typer.Typer(help="Run commands in the sandbox model-written code runs in.", no_args_is_help=True)
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 @sandbox_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -70,10 +68,10 @@ def build_root(
     """Build the sandbox's Debian root with mmdebstrap (about a minute, once per machine; needs root)."""
     from envs.sandbox.rootfs import docker_base_image, sandbox_root
 
-    root = sandbox_root(log=_say)
+    root = sandbox_root(log=say)
     typer.echo(f"sandbox root: {root}")
     if with_docker:
-        typer.echo(f"docker image: {docker_base_image(log=_say)}")
+        typer.echo(f"docker image: {docker_base_image(log=say)}")
 
 
 @sandbox_app.command("reap")

@@ -18,12 +18,10 @@ from typing import Annotated
 
 import typer
 
+from cwm_rl.cli.common import say
+
 swe_app = typer.Typer(help="Images and datasets for the SWE env (cwm_rl/SWE-v0).", no_args_is_help=True)
 TasksArg = Annotated[Path | None, typer.Argument(help="SWE-bench-style JSONL (default: the tasks shipped with cwm-rl).")]
-
-
-def _say(message: str) -> None:
-    typer.echo(message, err=True)
 
 
 def _instances(tasks: Path | None, only: list[str]):
@@ -43,7 +41,7 @@ def build_base() -> None:
     """Build the base image (Debian by mmdebstrap from this machine's apt sources, `docker import`ed)."""
     from envs.sandbox.rootfs import docker_base_image
 
-    typer.echo(docker_base_image(log=_say))
+    typer.echo(docker_base_image(log=say))
 
 
 @swe_app.command("build")
@@ -55,7 +53,7 @@ def build(
     from envs.swe.images import task_image
 
     for instance in _instances(tasks, only):
-        typer.echo(f"{instance.instance_id} {task_image(instance, log=_say)}")
+        typer.echo(f"{instance.instance_id} {task_image(instance, log=say)}")
 
 
 @swe_app.command("validate")
@@ -77,7 +75,7 @@ def validate(
     def check(instance) -> dict:
         row = {"instance_id": instance.instance_id, "ok": False}
         try:
-            image = row["image"] = task_image(instance, pool.client, log=_say)
+            image = row["image"] = task_image(instance, pool.client, log=say)
             gold = grade_patch(pool, image, instance, instance.patch, timeout_s=timeout)
             empty = grade_patch(pool, image, instance, "", timeout_s=timeout)
         except Exception as e:  # one broken instance is reported, the others still run
@@ -114,5 +112,5 @@ def validate(
             typer.echo(f"{status} {row['instance_id']}" + (f"  {row['problem']}" if row.get("problem") else
                                                             f"  (gold {row['gold_s']} s, empty {row['empty_s']} s)"))
     bad = sum(not row["ok"] for row in rows)
-    _say(f"{len(rows) - bad}/{len(rows)} instances valid")
+    say(f"{len(rows) - bad}/{len(rows)} instances valid")
     raise typer.Exit(1 if bad else 0)

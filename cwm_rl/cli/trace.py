@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cwm_rl.cli.common import json_option
+
 
 def trace(
     target: Annotated[str, typer.Argument(help="FILE.py::FUNC to trace, `dataset` to trace a folder (then DIR), or "
@@ -58,10 +60,8 @@ def trace(
     path = Path(path_text)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a file")
-    from cwm_rl.cli import _json_option
-
-    call_args = _json_option(args, "--args", list, "[3, [1, 2]]")
-    call_kwargs = _json_option(kwargs, "--kwargs", dict, '{"n": 3}')
+    call_args = json_option(args, "--args", list, "[3, [1, 2]]")
+    call_kwargs = json_option(kwargs, "--kwargs", dict, '{"n": 3}')
     from envs.trace import run_trace
     from rewards.trace import render_event
 

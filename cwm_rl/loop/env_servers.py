@@ -1,10 +1,19 @@
-"""The env servers of a job: the ones it starts here, the ones named by URL, and which are up.
+"""Where each env of a job is played: in-process, or on env servers (started here, or named by URL).
 
-    servers = EnvServers(spec, log_dir=run_dir / "env_servers")   # starts spec.servers processes
-    url = servers.pick()             # round-robin over the servers that are up
-    servers.mark_down(url, reason)   # an episode there ended "env_unavailable"
-    servers.check()                  # restart dead local servers; bring back servers whose /health answers
-    servers.close()
+    >>> specs = [EnvSpec(id="cwm_rl/Math-v0"), EnvSpec(id="cwm_rl/Echo-v0", url="http://127.0.0.1:9")]
+    >>> endpoints = EnvEndpoints(specs, log_dir=Path("env_servers"), env_modules=[], say=print)
+    >>> endpoints.payload(0)   # in-process: the worker makes the env itself
+    ({'id': 'cwm_rl/Math-v0', 'kwargs': {}, 'url': None, 'token': None}, None)
+    >>> env, url = endpoints.payload(1)
+    >>> url
+    'http://127.0.0.1:9'
+    >>> endpoints.mark_down(1, url, "connection refused")   # an episode there ended "env_unavailable"
+    >>> endpoints.payload(1) is None   # every server of that env is down, until its /health answers (`check()`)
+    True
+    >>> endpoints.close()
+
+`EnvServers` is the same for one env; `spec.servers: N` starts N `cwm-rl env serve` processes
+(`tests/cwm_rl/loop/test_env_servers.py` kills and restarts them).
 
 Why: an env server that dies must not take the job down or lose work. Its episodes end with
 finish reason "env_unavailable" (the client gave up reaching it); the job stores them as dropped
@@ -21,7 +30,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cwm_rl.config import EnvSpec
 from envs.server.client import health
@@ -149,3 +160,53 @@ class EnvServers:
     def close(self) -> None:
         for server in self.local:
             server.stop()
+
+
+class EnvEndpoints:
+    """Every env of the mix and where it is played; envs with no servers play in the worker's process."""
+
+    def __init__(self, specs: list[EnvSpec], log_dir: Path, env_modules: list[str], say: Callable[[str], None]):
+        self.specs = specs
+        self.say = say
+        self.servers: dict[int, EnvServers] = {}
+        try:
+            for i, spec in enumerate(specs):
+                if spec.servers or spec.endpoints:
+                    self.servers[i] = EnvServers(spec, log_dir, env_modules)
+                    if spec.servers:
+                        say(f"{spec.id}: {spec.servers} env server(s) started: {', '.join(self.servers[i].urls)}")
+        except BaseException:
+            self.close()
+            raise
+        self.last_check = time.monotonic()
+
+    def payload(self, env_index: int) -> tuple[dict[str, Any], str | None] | None:
+        """What a worker needs to make the env ({id, kwargs, url, token}) and the server's URL (None: in-process),
+        or None while every env server of that env is down."""
+        spec = self.specs[env_index]
+        url = None
+        if env_index in self.servers:
+            url = self.servers[env_index].pick()
+            if url is None:
+                return None
+        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.token}, url
+
+    def mark_down(self, env_index: int, url: str | None, reason: str) -> None:
+        if url is not None and env_index in self.servers:
+            self.servers[env_index].mark_down(url, reason)
+
+    def check(self) -> None:
+        """About once a second: restart env servers the job started that died, take back the ones answering again."""
+        if not self.servers or time.monotonic() - self.last_check < 1.0:
+            return
+        self.last_check = time.monotonic()
+        for i, servers in self.servers.items():
+            for url in servers.check():
+                self.say(f"{self.specs[i].id}: env server {url} is up again")
+
+    def restarts(self) -> int:
+        return sum(servers.restarts() for servers in self.servers.values())
+
+    def close(self) -> None:
+        for servers in self.servers.values():
+            servers.close()

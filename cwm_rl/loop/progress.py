@@ -6,10 +6,13 @@ mean of the last 10), held-out accuracy (first -> latest), generated tokens/s, b
 staleness, elapsed time and the stop condition. Piped into a file or a CI log there is no panel:
 the same numbers come as one plain line per step, so logs stay greppable.
 
-    view = ProgressView(enabled=True, total_steps=60, buffer_groups=16, title="runs/quickstart")
-    view.say("warm start: SFT 100 steps ...")
-    view.step({"step": 0, "reward_mean": 0.1, ...})
-    view.close()
+    >>> view = ProgressView(enabled=True, total_steps=60, buffer_groups=16, title="runs/quickstart", live=False)
+    >>> view.say("warm start: SFT 100 steps ...")
+    [...s] warm start: SFT 100 steps ...
+    >>> view.step({"step": 0, "new_policy_version": 1, "reward_mean": 0.25, "loss": 0.01, "buffer_groups": 3,
+    ...            "tokens_per_s": 650.0, "step_time_s": 1.5})
+    [...s] step    1  v1    reward +0.250  loss +0.0100  seqs   0  dropped stale 0  staleness 0.00  buffer 3/16  650 tok/s  1.50 s
+    >>> view.close()
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Sandboxes for model-written code: one interface (`Sandbox.run` -> `ExecResult`), two backends.
 
-    from envs.sandbox import make_sandbox
-    with make_sandbox("bwrap") as sandbox:          # or "docker"
-        result = sandbox.run(["python3", "main.py"], files={"main.py": code}, stdin="1 2\\n")
-        result.exit_code, result.stdout, result.limits_hit
-
+`make_sandbox("bwrap")` (or `"docker"`) gives a sandbox; `sandbox.run(["python3", "main.py"],
+files={"main.py": code}, stdin="1 2")` runs one program and returns an `ExecResult` (`exit_code`,
+`stdout`, `limits_hit`, ...); `tests/envs/sandbox/` runs both backends, hostile programs included.
 `bwrap` (bubblewrap, the default on Linux) costs milliseconds per run; `docker` gives cgroup
 limits and a container per run from a warm pool. Both run the same Debian root (built once per
 machine by mmdebstrap, see `rootfs`), never the host's `/`.
@@ -54,4 +52,13 @@ def shared_sandbox(backend: str = "bwrap") -> Sandbox:
         return _shared[backend]
 
 
-__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "check_backend", "make_sandbox", "shared_sandbox"]
+def close_shared_sandboxes() -> None:
+    """Close this process's shared sandboxes (their Docker containers go with them); later use makes new ones."""
+    with _shared_lock:
+        sandboxes = list(_shared.values())
+        _shared.clear()
+    for sandbox in sandboxes:
+        sandbox.close()
+
+
+__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "check_backend", "close_shared_sandboxes", "make_sandbox", "shared_sandbox"]

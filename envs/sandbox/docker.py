@@ -41,7 +41,8 @@ UNPACK_THEN_RUN = (f'tar -x --no-same-owner -C / || exit 125; if [ -e {STDIN_FIL
                    'else exec </dev/null; fi; printf "\\000" >&2; ' + KILL_LEFTOVERS)
 
 
-def _owner() -> str:
+def owner_label() -> str:
+    """The owner label of the containers this process makes: host and pid (the reaper checks the pid is alive)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -101,7 +102,7 @@ class DockerSandbox(Sandbox):
 
         self.image = image or docker_base_image(self.client, log=log)
         self.limits = limits or Limits()
-        self.labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: run_id or ""}
+        self.labels = {LABEL: "1", LABEL_OWNER: owner_label(), LABEL_RUN: run_id or ""}
         reap(self.client)  # what crashed owners left behind
         self.pool_size = pool_size
         self._pool: queue.Queue = queue.Queue()
@@ -117,6 +118,15 @@ class DockerSandbox(Sandbox):
         for filler in self._fillers:
             filler.start()
         atexit.register(self.close)
+
+    def num_warm(self) -> int:
+        """Started containers waiting in the warm pool."""
+        return self._pool.qsize()
+
+    def container_ids(self) -> set[str]:
+        """Ids of every container this sandbox made and has not removed (warm and running)."""
+        with self._lock:
+            return set(self._mine)
 
     # -- containers --------------------------------------------------------------------------
     def _create(self, limits: Limits):

@@ -13,10 +13,15 @@ Each RemoteEnv owns its own httpx clients (one connection per session). Do not s
 httpx.AsyncClient across many concurrent sessions: httpcore's pool scans every connection on
 every event, and 64 sessions on one pool ran ~8x slower than 64 own clients (bench/README.md).
 
-    env = RemoteEnv("http://127.0.0.1:8765", "cwm_rl/Math-v0", token=None)
-    obs, info = env.reset(seed=0)
-    obs, reward, terminated, truncated, info = env.step("\\\\boxed{4}")
-    env.close()
+    >>> from envs.server.config import EnvServerConfig
+    >>> from envs.server.local import ServerThread
+    >>> with ServerThread(EnvServerConfig(port=0)) as server:   # a real server on a free loopback port
+    ...     env = RemoteEnv(server.url, "cwm_rl/Echo-v0", token=None, env_kwargs={"num_rounds": 1})
+    ...     obs, info = env.reset(seed=0)
+    ...     obs, reward, terminated, truncated, info = env.step(obs[-1]["content"].split(":", 1)[-1].strip())
+    ...     env.close()
+    >>> terminated, reward > 0
+    (True, True)
 """
 
 from __future__ import annotations
@@ -180,6 +185,11 @@ class RemoteEnv(gym.Env[Messages, str]):
         if self.session_id is None:
             raise RuntimeError("call reset() before state()")
         return self._request("GET", f"/v1/sessions/{self.session_id}")
+
+    @property
+    def connected(self) -> bool:
+        """Whether an HTTP client (sync or async) is open; False after close()."""
+        return self._client is not None or self._aclient is not None
 
     def close(self) -> None:
         """Delete the remote session and close the HTTP clients; safe to call twice.

@@ -3,8 +3,8 @@
 For `cwm-rl env check --served`, tests and benchmarks: a real uvicorn server on a real socket,
 without a second process to manage.
 
-    with ServerThread(EnvServerConfig(port=0)) as server:
-        env = RemoteEnv(server.url, "cwm_rl/Echo-v0")
+`with ServerThread(EnvServerConfig(port=0)) as server:` serves on `server.url` until the block
+ends; `envs/server/client.py`'s docstring plays an episode against one.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import time
 import uuid
 
 from envs.sandbox.base import ENV, SANDBOX_UID, Limits, SandboxError
-from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, _owner, connect, container_options, reap
+from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, connect, owner_label, container_options, reap
 from envs.sandbox.process import Finished, run_limited
 from envs.swe.images import REPO_COPY, TASK_REPOSITORY
 
@@ -79,7 +79,7 @@ class SWEContainer:
             self.released = True
             if self.spare_shell is not None:
                 self.spare_shell.close()
-            self.pool._remove(self.container)
+            self.pool.remove(self.container)
 
 
 class ContainerPool:
@@ -112,7 +112,7 @@ class ContainerPool:
         managed = image.startswith(TASK_REPOSITORY + ":")
         limits = self.limits
         session = uuid.uuid4().hex[:16]
-        labels = {LABEL: "1", LABEL_OWNER: _owner(), LABEL_RUN: self.run_id, LABEL_SWE: "1", LABEL_SESSION: session}
+        labels = {LABEL: "1", LABEL_OWNER: owner_label(), LABEL_RUN: self.run_id, LABEL_SWE: "1", LABEL_SESSION: session}
         tmpfs = {"/tmp": f"size={limits.disk_mb}m,exec"}
         if managed:
             tmpfs[workdir] = f"size={limits.disk_mb}m,uid={SANDBOX_UID},gid={SANDBOX_UID},exec"
@@ -141,7 +141,8 @@ class ContainerPool:
                                    f"{(copied.stdout + copied.stderr).decode(errors='replace')[-500:]}")
         return started
 
-    def _remove(self, container) -> None:
+    def remove(self, container) -> None:
+        """Remove a container this pool made (warm or in use) and give its slot back; idempotent."""
         try:
             container.remove(force=True)
         except Exception:  # already gone (or the daemon is): the reaper gets it later
@@ -236,6 +237,17 @@ class ContainerPool:
             raise SandboxError("the SWE container pool is closed")
         return started
 
+    def acquire_cold(self, image: str, workdir: str = "/testbed") -> SWEContainer:
+        """A freshly started container, never one from the warm pool: what `acquire` costs when the pool is empty
+        (bench/swe.py compares the two)."""
+        if not self._slots.acquire(timeout=self.acquire_timeout_s):
+            raise SandboxError(f"no container slot within {self.acquire_timeout_s:g} s: {self.max_containers} SWE containers are in use")
+        return self._start(image, workdir)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
     def close(self) -> None:
         """Remove every container this pool made (warm and in use)."""
         if self._closed.is_set():
@@ -247,7 +259,7 @@ class ContainerPool:
             containers = list(self._mine.values())
             self._ready.clear()
         for container in containers:
-            self._remove(container)
+            self.remove(container)
         atexit.unregister(self.close)
 
 
@@ -260,7 +272,7 @@ def shared_pool(**kwargs) -> ContainerPool:
     key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
     with _shared_lock:
         pool = _shared.get(key)
-        if pool is None or pool._closed.is_set():
+        if pool is None or pool.closed:
             pool = _shared[key] = ContainerPool(**kwargs)
         return pool
 

@@ -27,7 +27,7 @@ from envs.swe.tasks import SWEInstance
 from rewards.swe import PYTEST, REPORT_PLUGIN, files_of_tests, parse_report, parse_summary, patch_files, protected, verdict
 
 GRADER_DIR = "/tmp/cwm-rl-grader"
-_GIT_DIR = re.compile(r"^(?:diff --git |--- |\+\+\+ |rename to |copy to |rename from |copy from )(?:.*[ /])?\.git(?:/|$)", re.M)
+PATCHES_GIT_DIR = re.compile(r"^(?:diff --git |--- |\+\+\+ |rename to |copy to |rename from |copy from )(?:.*[ /])?\.git(?:/|$)", re.M)
 APPLY = r"""cd "$1"
 G={grader}
 if [ ! -s "$G/model.patch" ]; then echo "@@apply empty"
@@ -80,7 +80,7 @@ def grade_patch(pool: ContainerPool, image: str, instance: SWEInstance, patch: s
     else:
         command = (f"python3 -c {shlex.quote(PYTEST)} -p {plugin} -p no:cacheprovider -q "
                    + " ".join(map(shlex.quote, files_of_tests(tests))))
-    if _GIT_DIR.search(patch):
+    if PATCHES_GIT_DIR.search(patch):
         return Grade(False, "failed", failing=tests, error="the patch writes inside .git")
     container = pool.acquire(image, instance.workdir)
     try:

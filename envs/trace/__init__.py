@@ -1,9 +1,7 @@
 """Execution traces: run a function under the tracer in the sandbox, and generate small programs.
 
-    from envs.trace import run_trace
-    result = run_trace(source, "f", args=[3], sandbox=shared_sandbox())
-    result["events"], result["return_repr"], result["stdout"]
-
+`run_trace(source, "f", args=[3], sandbox=shared_sandbox())` returns the call's `events`,
+`return_repr` and `stdout` (`tests/envs/test_trace_env.py` and `cwm-rl trace` use it).
 `tracer.py` (run inside the sandbox) defines the event format; `rewards/trace.py` renders and
 scores traces; `programs.py` generates programs at four levels for `cwm_rl/Trace-v0`.
 """

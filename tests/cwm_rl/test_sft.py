@@ -172,7 +172,7 @@ def test_cli_runs_end_to_end(tiny_model, tmp_path):
     from cwm_rl.cli import app
 
     out = tmp_path / "sft"
-    args = ["model", "sft", "--model", str(tiny_model), "--env", MATH, "--env-kwargs", '{"difficulty": 1}', "--steps", "4",
+    args = ["model", "sft", "--model", str(tiny_model), "--env", MATH, "--kwarg", "difficulty=1", "--steps", "4",
             "--batch-size", "8", "--eval-tasks", "4", "--threads", "1", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

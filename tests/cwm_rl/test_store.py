@@ -284,14 +284,14 @@ def test_a_newer_schema_is_refused(tmp_path, make_trajectory):
 
 def test_durable_mode_and_closed_store(tmp_path):
     store = RolloutStore(tmp_path, durable=True)
-    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: fsync per commit
-    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.pragma("synchronous") == 2  # FULL: fsync per commit
+    assert store.pragma("journal_mode") == "wal"
     store.close()
     store.close()
     with pytest.raises(RuntimeError, match="is closed"):
         store.count()
     with RolloutStore(tmp_path) as normal:
-        assert normal._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert normal.pragma("synchronous") == 1  # NORMAL
 
 
 def test_export_parquet_reads_back(store, make_trajectory, tmp_path):

@@ -93,7 +93,7 @@ async def test_async_twins_do_not_block_the_event_loop():
     tick_task.cancel()
     assert reward == 1.0 and terminated
     assert info["thread"] != threading.main_thread().name
-    assert ticks >= 10  # the loop kept running while the step slept in its thread
+    assert ticks >= 3  # the loop kept running while the step slept in its thread (~30 ticks idle; 0 if blocked)
 
 
 def test_make_env_errors_are_clear():

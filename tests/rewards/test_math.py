@@ -192,7 +192,7 @@ def test_pathological_answer_times_out_and_the_pool_recovers(pool):
     assert verdict.status == "timeout", verdict.reason
     assert not verdict.correct
     assert verdict.extracted == POWER_TOWER
-    assert 1.0 <= elapsed < 2.0
+    assert 1.0 <= elapsed < 4.0  # its own 1 s, not the pool default of 5 s (margin for a loaded machine)
     assert grade("\\boxed{72}", "72", pool).status == "correct"
 
 
@@ -230,8 +230,11 @@ def test_pool_workers_are_warm_before_their_first_job():
     with VerifierPool(num_workers=1) as fresh:
         fresh.start()
         result = fresh.run(verify_in_worker, "\\frac{3}{4}", "0.75")
-    assert result.value is True
-    assert result.elapsed_s < 0.08
+    with VerifierPool(num_workers=1, preload=()) as unwarmed:  # no warm_up_worker: the first call pays it
+        unwarmed.start()
+        cold = unwarmed.run(verify_in_worker, "\\frac{3}{4}", "0.75")
+    assert result.value is True and cold.value is True
+    assert result.elapsed_s < cold.elapsed_s / 2, (result.elapsed_s, cold.elapsed_s)  # a load slows both alike
 
 
 def test_verify_in_worker_runs_in_process_too():

@@ -53,7 +53,7 @@ def test_run_returns_the_value_and_passes_kwargs(pool):
     assert result.status == "ok"
     assert result.value == 255
     assert result.error is None
-    assert 0 < result.elapsed_s < 1.0
+    assert result.elapsed_s > 0
 
 
 def test_runs_in_another_process(pool):
@@ -75,7 +75,7 @@ def test_timeout_kills_the_worker_promptly_and_the_pool_recovers():
         waited = time.monotonic() - start
         assert result.status == "timeout"
         assert "0.5 s timeout" in result.error
-        assert 0.5 <= waited < 1.0
+        assert 0.5 <= waited < 3.0  # killed at its 0.5 s, far below the pool default of 5 s (margin for a loaded machine)
         assert _is_gone(old_pid), "the timed-out worker must be killed"
         after = pool.run(os.getpid)
         assert after.status == "ok"
@@ -88,7 +88,7 @@ def test_timeout_holds_for_code_stuck_in_c():
         start = time.monotonic()
         result = pool.run(re.match, *CATASTROPHIC)
         assert result.status == "timeout"
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 4.0  # the regex alone would run for ever
         assert pool.run(operator.add, 1, 1).value == 2
 
 
@@ -139,18 +139,27 @@ def test_concurrent_calls_from_8_threads(pool):
 def test_two_workers_run_in_parallel(pool):
     pool.start()
     start = time.monotonic()
+
+    def timed(_):
+        result = pool.run(time.sleep, 0.4)
+        end = time.monotonic()
+        return result, (end - result.elapsed_s, end)  # when a worker held the call
+
     with ThreadPoolExecutor(4) as threads:
-        results = list(threads.map(lambda _: pool.run(time.sleep, 0.4), range(4)))
-    assert all(r.status == "ok" for r in results)
-    assert 0.8 <= time.monotonic() - start < 1.3  # 4 sleeps on 2 workers: two rounds, not four
+        out = list(threads.map(timed, range(4)))
+    assert all(r.status == "ok" for r, _ in out)
+    assert time.monotonic() - start >= 0.8  # 4 sleeps on 2 workers: at least two rounds
+    spans = [span for _, span in out]
+    most_at_once = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most_at_once == 2, spans  # two calls ran in parallel, never more than the 2 workers
 
 
 def test_workers_start_lazily():
     with VerifierPool(num_workers=3, preload=()) as pool:
-        assert len(pool._live) == 0
+        assert len(pool.worker_pids()) == 0
         pool.run(operator.add, 1, 1)
         pool.run(operator.add, 1, 1)  # sequential calls reuse the warm worker
-        assert len(pool._live) == 1
+        assert len(pool.worker_pids()) == 1
 
 
 async def test_arun_does_not_block_the_event_loop(pool):
@@ -168,7 +177,7 @@ async def test_arun_does_not_block_the_event_loop(pool):
     task.cancel()
     assert result.status == "ok"
     assert timed_out.status == "timeout"
-    assert ticks >= 30  # ~80 if the loop ran freely; 0 if a call blocked it
+    assert ticks >= 5  # ~80 if the loop ran freely; 0 if a call blocked it (low bar: a loaded machine ticks slowly)
 
 
 async def test_arun_calls_run_concurrently(pool):
@@ -179,7 +188,7 @@ async def test_arun_calls_run_concurrently(pool):
 def test_close_is_idempotent_and_kills_the_workers():
     pool = VerifierPool(num_workers=2, preload=())
     pool.start()
-    pids = [w.process.pid for w in pool._live]
+    pids = pool.worker_pids()
     assert len(pids) == 2
     pool.close()
     pool.close()
@@ -198,7 +207,7 @@ def test_close_cuts_off_a_call_in_flight():
     result = pool.run(time.sleep, 20)
     assert result.status == "error"
     assert "closed" in result.error
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # cut off, not the 20 s sleep
 
 
 def test_workers_die_when_the_parent_is_killed():
@@ -266,4 +275,4 @@ def test_per_call_overhead_is_small(pool):
     for i in range(num_calls):
         pool.run(operator.add, i, 1)
     per_call_s = (time.perf_counter() - start) / num_calls
-    assert per_call_s < 0.005  # measured ~0.15 ms on 2 CPU cores; this only catches gross regressions
+    assert per_call_s < 0.02  # measured ~0.15 ms on 2 idle cores; this only catches gross regressions (100x)

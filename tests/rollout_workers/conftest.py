@@ -19,7 +19,8 @@ MISSING_VLLM = "vLLM is not installed: run `bash scripts/setup.sh dev,train,vllm
 async def engine(tiny_model):
     if importlib.util.find_spec("vllm") is None:
         pytest.fail(MISSING_VLLM)
-    from rollout_workers.engine import EngineConfig, RolloutEngine
+    from rollout_workers.config import EngineConfig
+    from rollout_workers.engine import RolloutEngine
 
     eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16))
     yield eng

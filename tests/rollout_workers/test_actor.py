@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 def test_actor_plays_groups_and_reloads(tiny_model, perturbed_model):
     import ray
 
-    from rollout_workers.actor import WorkerConfig, rollout_worker_actor
+    from rollout_workers.actor import rollout_worker_actor
+    from rollout_workers.config import WorkerConfig
 
     ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False)
     try:
@@ -38,7 +39,7 @@ def test_actor_plays_groups_and_reloads(tiny_model, perturbed_model):
 def test_rollout_command_writes_trajectories(tiny_model, tmp_path):
     out = tmp_path / "rollouts.jsonl"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    r = subprocess.run([cli, "rollout", "--model", str(tiny_model), "--env", "cwm_rl/Math-v0", "-n", "5", "--group-size", "2",
+    r = subprocess.run([cli, "model", "play", "--model", str(tiny_model), "--env", "cwm_rl/Math-v0", "-n", "5", "--group-size", "2",
                         "--out", str(out), "--max-tokens", "16", "--max-model-len", "512", "--kwarg", "difficulty=2"],
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -52,9 +53,9 @@ def test_rollout_command_writes_trajectories(tiny_model, tmp_path):
 
 def test_rollout_command_bad_input(tmp_path):
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    r = subprocess.run([cli, "rollout", "--model", str(tmp_path), "--env", "cwm_rl/Math-v0", "-n", "1", "--out", str(tmp_path / "x.jsonl")],
+    r = subprocess.run([cli, "model", "play", "--model", str(tmp_path), "--env", "cwm_rl/Math-v0", "-n", "1", "--out", str(tmp_path / "x.jsonl")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a model directory" in r.stderr
-    r = subprocess.run([cli, "rollout", "--model", str(tmp_path), "--env", "cwm_rl/Nope-v0", "-n", "1", "--out", str(tmp_path / "x.jsonl")],
+    r = subprocess.run([cli, "model", "play", "--model", str(tmp_path), "--env", "cwm_rl/Nope-v0", "-n", "1", "--out", str(tmp_path / "x.jsonl")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown env id" in r.stderr

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from rollout_workers.engine import SamplingConfig
+from rollout_workers.config import SamplingConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]
 LOGPROB_TOLERANCE = 1e-4  # float32 on both sides; observed differences are ~1e-6

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rollout_workers.engine import SamplingConfig
+from rollout_workers.config import SamplingConfig
 from trainer.publish import WeightPublisher
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.asyncio(loop_scope="session")]

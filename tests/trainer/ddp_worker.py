@@ -18,11 +18,11 @@ from trainer.train import Trainer
 
 def main(model_dir: str, batches_path: str, out: str) -> None:
     dist.init_process_group("gloo")
-    config = TrainerConfig.model_validate({"optim": {"lr": 1e-2, "eps": 1.0}, "filters": {"max_staleness": 100}, "checkpoint_every": 0})
+    config = TrainerConfig.model_validate({"optim": {"lr": 1e-2, "eps": 1.0}, "filters": {"max_staleness": 100}})
     trainer = Trainer(config, model_dir, device="cpu")
     for batch in json.loads(open(batches_path).read()):
-        metrics = trainer.step([Trajectory.model_validate(t) for t in batch])
-        assert not metrics.get("skipped"), metrics
+        result = trainer.step([Trajectory.model_validate(t) for t in batch])
+        assert not result.skipped, result.metrics
     if dist.get_rank() == 0:
         save_file({k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()}, out)
     print(f"rank {dist.get_rank()} trained {trainer.step_count} steps, world {dist.get_world_size()}", flush=True)

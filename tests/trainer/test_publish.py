@@ -204,7 +204,7 @@ async def test_wait_for_version_times_out_with_a_clear_error(tmp_path, publisher
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=r"latest: version 1"):
         await asyncio.wait_for(wait_for_version(publisher.root, 2, timeout_s=0.2), timeout=5)
-    assert 0.2 <= time.monotonic() - started < 2
+    assert 0.2 <= time.monotonic() - started < 4
 
 
 def test_bfloat16_publishes_bfloat16_weights_and_config(tmp_path, tiny_model, perturbed_state, no_warnings_allowed):

@@ -21,7 +21,7 @@ HERE = Path(__file__).parent
 
 
 def config(**overrides) -> TrainerConfig:
-    base = {"optim": {"lr": 1e-2}, "filters": {"max_staleness": 100}, "checkpoint_every": 0}
+    base = {"optim": {"lr": 1e-2}, "filters": {"max_staleness": 100}}
     for key, value in overrides.items():
         base.setdefault(key, {})
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
@@ -36,22 +36,41 @@ def low_token_mass(model, prompt: list[int]) -> float:
 
 
 def test_rl_steps_raise_the_rewarded_behaviour(tiny_model, sample_groups, tmp_path):
+    from trainer.publish import WeightPublisher, latest_published
+
     trainer = Trainer(config(), tiny_model, run_dir=tmp_path)
+    publisher = WeightPublisher(tmp_path / "weights", base_model_dir=tiny_model)
     prompt = [0, 5, 9, 11]
     before = low_token_mass(trainer.model, prompt)
     rewards = []
     for step in range(6):
         batch = sample_groups(trainer.model, num_groups=4, group_size=6, max_new_tokens=8, seed=step, version=trainer.policy_version)
         rewards.append(sum(t.return_ for t in batch) / len(batch))
-        metrics = trainer.step(batch)
-        assert metrics["new_policy_version"] == step + 1
+        result = trainer.step(batch)
+        metrics = result.metrics
+        assert not result.skipped and metrics["new_policy_version"] == step + 1
         assert metrics["sequences"] + metrics["dropped_zero_advantage"] == len(batch)
+        # Every trajectory is accounted for once: trained on, or dropped with its reason.
+        dropped = [i for ids in result.dropped_ids.values() for i in ids]
+        assert sorted(result.trained_ids + dropped) == sorted(t.trajectory_id for t in batch)
+        assert len(result.dropped_ids.get("zero_advantage", [])) == metrics["dropped_zero_advantage"]
         assert metrics["mismatch_kl"] < 1e-4  # same weights sampled and scored these tokens
         assert metrics["grad_norm"] > 0
+        publisher.publish(trainer.policy_version, trainer.model.state_dict())
+    publisher.close()
     after = low_token_mass(trainer.model, prompt)
     assert after > before + 0.05, (before, after, rewards)
     assert trainer.policy_version == 6
-    assert sorted(p.name for p in (tmp_path / "weights").iterdir() if p.name.startswith("v"))[-1] == "v00000006"
+    assert latest_published(tmp_path / "weights")[0] == 6
+    assert not (tmp_path / "checkpoints").exists()  # checkpoints are the caller's too
+
+
+def test_skip_to_version_only_moves_forward(tiny_model):
+    trainer = Trainer(config(), tiny_model)
+    trainer.skip_to_version(5)
+    assert trainer.policy_version == 5 and trainer.step_count == 0
+    with pytest.raises(ValueError, match="only grow"):
+        trainer.skip_to_version(5)
 
 
 # Adam divides by sqrt(v) + eps: with eps = 1 an update is ~lr x gradient, so float noise in tiny
@@ -63,7 +82,7 @@ def test_micro_batches_accumulate_to_the_same_step(tiny_model, sample_groups):
     one = Trainer(config(batch={"micro_batch_tokens": 100_000}, loss={"aggregation": "token_mean"}, optim=LINEAR_ADAM), tiny_model)
     many = Trainer(config(batch={"micro_batch_tokens": 16}, loss={"aggregation": "token_mean"}, optim=LINEAR_ADAM), tiny_model)
     batch = sample_groups(one.model, num_groups=3, group_size=4, max_new_tokens=6)
-    m1, m2 = one.step(batch), many.step(batch)
+    m1, m2 = one.step(batch).metrics, many.step(batch).metrics
     assert m1["sequences"] == m2["sequences"] > 0
     torch.testing.assert_close(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
     for (name, a), b in zip(one.model.state_dict().items(), many.model.state_dict().values()):
@@ -103,28 +122,29 @@ def test_resume_without_a_checkpoint_says_what_to_pass(tiny_model, tmp_path):
 def test_stale_trajectories_are_dropped_and_the_step_skipped(tiny_model, sample_groups):
     trainer = Trainer(config(filters={"max_staleness": 2}), tiny_model)
     batch = sample_groups(trainer.model, num_groups=2, group_size=3, max_new_tokens=4, version=0)
-    trainer.policy_version = 3
-    metrics = trainer.step(batch)
-    assert metrics["dropped_stale"] == len(batch)
-    assert metrics["skipped"] and trainer.policy_version == 3
+    trainer.skip_to_version(3)
+    result = trainer.step(batch)
+    assert result.metrics["dropped_stale"] == len(batch)
+    assert sorted(result.dropped_ids["stale"]) == sorted(t.trajectory_id for t in batch) and not result.trained_ids
+    assert result.skipped and trainer.policy_version == 3 and trainer.step_count == 0
 
 
 def test_mismatch_is_measured_and_named_at_the_first_step(tiny_model, sample_groups, caplog):
     trainer = Trainer(config(), tiny_model)  # trainer assumes temperature 1
     hot = sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, temperature=3.0)
     with caplog.at_level(logging.WARNING, logger="trainer.train"):
-        metrics = trainer.step(hot)
+        metrics = trainer.step(hot).metrics
     assert metrics["mismatch_kl"] > 0.01
     assert "temperature" in caplog.text and "mismatch" in caplog.text
 
     matched = Trainer(config(loss={"temperature": 3.0}), tiny_model)
-    metrics = matched.step(hot)
+    metrics = matched.step(hot).metrics
     assert metrics["mismatch_kl"] < 1e-4
 
 
 def test_kl_to_the_reference_grows_as_the_policy_moves(tiny_model, sample_groups):
     trainer = Trainer(config(loss={"kl_coef": 0.1}), tiny_model)
-    kls = [trainer.step(sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, seed=s, version=trainer.policy_version))["kl"]
+    kls = [trainer.step(sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, seed=s, version=trainer.policy_version)).metrics["kl"]
            for s in range(3)]
     assert abs(kls[0]) < 1e-6 and kls[2] > 1e-5, kls
 

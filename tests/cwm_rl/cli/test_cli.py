@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,3 +145,20 @@ def test_doctor_reports_what_is_installed():
         )
     strict = run("doctor", "--strict")
     assert strict.returncode == (0 if all(f["status"] == "ok" for f in findings.values()) else 1)
+
+
+def test_the_renamed_rollout_command_names_its_new_name():
+    r = run("rollout", "--model", "m", "--env", "cwm_rl/Math-v0", "-n", "1", "--out", "x.jsonl")
+    assert r.returncode == 2 and "`cwm-rl rollout` is now `cwm-rl model play`" in r.stderr, r.stdout + r.stderr
+    listing = run("--help").stdout
+    assert re.search(r"^\W*rollouts\s", listing, re.M) and not re.search(r"^\W*rollout\s", listing, re.M)  # hidden
+
+
+def test_a_bad_job_config_is_refused_before_anything_heavy_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  max_model_len: 512\ntrainer:\n  optim: {lr: -1}\n")
+    r = run("train", str(bad))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "rollout.max_model_len: Extra inputs are not permitted (it moved: use rollout.engine.max_model_len)" in r.stderr
+    assert "trainer.optim.lr: Input should be greater than 0" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from cwm_rl.progress import ProgressView
+from cwm_rl.loop.progress import ProgressView
 
 
 def metrics(step: int, reward: float) -> dict:

@@ -133,7 +133,7 @@ def test_too_many_sessions_is_retried_after_retry_after(start_server):
     threading.Timer(0.5, holder.close).start()  # frees the only slot while `waiter` retries
     started = time.monotonic()
     obs, _ = waiter.reset(seed=1)
-    assert obs and 0.5 <= time.monotonic() - started < 4
+    assert obs and 1.0 <= time.monotonic() - started < 8  # waited out Retry-After: 1 (plain backoff would be 0.6 s)
     impatient = RemoteEnv(server.url, "cwm_rl/Echo-v0", max_retries=0)
     with pytest.raises(EnvServerError) as e:
         impatient.reset()
@@ -146,6 +146,6 @@ async def test_sync_close_after_async_use_releases_everything(server):
     await env.areset(seed=0)
     env.close()  # the Gymnasium close, called from async code
     await asyncio.sleep(0.05)
-    assert env._aclient is None and env.session_id is None
+    assert not env.connected and env.session_id is None
     async with httpx.AsyncClient(base_url=server.url) as c:
         assert (await c.get("/health")).json()["sessions"] == 0

@@ -9,7 +9,7 @@ import pytest
 
 from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_instances, load_tasks
 from envs.swe.tools import apply_edit, parse_create, parse_edit, parse_tool_call
-from envs.swe.grading import _GIT_DIR
+from envs.swe.grading import PATCHES_GIT_DIR
 from rewards.swe import files_of_tests, parse_report, parse_summary, patch_files, patch_similarity, protected, split_patch, verdict
 
 
@@ -104,9 +104,9 @@ def test_what_a_submission_may_not_change():
     assert [path for path, _ in split_patch(PATCH)] == patch_files(PATCH)
     assert files_of_tests(["tests/a.py::t1", "tests/a.py::C::t2", "tests/b.py"]) == ["tests/a.py", "tests/b.py"]
     # A patch that writes inside .git is refused before it is applied (a hook there could run code).
-    assert _GIT_DIR.search("diff --git a/.git/hooks/pre-commit b/.git/hooks/pre-commit\n")
-    assert _GIT_DIR.search("--- /dev/null\n+++ b/.git/config\n") and _GIT_DIR.search("rename to .git/config\n")
-    assert not _GIT_DIR.search(PATCH + "+++ b/src/.gitignore\n+ .git/ in a line\n")
+    assert PATCHES_GIT_DIR.search("diff --git a/.git/hooks/pre-commit b/.git/hooks/pre-commit\n")
+    assert PATCHES_GIT_DIR.search("--- /dev/null\n+++ b/.git/config\n") and PATCHES_GIT_DIR.search("rename to .git/config\n")
+    assert not PATCHES_GIT_DIR.search(PATCH + "+++ b/src/.gitignore\n+ .git/ in a line\n")
 
 
 def test_test_outcomes_and_verdict():

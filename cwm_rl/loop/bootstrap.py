@@ -1,0 +1,40 @@
+"""The policy a job starts from: `model.path` as it is, or a tiny model made here and warm-started by SFT.
+
+`bootstrap_model(config, run_dir, say)` returns the model directory: `model.path`, or
+`run_dir/model/init` made by `cwm_rl.models.init_model`, then `run_dir/model/sft` after the warm
+start (`model.sft`, run by `cwm_rl.sft.run_sft`). Both stages are skipped when their output is already in the run dir, so a resumed run (or one
+that crashed during the warm start) reuses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from cwm_rl.config import JobConfig
+
+
+def bootstrap_model(config: JobConfig, run_dir: Path, say: Callable[[str], None]) -> Path:
+    """The model directory the job trains: model.path, or run_dir/model/{init,sft}."""
+    c = config.model
+    if c.path is not None:
+        if not (Path(c.path) / "config.json").is_file():
+            raise FileNotFoundError(f"model.path {c.path} is not a Hugging Face model directory (no config.json)")
+        return Path(c.path)
+    from cwm_rl.models import init_model
+
+    init_dir = run_dir / "model" / "init"
+    if not (init_dir / "config.json").is_file():
+        init_model(init_dir, preset=c.init_preset, arch=c.init_arch, seed=c.init_seed, force=True)
+    if c.sft.steps == 0:
+        return init_dir
+    sft_dir = run_dir / "model" / "sft"
+    if not (sft_dir / "sft_summary.json").is_file():
+        from cwm_rl.sft import run_sft
+
+        sft = c.sft.resolve(config.envs[0], config.seed)
+        say(f"warm start: SFT {sft.steps} steps on {sft.env_id} ...")
+        summary = run_sft(init_dir, sft_dir, sft, force=True)
+        say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
+            f"after {summary['steps']} steps")
+    return sft_dir

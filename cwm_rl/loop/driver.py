@@ -1,0 +1,171 @@
+"""`cwm-rl train`: the whole async RL loop, read top to bottom in `train_loop`.
+
+`run_job(load_config("configs/quickstart.yaml"))` runs a job and returns its summary (the dict
+written to summary.json); `tests/cwm_rl/loop/test_driver.py` runs whole jobs through `cwm-rl train`.
+`run_job` sets the run up (`run.py`), runs `train_loop`, then `finish` (final eval, checkpoint,
+summary.json, progress.png), and closes everything on every exit path. Ctrl-C stops after the
+current step, cleanly; a second Ctrl-C exits at once. Each stage of the loop is one call into the
+module that owns it:
+
+| stage | module |
+|---|---|
+| tasks drawn per env, held-out split, cursors | `cwm_rl/loop/tasks.py` |
+| rollout workers: fill, collect, restarts, env-server replays, reload | `cwm_rl/loop/workers.py` |
+| store every trajectory (durable, queryable) | `cwm_rl/store.py` |
+| buffer of finished groups (step budget, backpressure) | `cwm_rl/loop/buffer.py` |
+| trainer step (filters, advantages, loss, AdamW) | `trainer/train.py` |
+| publish the new version as a HF checkpoint | `trainer/publish.py` |
+| held-out greedy eval | `cwm_rl/loop/evaluation.py` |
+| console, metrics.jsonl, TensorBoard, W&B, summary, plot | `cwm_rl/loop/sinks.py` |
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+from cwm_rl.config import JobConfig
+from cwm_rl.loop.evaluation import evaluate
+from cwm_rl.loop.run import Run, check_run_dir, setup_run
+from cwm_rl.loop.sinks import Sinks
+
+
+def train_loop(run: Run) -> None:
+    """The RL loop: keep workers busy, collect, store, buffer, step, publish -> reload, log, eval, checkpoint."""
+    c, store, buffer, trainer, workers = run.config, run.store, run.buffer, run.trainer, run.workers
+    run.rl_started = time.time()
+    evaluate_and_log(run)
+    last_eval_step = trainer.step_count
+    while run.stop_reason is None:
+        if trainer.step_count >= c.steps:
+            run.stop_reason = "steps"
+        elif c.max_minutes is not None and time.time() - run.rl_started > 60 * c.max_minutes:
+            run.stop_reason = "max_minutes"
+        if run.stop_reason is not None:
+            break
+        run.endpoints.check()  # restart dead env servers, take back the ones answering again
+        # 1. Every worker busy, unless the buffer is full (backpressure); sync: one round, collected in full.
+        if c.mode == "async":
+            workers.fill(run.tasks, budget=c.buffer_groups - len(buffer) - workers.in_flight_groups())
+        else:
+            workers.fill(run.tasks, budget=c.rollout.groups_per_request * len(workers), one_round=True)
+        # 2. Finished groups: stored first (nothing is lost), then buffered; groups that met a dead env server are played again.
+        for request, trajectories in workers.collect(timeout=0.2):
+            store.add(trajectories)
+            good, unavailable = workers.requeue_unavailable(request, trajectories)
+            if unavailable:
+                store.mark_dropped([t.trajectory_id for t in unavailable], "env_unavailable")
+            buffer.add(good)
+            run.counts.trajectories_stored += len(trajectories)
+            run.counts.trajectories_dropped_other += len(unavailable)
+            run.counts.generated_tokens += sum(t.num_generated_tokens for t in trajectories)
+        if workers.lost is not None:
+            run.stop_reason = "rollout_workers_lost"
+            break
+        if not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) or (c.mode == "sync" and workers.pending):
+            continue
+        # 3. One trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
+        batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
+        workers.wait_reloads()
+        step = trainer.step_count
+        result = trainer.step(batch)
+        store.mark_step(step, result.trained_ids, result.dropped_ids)
+        _count_step(run, result)
+        if result.skipped:
+            dropped = {k.removeprefix("dropped_"): v for k, v in result.metrics.items() if k.startswith("dropped_") and v}
+            run.sinks.say(f"step skipped: none of {len(batch)} trajectories had a learning signal (dropped: {dropped})")
+            continue
+        # 4. Publish the new version; every worker reloads it in flight (sync: before it gets new work).
+        published = time.perf_counter()
+        if trainer.step_count % c.publish.every_steps == 0:
+            version = trainer.policy_version
+            workers.reload(version, run.publisher.publish(version, trainer.model.state_dict()), wait=c.mode == "sync")
+        result.metrics["publish_s"] = time.perf_counter() - published
+        # 5. Log, evaluate, checkpoint on schedule.
+        run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
+        if c.eval.every_steps and trainer.step_count - last_eval_step >= c.eval.every_steps:
+            evaluate_and_log(run)
+            last_eval_step = trainer.step_count
+        if c.checkpoint_every and trainer.step_count % c.checkpoint_every == 0:
+            run.checkpoint()
+
+
+def evaluate_and_log(run: Run) -> None:
+    """Greedy accuracy on the held-out tasks of every env: stored (status eval) and logged."""
+    run.sinks.set_status("evaluating")
+    result = evaluate(run.workers, run.endpoints, run.config, run.tasks.held_out, step=run.trainer.step_count,
+                      policy_version=run.trainer.policy_version, say=run.sinks.say,
+                      store_env=lambda trajectories: run.store.add(trajectories, status="eval"))
+    run.sinks.log_eval(result)
+
+
+def _count_step(run: Run, result: Any) -> None:
+    run.counts.trajectories_trained += len(result.trained_ids)
+    run.counts.trajectories_dropped_stale += len(result.dropped_ids.get("stale", []))
+    run.counts.trajectories_dropped_other += sum(len(v) for k, v in result.dropped_ids.items() if k != "stale")
+
+
+def _loop_metrics(run: Run, batch: list) -> dict[str, Any]:
+    """What the loop knows about a step beyond the trainer: reward, buffer, throughput, wall time."""
+    now = time.time()
+    return {"reward_mean": sum(t.return_ for t in batch) / max(len(batch), 1), "buffer_groups": len(run.buffer),
+            "in_flight_groups": run.workers.pending_groups(),
+            "tokens_per_s": run.counts.generated_tokens / max(now - run.rl_started, 1e-9), "wall_s": now - run.started}
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Final eval, checkpoint, summary.json and the plot, once the loop has stopped (steps, max_minutes,
+    Ctrl-C or lost workers); an exception skips it, and only `Run.close` runs then."""
+    run.sinks.set_status(f"finishing ({run.stop_reason})")
+    history = run.sinks.eval_history
+    evaluated = history and history[-1]["step"] == run.trainer.step_count
+    if run.stop_reason != "rollout_workers_lost" and not evaluated:  # lost workers cannot evaluate
+        evaluate_and_log(run)
+    run.checkpoint()
+    now = time.time()
+    summary = {
+        "stop_reason": run.stop_reason,
+        "eval_accuracy_initial": history[0]["eval_accuracy"] if history else None,
+        "eval_accuracy_final": history[-1]["eval_accuracy"] if history else None,
+        "steps": run.trainer.step_count,
+        "policy_versions": run.trainer.policy_version,
+        **run.counts.to_dict(),
+        "groups_replayed_env_unavailable": run.workers.groups_replayed,
+        "env_server_restarts": run.endpoints.restarts(),
+        "wall_seconds": round(now - run.started, 1),
+        "rl_seconds": round(now - (run.rl_started or now), 1),
+        "eval_history": history,
+        "model_dir": str(run.model_dir),
+    }
+    run.sinks.write_summary(summary)
+    run.sinks.plot()
+    return summary
+
+
+def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
+    """Run a whole job; Ctrl-C stops it cleanly (checkpoint, summary), a second Ctrl-C at once."""
+    run_dir = check_run_dir(config, resume)
+    run = Run(config, run_dir=run_dir, sinks=Sinks(config, run_dir), started=time.time())
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        if run.stop_reason == "interrupted":
+            raise KeyboardInterrupt
+        run.stop_reason = "interrupted"
+        run.sinks.set_status("stopping")
+        run.sinks.say("stopping after the current step (checkpoint, summary); Ctrl-C again to exit at once")
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        setup_run(run, resume)
+        train_loop(run)
+        summary = finish(run)
+        if run.stop_reason == "rollout_workers_lost":
+            raise RuntimeError(f"{run.workers.lost}. The run is checkpointed at step {summary['steps']}; once the cause is fixed, "
+                               f"continue it with: cwm-rl train --resume {run.run_dir}")
+        return summary
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        run.close()

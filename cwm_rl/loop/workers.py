@@ -1,0 +1,287 @@
+"""The job's rollout workers: Ray actors with one vLLM engine each, kept busy, restarted when they die.
+
+`RolloutWorkers(config, model_dir, endpoints, say=..., stopping=...)` starts the actors (and a
+local Ray); `fill(tasks, budget)` keeps their calls in flight, `collect(timeout)` yields finished
+calls as (request, trajectories), `requeue_unavailable` splits off the groups that met a dead env
+server, `reload(version, path)` makes every worker reload in flight, `close()` stops them. The
+driver's loop (`driver.py`) is the reference use; `tests/cwm_rl/loop/test_driver.py` kills a
+worker mid-run.
+
+Why it is built this way:
+- A worker plays `groups_per_request` groups per call and has `requests_in_flight` calls
+  outstanding, so its engine never waits for the driver.
+- A worker that dies is restarted by Ray (`max_restarts`); the calls it lost are asked again once
+  it answers (calls made while it restarts fail at once), after it got the current weights. One
+  that does not come back within `WORKER_RESTART_TIMEOUT_S` sets `lost`: the job stops checkpointed.
+- A group with an episode whose env server was unreachable is dropped whole (reason
+  `env_unavailable`), the server marked down, and its tasks played again elsewhere, up to
+  `MAX_ENV_RETRIES` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cwm_rl.config import EnvSpec, JobConfig, RolloutConfig
+from cwm_rl.loop.env_servers import EnvEndpoints
+from cwm_rl.loop.tasks import TaskMix
+from cwm_rl.types import Trajectory
+from rollout_workers.config import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+MAX_ENV_RETRIES = 5  # times a group whose env server was unreachable is played again before it is given up
+WORKER_RESTARTS = 3  # Ray restarts a dead rollout worker this many times
+WORKER_RESTART_TIMEOUT_S = 300  # a failed worker that does not answer again within this stops the job (checkpointed)
+
+
+def worker_config(rollout: RolloutConfig, env: EnvSpec, model_dir: str | Path, seed: int, env_modules: list[str],
+                  with_server: bool = True) -> WorkerConfig:
+    """The one place a rollout worker's config is made (`cwm-rl train` and `cwm-rl model play`). `env` is the
+    worker's default env; `with_server=False` leaves out its env server (a job names one per call)."""
+    engine = rollout.engine.model_copy(update={"model": str(model_dir), "seed": seed if rollout.engine.seed is None else rollout.engine.seed})
+    url, token = (env.url, env.token) if with_server else (None, None)
+    return WorkerConfig(engine=engine, env_id=env.id, env_kwargs=env.kwargs, env_url=url, env_token=token,
+                        env_modules=env_modules, sys_path=[os.getcwd()] if env_modules else [],
+                        sampling=rollout.sampling, limits=rollout.limits)
+
+
+def start_ray(address: str | None, num_workers: int) -> bool:
+    """Join `address`, or start a local Ray with a CPU per core (at least one per worker). True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             **({} if address else {"num_cpus": max(num_workers, os.cpu_count() or 1)}))
+    return True
+
+
+@dataclass
+class Request:
+    """One `run_groups` call in flight: which worker, which tasks of which env, on which env server."""
+
+    worker: int
+    tasks: list[tuple[int, dict[str, Any]]]
+    env_index: int
+    url: str | None = None
+    attempt: int = 0
+
+
+class RolloutWorkers:
+    """The worker actors of a job and the calls in flight to them (see the module docstring)."""
+
+    def __init__(self, config: JobConfig, model_dir: Path, endpoints: EnvEndpoints, *, say: Callable[[str], None],
+                 stopping: Callable[[], bool], published: tuple[int, str] | None = None):
+        from rollout_workers.actor import rollout_worker_actor
+
+        self.config, self.endpoints, self.say, self.stopping = config, endpoints, say, stopping
+        self.worker_config = worker_config(config.rollout, config.envs[0], model_dir, config.seed, config.env_modules,
+                                           with_server=False).model_dump()
+        self.actors: list[Any] = []
+        self.started_ray = start_ray(config.ray_address, config.rollout.num_workers)
+        self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
+        self.replays: deque[Request] = deque()  # groups to play again: their env server was unreachable
+        self.reloads: list[Any] = []  # update_weights calls not yet waited for
+        self.published = published or (0, str(model_dir))  # (version, path) the workers should hold
+        self.lost: str | None = None  # why a worker is gone for good (the job stops)
+        self.groups_replayed = 0
+        try:
+            worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS)
+            self.actors = [worker_class.remote(self.worker_config) for _ in range(config.rollout.num_workers)]
+            if self.published[0] > 0:  # resumed: the workers start from the base model, bring them up to date
+                self.reload(*self.published, wait=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    # -- training rollouts --------------------------------------------------------------------------
+
+    def pending_groups(self) -> int:
+        """Groups in calls the workers are playing now."""
+        return sum(len(q.tasks) for q in self.pending.values())
+
+    def in_flight_groups(self) -> int:
+        """Groups asked for and not yet back: in calls, or waiting to be played again."""
+        return self.pending_groups() + sum(len(q.tasks) for q in self.replays)
+
+    def fill(self, tasks: TaskMix, budget: int, one_round: bool = False) -> None:
+        """Give every worker calls up to `requests_in_flight`, `budget` groups at most (replays first).
+        `one_round` (sync mode): only while nothing is in flight, and one call per worker."""
+        r = self.config.rollout
+        for _ in range(len(self.replays)):  # groups whose env server was unreachable go first, to any free worker
+            request = self.replays.popleft()
+            idle = [w for w in range(len(self.actors)) if self._requests_of(w) < r.requests_in_flight]
+            if not idle or not self._submit(idle[0], request.tasks, request.env_index, request.attempt):
+                self.replays.append(request)
+        if one_round and self.pending:  # sync: the round asked for has not all come back
+            return
+        for w in range(len(self.actors)):
+            while budget > 0 and self._requests_of(w) < r.requests_in_flight:
+                env_index = tasks.pick_env()
+                n = min(r.groups_per_request, budget)
+                drawn = tasks.draw(n, env_index)
+                if not self._submit(w, drawn, env_index):  # every env server of that env is down: wait
+                    self.replays.append(Request(w, drawn, env_index))
+                budget -= n
+                if one_round:
+                    break
+
+    def collect(self, timeout: float) -> Iterator[tuple[Request, list[Trajectory]]]:
+        """The calls that finished within `timeout`: (request, its trajectories). A dead worker's calls are
+        asked again once Ray restarted it; if it does not come back, `lost` says why and collecting ends."""
+        import ray
+
+        if not self.pending:
+            time.sleep(min(timeout, 0.05))
+            return
+        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        for ref in done:
+            request = self.pending.pop(ref)
+            try:
+                trajectories = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
+            except Exception as e:  # the worker died: Ray restarts it; play the same tasks again
+                w = request.worker
+                log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(request.tasks))
+                self.say(f"worker {w} failed ({type(e).__name__}); waiting for Ray to restart it, then re-submitting "
+                         f"{len(request.tasks)} groups")
+                if not self.wait_for_worker(w, interruptible=True):
+                    if not self.stopping():  # not Ctrl-C: the worker is gone for good
+                        self.lost = (f"rollout worker {w} failed ({type(e).__name__}: {e}) and did not answer again "
+                                     f"within {WORKER_RESTART_TIMEOUT_S} s")
+                    return
+                self.reload(*self.published, only=[w])
+                if not self._submit(w, request.tasks, request.env_index, request.attempt):
+                    self.replays.append(request)
+                continue
+            yield request, trajectories
+
+    def requeue_unavailable(self, request: Request, trajectories: list[Trajectory]) -> tuple[list[Trajectory], list[Trajectory]]:
+        """Split a call's trajectories into (fine, unavailable): groups with an episode whose env server was
+        unreachable are unavailable whole; their server is marked down and their tasks are played again elsewhere."""
+        size = self.config.rollout.group_size
+        groups = [trajectories[i:i + size] for i in range(0, len(trajectories), size)]  # one per task, in order
+        failed = [k for k, g in enumerate(groups) if any(t.finish_reason == "env_unavailable" for t in g)]
+        if not failed:
+            return trajectories, []
+        errors = [t.error for k in failed for t in groups[k] if t.finish_reason == "env_unavailable"]
+        spec = self.config.envs[request.env_index]
+        self.endpoints.mark_down(request.env_index, request.url, errors[0] or "unreachable")
+        retry = [request.tasks[k] for k in failed]
+        if request.attempt + 1 > MAX_ENV_RETRIES:
+            self.say(f"{spec.id}: giving up {len(retry)} group(s) after {MAX_ENV_RETRIES} replays; last error: {errors[0]}")
+        else:
+            self.groups_replayed += len(retry)
+            self.say(f"{spec.id}: env server {request.url} unreachable; playing {len(retry)} group(s) again elsewhere ({errors[0]})")
+            self.replays.append(Request(request.worker, retry, request.env_index, None, request.attempt + 1))
+        fine = [t for k, g in enumerate(groups) if k not in failed for t in g]
+        return fine, [t for k in failed for t in groups[k]]
+
+    # -- held-out evaluation ------------------------------------------------------------------------
+
+    def play(self, w: int, tasks: list[dict[str, Any]], env: dict[str, Any], sampling: dict[str, Any]) -> Any:
+        """Start one episode per task on worker `w` (one group of 1 each); `result` waits for it."""
+        return self.actors[w].run_groups.remote([0] * len(tasks), 1, self.run_id, env=env, tasks=tasks, sampling=sampling)
+
+    def result(self, ref: Any, w: int, retry: Callable[[], Any]) -> list[Trajectory]:
+        """The trajectories of a `play` call; if worker `w` died meanwhile, wait for its restart, bring it up to
+        date and `retry()` (up to WORKER_RESTARTS + 1 times). RuntimeError when it does not come back."""
+        import ray
+
+        for tries in range(WORKER_RESTARTS + 2):
+            try:
+                return [Trajectory.model_validate_json(j) for j in ray.get(ref)]
+            except Exception as e:  # the worker died: Ray restarts it; bring it up to date, ask again
+                if tries == WORKER_RESTARTS + 1:
+                    raise RuntimeError(f"evaluation failed {tries + 1} times on rollout worker {w}: {e}") from e
+                self.say(f"worker {w} failed during eval ({type(e).__name__}); retrying on the restarted worker")
+                if not self.wait_for_worker(w):
+                    raise RuntimeError(f"rollout worker {w} failed during eval and did not answer again within "
+                                       f"{WORKER_RESTART_TIMEOUT_S} s: {e}") from e
+                try:
+                    self.reload(*self.published, only=[w], wait=True)
+                except Exception as reload_error:  # it died again: the next try tells
+                    log.warning("reloading worker %d after a failure failed: %s", w, reload_error)
+                ref = retry()
+        raise AssertionError("unreachable")
+
+    # -- weights ------------------------------------------------------------------------------------
+
+    def reload(self, version: int, path: str | Path, *, wait: bool = False, only: list[int] | None = None) -> None:
+        """Every worker (or `only` these) reloads version `version` from `path` in flight; `wait` blocks until done."""
+        import ray
+
+        self.published = (version, str(path))
+        refs = [self.actors[w].update_weights.remote(version, str(path)) for w in (only or range(len(self.actors)))]
+        if wait:
+            ray.get(refs)
+        else:
+            self.reloads += refs
+
+    def wait_reloads(self) -> None:
+        """Wait for the reloads sent so far: staleness is judged against the version the workers hold."""
+        import ray
+
+        for ref in self.reloads:
+            try:
+                ray.get(ref)
+            except Exception as e:  # that worker died; it gets the weights again when its lost work is re-submitted
+                log.warning("a weight reload failed (%s: %s)", type(e).__name__, e)
+        self.reloads = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        return Path(self.config.run_dir).name
+
+    def wait_for_worker(self, w: int, interruptible: bool = False) -> bool:
+        """Block until worker `w` answers again (Ray restarts a dead one; calls made while it restarts fail at
+        once), or False after WORKER_RESTART_TIMEOUT_S (Ray gave up on it, or its node is gone) or, when
+        `interruptible`, once the job is stopping."""
+        import ray
+
+        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+        while time.monotonic() < deadline and not (interruptible and self.stopping()):
+            try:
+                ray.get(self.actors[w].pid.remote(), timeout=30)
+                return True
+            except Exception:  # restarting (ActorUnavailableError), or the call timed out: ask again
+                time.sleep(1.0)
+        return False
+
+    def _requests_of(self, w: int) -> int:
+        return sum(1 for q in self.pending.values() if q.worker == w)
+
+    def _submit(self, w: int, tasks: list[tuple[int, dict]], env_index: int, attempt: int = 0) -> bool:
+        """Ask worker `w` to play one group per task; False (nothing sent) while every env server of the env is down."""
+        payload = self.endpoints.payload(env_index)
+        if payload is None:
+            return False
+        env, url = payload
+        ref = self.actors[w].run_groups.remote([s for s, _ in tasks], self.config.rollout.group_size, self.run_id,
+                                               env=env, tasks=[t for _, t in tasks])
+        self.pending[ref] = Request(w, tasks, env_index, url, attempt)
+        return True
+
+    def close(self) -> None:
+        """Shut the engines down (a dead worker has nothing to shut down), and Ray if it was started here."""
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=60)
+            except Exception:
+                pass
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,63 @@
+"""The rollout worker's configuration: its vLLM engine, how it samples, when it ends an episode.
+
+Pydantic only (no vLLM, no torch): the job config embeds these, and `cwm-rl train` validates a
+config before anything heavy is imported. `WorkerConfig` is what one worker actor receives; the
+job builds it in one place (`cwm_rl.loop.workers.worker_config`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Config):
+    """How to start the worker's vLLM engine."""
+
+    model: str | None = Field(default=None, description="Path of a Hugging Face model directory (safetensors + config + tokenizer); in a job, set from model.path or the model the job makes.")
+    dtype: str = Field(default="float32", description="Weights dtype: float32 on CPU, bfloat16 on GPU.")
+    max_model_len: int = Field(default=2048, ge=16, description="Longest sequence (prompt + all turns) in tokens.")
+    kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory in GiB (CPU RAM on the CPU backend).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences batched per engine step.")
+    seed: int | None = Field(default=None, description="Engine sampling seed; None = the job's seed (0 outside a job).")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile and graph capture (fast start; right for CPU and tests).")
+    keep_kv_cache_on_reload: bool = Field(default=False, description="On reload keep in-flight KV caches (faster, approximate) instead of recomputing prefixes.")
+    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="More vllm.AsyncEngineArgs fields, passed as they are.")
+
+
+class SamplingConfig(_Config):
+    """How to sample one turn."""
+
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=-1, description="Top-k sampling; -1 disables it.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens generated in one turn.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra token ids that end a turn (the EOS token always does).")
+    ignore_eos: bool = Field(default=False, description="Keep generating past EOS (benchmarks and tests only).")
+
+
+class EpisodeLimits(_Config):
+    """When the worker ends an episode that the env has not ended."""
+
+    max_turns: int = Field(default=8, ge=1, description="Model turns per episode at most.")
+    max_total_tokens: int = Field(default=2048, ge=16, description="Prompt + all turns, in tokens (at most the engine's max_model_len).")
+    env_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one env reset or step.")
+
+
+class WorkerConfig(_Config):
+    """Everything one rollout worker needs: its engine, what it plays, and how."""
+
+    engine: EngineConfig = Field(description="The worker's vLLM engine (engine.model must be set).")
+    env_id: str = Field(description="Env to play, e.g. 'cwm_rl/Math-v0'.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
+    env_url: str | None = Field(default=None, description="Play the env on this env server instead of in-process.")
+    env_token: str | None = Field(default=None, description="Bearer token for env_url.")
+    env_modules: list[str] = Field(default_factory=list, description="Modules to import first: they register user envs.")
+    sys_path: list[str] = Field(default_factory=list, description="Directories to put on sys.path first (where env_modules live).")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How each turn is sampled.")
+    limits: EpisodeLimits = Field(default_factory=EpisodeLimits, description="When the worker ends an episode.")

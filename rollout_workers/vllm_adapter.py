@@ -1,0 +1,46 @@
+"""THE ONE PLACE cwm-rl reads vLLM internals. Everything else uses vLLM's public API.
+
+In-flight reloads must know how many tokens each running request has when the weights change
+(those tokens belong to the old version), and vLLM exposes no public call for that. These
+helpers read it from vLLM's output processor and engine-core client, attributes that are not
+part of vLLM's API and may move in any release. They were written against vLLM 0.32.0
+(`TESTED_VLLM`); `tests/rollout_workers/test_vllm_adapter.py` runs each one on the installed
+vLLM, so an upgrade that moves them fails there, by name, not somewhere deep in a job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+TESTED_VLLM = "0.32.0"  # the vLLM release these internals were read from
+
+
+def num_output_tokens(async_llm: Any, request_id: str) -> int | None:
+    """Tokens the frontend has received so far for `request_id` (an AsyncLLM request), or None
+    once the request is finished (its state is gone)."""
+    state = async_llm.output_processor.request_states.get(request_id)
+    return None if state is None else state.detokenizer.num_output_tokens()
+
+
+def running_request_ids(async_llm: Any) -> list[str]:
+    """Ids of the requests the frontend still tracks (running or waiting)."""
+    return list(async_llm.output_processor.request_states)
+
+
+async def drain_outputs(async_llm: Any, max_wait_s: float = 1.0) -> None:
+    """Let the frontend process every output a paused engine already sent, so the token counts
+    read next are final (the engine core pushes outputs into a queue the frontend reads)."""
+    queue = async_llm.engine_core.outputs_queue
+    for _ in range(int(max_wait_s / 0.001)):
+        if queue.empty():
+            break
+        await asyncio.sleep(0.001)
+    for _ in range(3):  # the output handler task may hold one batch it took before the queue emptied
+        await asyncio.sleep(0)
+
+
+def shutdown_offline_llm(llm: Any) -> None:
+    """Stop the engine-core processes of an offline `vllm.LLM` now (its own teardown runs at
+    interpreter exit, too late for a test or a benchmark that starts another engine)."""
+    llm.llm_engine.engine_core.shutdown()
