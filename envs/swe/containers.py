@@ -256,9 +256,13 @@ class ContainerPool:
         self._wanted.put(None)
         self._filler.join(timeout=120)
         with self._lock:
-            containers = list(self._mine.values())
+            warm = [c for ready in self._ready.values() for c in ready]
             self._ready.clear()
-        for container in containers:
+        for container in warm:  # their spare bash sessions are closed (and waited for) with them
+            container.release()
+        with self._lock:
+            in_use = list(self._mine.values())
+        for container in in_use:
             self.remove(container)
         atexit.unregister(self.close)
 

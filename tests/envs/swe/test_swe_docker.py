@@ -219,6 +219,44 @@ def test_container_cap_and_warm_pool(minicalc, pool, sandbox_root):
     taken.release()
 
 
+def test_a_closed_pool_leaves_no_bash_session_behind(minicalc, sandbox_root, tmp_path):
+    """Warm containers come with a bash session (a `docker exec` child); closing the pool closes and waits
+    for it: no child left running or unreaped (an unreaped one warns "subprocess is still running" later)."""
+    import shutil
+
+    from envs.swe.containers import ContainerPool
+
+    _, image = minicalc
+    warm = ContainerPool(pool_size=1, max_containers=2, run_id="pytest-close")
+    cli = tmp_path / "dockclosetest"  # this pool's docker CLI under a name of its own: other pools' sessions do not count
+    cli.symlink_to(shutil.which(warm.docker_cli) or warm.docker_cli)
+    warm.docker_cli = str(cli)
+    try:
+        warm.warm(image)
+        deadline = time.monotonic() + 60
+        while warm.ready(image) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert warm.ready(image) == 1 and _children_named(cli.name)
+    finally:
+        warm.close()
+    assert _children_named(cli.name) == []
+    assert _containers("cwm-rl.run=pytest-close") == []
+
+
+def _children_named(name: str) -> list[int]:
+    """Child processes of this test process with this name, running or zombies nobody waited for (a zombie
+    has no cmdline, so match its name)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            comm, rest = (proc / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
+            continue
+        if comm.split("(", 1)[-1] == name[:15] and int(rest.split()[1]) == os.getpid():
+            found.append(int(proc.name))
+    return found
+
+
 def test_scripted_episode_solves_a_task_through_the_env_server(start_server, sandbox_root, docker_ready):
     """bash, create, a failing edit, a good edit, the tests, submit: over HTTP with the real server."""
     from envs.server.client import RemoteEnv
