@@ -97,7 +97,7 @@ def evaluate_and_log(run: Run) -> None:
     run.sinks.set_status("evaluating")
     result = evaluate(run.workers, run.endpoints, run.config, run.tasks.held_out, step=run.trainer.step_count,
                       policy_version=run.trainer.policy_version, say=run.sinks.say,
-                      store_env=lambda trajectories: run.store.add(trajectories, status="eval"))
+                      store=lambda trajectories: run.store.add(trajectories, status="eval"))
     run.sinks.log_eval(result)
 
 

@@ -1,9 +1,10 @@
 """Held-out evaluation during a job: greedy episodes of every env's held-out tasks, split over the
 rollout workers, accuracy per env (reward > 0 counts as correct).
 
-`evaluate(workers, endpoints, config, held_out, step=..., policy_version=..., say=...)` returns an
-`HeldOutEval`: `accuracy` (the mean over envs), `per_env`, the `trajectories` played (the job stores
-each env's with status `eval` as soon as they are played, through `store_env`) and `metrics()`, the entry logged as `eval_accuracy` and
+`evaluate(workers, endpoints, config, held_out, step=..., policy_version=..., say=..., store=...)`
+hands each env's episodes to `store` as soon as they are played (the job stores them with status
+`eval`, so a failure mid-eval keeps what was played) and returns a `HeldOutEval`: `accuracy` (the
+mean over envs), `per_env` and `metrics()`, the entry logged as `eval_accuracy` and
 `eval_accuracy/ENV_ID`. Every job in `tests/cwm_rl/loop/test_driver.py` evaluates.
 
 A worker that dies mid-eval is brought up to date and asked again (`RolloutWorkers.result`); an
@@ -29,12 +30,11 @@ EVAL_WAIT_FOR_SERVER_S = 120  # an eval waits this long for an env server to com
 
 @dataclass
 class HeldOutEval:
-    """One evaluation: accuracy (the mean over envs), per env, and the episodes played."""
+    """One evaluation: accuracy per env, and their mean."""
 
     step: int
     policy_version: int
     per_env: dict[str, float]
-    trajectories: list[Trajectory]
 
     @property
     def accuracy(self) -> float:
@@ -48,13 +48,12 @@ class HeldOutEval:
 
 def evaluate(workers: RolloutWorkers, endpoints: EnvEndpoints, config: JobConfig, held_out: dict[str, list[dict[str, Any]]],
              *, step: int, policy_version: int, say: Callable[[str], None],
-             store_env: Callable[[list[Trajectory]], Any] = lambda trajectories: None) -> HeldOutEval:
-    """Greedy accuracy on every env's held-out tasks; `store_env` gets each env's episodes as soon as they are played."""
-    result = HeldOutEval(step=step, policy_version=policy_version, per_env={}, trajectories=[])
+             store: Callable[[list[Trajectory]], Any]) -> HeldOutEval:
+    """Greedy accuracy on every env's held-out tasks; `store` gets each env's episodes as soon as they are played."""
+    result = HeldOutEval(step=step, policy_version=policy_version, per_env={})
     for env_index, spec in enumerate(config.envs):
         trajectories = play_greedy(workers, endpoints, env_index, held_out[spec.id], config.eval.max_tokens, say)
-        store_env(trajectories)
-        result.trajectories += trajectories
+        store(trajectories)
         result.per_env[spec.id] = sum(t.return_ > 0 for t in trajectories) / max(len(trajectories), 1)
     return result
 
