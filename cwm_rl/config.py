@@ -32,6 +32,14 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EnvLimits(_Config):
+    """An env's own episode limits: each field set overrides rollout.limits; None takes rollout.limits'."""
+
+    max_turns: int | None = Field(default=None, ge=1, description="Model turns per episode at most; None = rollout.limits.max_turns.")
+    max_total_tokens: int | None = Field(default=None, ge=16, description="Prompt + all turns, in tokens; None = rollout.limits.max_total_tokens.")
+    env_timeout_s: float | None = Field(default=None, gt=0, description="Deadline of one reset or step (and of a step on an env server the job starts); None = rollout.limits.env_timeout_s.")
+
+
 class EnvSpec(_Config):
     """One env of the task mix."""
 
@@ -42,6 +50,8 @@ class EnvSpec(_Config):
     urls: list[str] = Field(default_factory=list, description="Or on these env servers: groups go round-robin, and one that stops answering is left out until its /health answers again.")
     servers: int = Field(default=0, ge=0, description="And/or on this many env servers the job starts here (`cwm-rl env serve` on 127.0.0.1); one that dies is restarted.")
     token: str | None = Field(default=None, description="Bearer token for the env servers.")
+    limits: EnvLimits | None = Field(default=None, description="This env's episode limits (turns, total tokens, step deadline): the fields set here override rollout.limits. A mix of one-turn and multi-turn envs sets them per env.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens per turn for this env (training and eval); None = rollout.sampling.max_tokens in training, eval.max_tokens in eval.")
 
     @property
     def endpoints(self) -> list[str]:
@@ -96,14 +106,14 @@ class RolloutConfig(_Config):
     requests_in_flight: int = Field(default=2, ge=1, description="Calls outstanding per worker: keeps the engine busy while results travel.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Each worker's vLLM engine (its model is the job's); max_model_len defaults to 1024 here.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=64), description="How each turn is sampled.")
-    limits: EpisodeLimits = Field(default_factory=lambda: EpisodeLimits(max_turns=1, max_total_tokens=1024), description="When an episode is cut.")
+    limits: EpisodeLimits = Field(default_factory=lambda: EpisodeLimits(max_turns=1), description="When an episode is cut (an env of the mix may set its own: envs[i].limits).")
 
 
 class EvalConfig(_Config):
     """Held-out greedy evaluation during the run."""
 
     every_steps: int = Field(default=10, ge=0, description="Evaluate every this many trainer steps (and at start and end); 0 = start and end only.")
-    num_tasks: int = Field(default=100, ge=1, description="Held-out tasks per env (seeds disjoint from training).")
+    num_tasks: int = Field(default=100, ge=1, description="Held-out tasks per env (ids never trained on), at most model.sft.eval_share of the env's distinct tasks.")
     max_tokens: int = Field(default=64, ge=1, description="Greedy tokens per turn at most.")
 
 
@@ -116,6 +126,10 @@ class LoggingConfig(_Config):
     progress: bool = Field(default=True, description="Show the live progress display (off in CI logs).")
 
 
+# The dtypes vLLM's engine accepts (vllm.config.model.ModelDType); it lowercases them first.
+VLLM_DTYPES = ("float32", "bfloat16", "float16", "half", "float", "auto")
+
+
 class JobConfig(_Config):
     """A whole RL run."""
 
@@ -126,6 +140,8 @@ class JobConfig(_Config):
     checkpoint_every: int = Field(default=50, ge=0, description="Save a resumable checkpoint (trainer state + task cursors) every this many steps; 0 = only at the end.")
     max_minutes: float | None = Field(default=None, gt=0, description="Stop (cleanly, with a checkpoint) after this many minutes of RL.")
     buffer_groups: int = Field(default=16, ge=1, description="Finished groups the buffer holds; workers get no new work while it is full (backpressure).")
+    warn_without_signal_groups: int = Field(default=32, ge=0, description="Say on the console why (reward distribution per env, likely cause) after this many finished groups in a row without a learning signal (every return of each group equal: zero advantage), and again each time that streak doubles; 0 = never. 32 groups of a task mix solved 1 time in 20 all come out alike with odds near 1e-6.")
+    stop_without_signal_groups: int = Field(default=512, ge=0, description="Stop (eval, checkpoint, summary, an error naming the likely cause) after this many groups in a row without a learning signal; 0 = never. With 8 samples per task, a mix solved even 1 time in 200 gives 512 in a row with odds near 1e-9, so a stop means nothing was learning.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
     envs: list[EnvSpec] = Field(default_factory=lambda: [EnvSpec(id="cwm_rl/Math-v0")], description="The task mix.")
     env_modules: list[str] = Field(default_factory=list, description="Modules to import (here and in every worker) that register user envs, like `cwm-rl env --import`.")
@@ -152,7 +168,30 @@ class JobConfig(_Config):
             raise ValueError(f"rollout.sampling.temperature ({self.rollout.sampling.temperature}) differs from "
                              f"trainer.loss.temperature ({self.trainer.loss.temperature}): the trainer must score tokens at the "
                              "temperature they were sampled at; set both to the same value")
+        engine, limits = self.rollout.engine, self.rollout.limits
+        if engine.dtype.lower() not in VLLM_DTYPES:
+            raise ValueError(f"rollout.engine.dtype {engine.dtype!r} is not a dtype vLLM knows: set rollout.engine.dtype to one of "
+                             f"{', '.join(VLLM_DTYPES)} (float32 on CPU, bfloat16 on GPU)")
+        ids = [spec.id for spec in self.envs]
+        for i, env_id in enumerate(ids):
+            if env_id in ids[:i]:
+                raise ValueError(f"envs[{i}]: {env_id} is already envs[{ids.index(env_id)}]; an env appears once in a mix (held-out "
+                                 "sets, cursors and eval accuracy are per env id): register the variant under its own id, e.g. "
+                                 "gym.register(id='my_envs/Math-tools-v0', entry_point='envs.math_env:MathEnv', kwargs={...})")
+        for key, max_total in [("rollout.limits", limits.max_total_tokens)] + [
+                (f"envs[{i}].limits", s.limits.max_total_tokens) for i, s in enumerate(self.envs) if s.limits is not None]:
+            if max_total is not None and max_total > engine.max_model_len:
+                raise ValueError(f"{key}.max_total_tokens ({max_total}) is more than rollout.engine.max_model_len "
+                                 f"({engine.max_model_len}), the longest sequence the engine holds: set {key}.max_total_tokens "
+                                 f"<= {engine.max_model_len}, or raise rollout.engine.max_model_len")
         return self
+
+    def env_limits(self, index: int) -> EpisodeLimits:
+        """The episode limits of env `index` of the mix: its own `limits` over rollout.limits."""
+        own = self.envs[index].limits
+        if own is None:
+            return self.rollout.limits
+        return self.rollout.limits.model_copy(update={k: v for k, v in own.model_dump().items() if v is not None})
 
 
 # Keys that moved, with where they live now: a config written for an older cwm-rl gets the fix, not just "extra input".

@@ -5,18 +5,19 @@
 From Python, `run_sft("models/tiny", "models/tiny-sft", SFTConfig(env_id="cwm_rl/Math-v0", steps=300))`
 does the same and returns the summary (`tests/cwm_rl/test_sft.py` runs both).
 
-Data: the env's own task generator. A training example is `env.reset(seed=s)` for a seed from
-the training range (even seeds) and `env.reference_action()` as the assistant's answer; the
-sample is the rendered prompt (loss mask 0) + the answer's tokens + the end-of-turn token
-(mask 1), exactly the tokens a rollout worker would score. Only the first turn is covered.
+Data: the env's own tasks (`cwm_rl.loop.tasks`: its generator, or its task list). A training
+example is the task drawn for a seed of the training range (even seeds), reset in the env, and
+`env.reference_action()` as the assistant's answer; the sample is the rendered prompt (loss
+mask 0) + the answer's tokens + the end-of-turn token (mask 1), exactly the tokens a rollout
+worker would score. Only the first turn is covered. SFT is the one stage that needs reference
+answers: an RL job without a warm start needs none.
 
-Held-out evaluation: distinct tasks drawn from the odd seeds, and every training draw whose
-task id is among them is skipped, so no evaluated task is ever trained on. A small task space
-(1-digit addition has 100 tasks) would be swallowed by a large held-out set, so the held-out set
-is capped at `eval_share` of the distinct tasks a probe of the generator finds. Accuracy is
-greedy decoding with transformers (batched, left-padded, stopping at the end-of-turn token),
-the text decoded as the agent loop decodes it, stepped in a fresh reset of the env to the same
-task: reward > 0 counts as correct. The same is measured on up to as many tasks the run trains on,
+Held-out evaluation: the held-out tasks a job with the same seed holds out
+(`cwm_rl.loop.tasks.held_out_tasks`: at most `eval_share` of the env's distinct tasks), and every
+training draw whose task id is among them is skipped, so no evaluated task is ever trained on.
+Accuracy is greedy decoding with transformers (batched, left-padded, stopping at the end-of-turn
+token), the text decoded as the agent loop decodes it, stepped in a fresh reset of the env to the
+same task: reward > 0 counts as correct. The same is measured on up to as many tasks the run trains on,
 so the summary shows memorising (trained-on accuracy) next to generalising (held-out).
 
 Training is `trainer.train.Trainer.sft_step` (token-mean cross-entropy, AdamW, the trainer's
@@ -37,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cwm_rl.loop.tasks import draw_task, env_name, held_out_tasks, train_seed
 from cwm_rl.types import Task
 
 # Files of a model directory that belong to the tokenizer and chat template (copied as they are).
@@ -98,56 +100,27 @@ class EvalResult:
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def train_seed(seed: int, k: int) -> int:
-    """Env seed of the k-th training draw: even numbers (held-out draws use the odd ones)."""
-    return 2 * (seed * 2**32 + k)
-
-
-def eval_seed(seed: int, k: int) -> int:
-    return train_seed(seed, k) + 1
-
-
 def draw(env: Any, seed: int) -> Example:
-    """Reset `env` with `seed` and take its task, first messages and reference answer."""
-    messages, info = _reset(env, seed)
-    task = env.task
+    """The task `env.reset(seed=seed)` plays, with its first messages and reference answer."""
+    return example_of(env, draw_task(env, seed), seed)
+
+
+def example_of(env: Any, task: Task, seed: int | None = None) -> Example:
+    """`task` reset in `env`, its first messages and the env's reference answer (SFT's one need for one)."""
+    messages, _ = env.reset(seed=seed, options={"task": task})
     answer = env.reference_action()
     if answer is None:
-        raise ValueError(f"{_env_name(env)} has no reference_action(): SFT needs reference "
-                         "answers; implement reference_action() in the env (it returns a correct answer for the current task)")
-    return Example(task_id=str(info.get("task_id") or task.id), task=task, messages=messages, answer=answer)
+        raise ValueError(f"{env_name(env)} has no reference_action(): the SFT warm start trains on reference answers. "
+                         "Implement reference_action() in the env (a correct answer for the current task), or skip the "
+                         "warm start (in a job: model.sft.steps=0, or model.path=an already trained model)")
+    return Example(task_id=task.id, task=task, messages=messages, answer=answer)
 
 
 def held_out_examples(env: Any, config: SFTConfig) -> tuple[list[Example], dict[str, Any]]:
-    """Distinct held-out tasks from the eval seed range, and how their number was chosen."""
-    num_probe = max(1_000, 4 * config.eval_tasks)
-    distinct = len({_task_id(env, train_seed(config.seed, k)) for k in range(num_probe)})
-    target = max(1, min(config.eval_tasks, math.floor(config.eval_share * distinct)))
-    found: dict[str, Example] = {}
-    for k in range(20 * target + 100):
-        if len(found) >= target:
-            break
-        example = draw(env, eval_seed(config.seed, k))
-        found.setdefault(example.task_id, example)
-    info = {"requested": config.eval_tasks, "distinct_in_probe": distinct, "probe_draws": num_probe, "held_out": len(found)}
-    return list(found.values()), info
-
-
-def _task_id(env: Any, seed: int) -> str:
-    _, info = _reset(env, seed)
-    return str(info.get("task_id") or env.task.id)
-
-
-def _reset(env: Any, seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    try:
-        return env.reset(seed=seed)
-    except NotImplementedError:
-        raise ValueError(f"{_env_name(env)} has no task generator (sample_task()): SFT draws its tasks from it; "
-                         "implement sample_task() in the env") from None
-
-
-def _env_name(env: Any) -> str:
-    return env.spec.id if env.spec else type(env).__name__
+    """The held-out tasks a job with this seed holds out too (`cwm_rl.loop.tasks.held_out_tasks`), as examples."""
+    tasks = held_out_tasks(env, config.seed, config.eval_tasks, config.eval_share)
+    examples = [example_of(env, Task.model_validate(t)) for t in tasks]
+    return examples, {"requested": config.eval_tasks, "held_out": len(examples)}
 
 
 def training_examples(env: Any, config: SFTConfig, held_out_ids: set[str]) -> Iterator[Example]:
@@ -155,16 +128,17 @@ def training_examples(env: Any, config: SFTConfig, held_out_ids: set[str]) -> It
     skipped_in_a_row = 0
     k = 0
     while True:
-        example = draw(env, train_seed(config.seed, k))
+        seed = train_seed(config.seed, k)
+        task = draw_task(env, seed)
         k += 1
-        if example.task_id in held_out_ids:
+        if task.id in held_out_ids:
             skipped_in_a_row += 1
             if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
                 raise ValueError(f"{MAX_SKIPS_IN_A_ROW} training draws in a row were held-out tasks: the held-out set covers "
                                  f"the task generator; lower eval_tasks / eval_share (--eval-tasks)")
             continue
         skipped_in_a_row = 0
-        yield example
+        yield example_of(env, task, seed)
 
 
 def trained_examples(env: Any, config: SFTConfig, held_out_ids: set[str], num: int) -> list[Example]:

@@ -7,13 +7,18 @@ the list of NEW chat messages to append (never a re-render of history) and
 seeded generator).
 
 A subclass implements three methods:
-    sample_task()      -> Task                  draw a task with `self.np_random`
+    sample_task(rng)   -> Task                  draw a task with the numpy Generator `rng`
     first_messages(t)  -> list of messages      what the model sees first (default: the prompt)
     respond(action)    -> (obs, reward, terminated, truncated, info)   react to one turn
-and may add `reference_action()` (a correct answer, for checks and SFT) and
-`reward_hack_probes()` (actions that must not score). `SingleTurnEnv` reduces this to
-`sample_task` and `score`. Bookkeeping (turn count, `max_turns`, order checks, the transcript,
+(an env with a fixed task list sets `self.tasks` instead of writing `sample_task`) and may add
+`reference_action()` (a correct answer, for checks and SFT) and `reward_hack_probes()` (actions
+that must not score). `SingleTurnEnv` reduces this to `sample_task` and `score`. Bookkeeping (turn count, `max_turns`, order checks, the transcript,
 `state()`) lives here once.
+
+Tasks are drawn without building an episode: `sample_task(rng)` must only draw (no container,
+sandbox or process), so a job can draw its training tasks and split off held-out ones
+(`cwm_rl.loop.tasks`) from an env it never resets. `reset(seed=s)` draws with the Generator
+that `s` seeds, so `sample_task(gymnasium.utils.seeding.np_random(s)[0])` is the task it plays.
 
 `areset`/`astep` are async twins: they run the sync methods in a worker thread so blocking
 env work never stalls an event loop. Envs whose steps are pure and fast (microseconds, no I/O)
@@ -24,9 +29,11 @@ slow or hanging step there would stall every session of an env server.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 from pydantic import ValidationError
 
 from cwm_rl.types import Message, Task
@@ -55,6 +62,15 @@ class TextEnv(gym.Env[Messages, str]):
     blocking = True  # True: the async twins offload to a thread
     system_prompt: str | None = None
 
+    tasks: list[Task] | None = None  # a fixed task list (a task file): `sample_task` picks from it; None = a generator
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("sample_task")
+        if method is not None and len(inspect.signature(method).parameters) < 2:
+            raise TypeError(f"{cls.__name__}.sample_task(self) must take the random generator to draw with: "
+                            f"`def sample_task(self, rng) -> Task` (use rng where it used self.np_random)")
+
     def __init__(self, max_turns: int | None = None, max_action_chars: int = 1_000_000, render_mode: str | None = None):
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1 or None, got {max_turns}")
@@ -72,9 +88,12 @@ class TextEnv(gym.Env[Messages, str]):
         self.closed = False
 
     # ----- what a subclass implements -----
-    def sample_task(self) -> Task:
-        """Draw a task using `self.np_random` (seeded by reset)."""
-        raise NotImplementedError(f"{type(self).__name__} has no task generator; pass options={{'task': ...}}")
+    def sample_task(self, rng: np.random.Generator) -> Task:
+        """Draw a task with `rng`, building nothing else. The default picks from `self.tasks`."""
+        if self.tasks:
+            return self.tasks[int(rng.integers(len(self.tasks)))]
+        raise NotImplementedError(f"{type(self).__name__} offers no tasks: implement sample_task(self, rng) or set "
+                                  "self.tasks (a list of Task); or pass reset(options={'task': ...})")
 
     def first_messages(self, task: Task) -> list[Message | dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -101,7 +120,7 @@ class TextEnv(gym.Env[Messages, str]):
         task = options.pop("task", None)
         if options:
             raise ValueError(f"unknown reset option(s) {sorted(options)}; the only option is 'task'")
-        self.task = self._coerce_task(task) if task is not None else self.sample_task()
+        self.task = self._coerce_task(task) if task is not None else self.sample_task(self.np_random)
         self.num_turns = 0
         self.episode_return = 0.0
         self.done = False

@@ -62,10 +62,10 @@ class CodeEnv(PythonToolMixin, SingleTurnEnv):
         self.system_prompt = PROMPT_THINK if think else PROMPT_PLAIN
         self._setup_python_tool(tool_calls, sandbox, test_timeout_s, memory_mb)
 
-    def sample_task(self) -> Task:
+    def sample_task(self, rng) -> Task:
         if self.tasks is not None:
-            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
-        return generated_code_task(self.np_random, self.kind)
+            return super().sample_task(rng)
+        return generated_code_task(rng, self.kind)
 
     def first_messages(self, task: Task) -> list[dict[str, str]]:
         hint = STDIO_HINT if task.metadata.get("kind") == "stdio" else ""

@@ -26,8 +26,8 @@ class EchoEnv(TextEnv):
         self.num_rounds = num_rounds
         self.words: list[str] = []
 
-    def sample_task(self) -> Task:
-        words = [str(w) for w in self.np_random.choice(WORDS, size=self.num_rounds)]
+    def sample_task(self, rng) -> Task:
+        words = [str(w) for w in rng.choice(WORDS, size=self.num_rounds)]
         return Task(id="echo-" + "-".join(words), prompt=f"Repeat exactly: {words[0]}", answer=words, source="echo")
 
     def first_messages(self, task: Task) -> list[dict[str, str]]:

@@ -61,10 +61,10 @@ class MathEnv(PythonToolMixin, SingleTurnEnv):
         self.system_prompt = PROMPT_THINK if think else PROMPT_PLAIN
         self._setup_python_tool(tool_calls, sandbox, timeout_s=10.0, memory_mb=512)
 
-    def sample_task(self) -> Task:
+    def sample_task(self, rng) -> Task:
         if self.tasks is not None:
-            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
-        return arithmetic_task(self.np_random, self.difficulty, self.operators)
+            return super().sample_task(rng)
+        return arithmetic_task(rng, self.difficulty, self.operators)
 
     def _gold(self, task: Task) -> str:
         if task.answer is None or isinstance(task.answer, (dict, list)):

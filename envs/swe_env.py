@@ -10,7 +10,8 @@ counts 4 characters of text as a token, the worker's `max_total_tokens` is the e
 (`envs.swe.grading`): reward `correct_reward` (+1) when every FAIL_TO_PASS and PASS_TO_PASS test
 passes, else `wrong_reward` (-1), plus `gold_similarity` x the similarity of the patch to the
 gold one (0 by default). An episode that runs out of turns or passes `episode_timeout_s` without
-a submission gets `wrong_reward` and is truncated. A malformed call gets an error observation
+a submission gets `wrong_reward` and is truncated; with `submit_at_end=True` its diff as it stands
+at the last turn is submitted and graded instead. A malformed call gets an error observation
 (`malformed="error"`) or ends the episode with `wrong_reward` (`malformed="end"`).
 
 Tasks: `tasks_path` (SWE-bench JSONL, `envs.swe.tasks`), by default the three repositories shipped
@@ -19,6 +20,7 @@ in `envs/swe/data`. Images are built offline on first use (`cwm-rl swe build-bas
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from pathlib import Path
@@ -31,7 +33,20 @@ from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
 from envs.swe.tools import TOOLS_PROMPT, apply_edit, parse_create, parse_edit, parse_tool_call
 
 CHARS_PER_TOKEN = 4
+EPISODES_IN_FLIGHT_VAR = "CWM_RL_EPISODES_IN_FLIGHT"
 EXCLUDE = ("':(exclude,glob)**/__pycache__/**'", "':(exclude,glob)**/.pytest_cache/**'")
+
+
+def pool_sizes(pool_size: int | None, max_containers: int | None) -> dict[str, int]:
+    """The container pool's warm size and cap. Unset, they follow the job: `$CWM_RL_EPISODES_IN_FLIGHT` (the
+    episodes this process plays at once, set by `cwm-rl train`) gets a container each plus a warm pool, so no
+    episode and no grading run waits for a slot; outside a job, 2 warm and 16 at most."""
+    in_flight = int(os.environ.get(EPISODES_IN_FLIGHT_VAR) or 0)
+    if pool_size is None:
+        pool_size = min(max(in_flight // 2, 2), 8) if in_flight else 2
+    if max_containers is None:
+        max_containers = in_flight + pool_size if in_flight else 16
+    return {"pool_size": pool_size, "max_containers": max_containers}
 
 
 class SWEEnv(TextEnv):
@@ -49,9 +64,10 @@ class SWEEnv(TextEnv):
         wrong_reward: float = -1.0,
         gold_similarity: float = 0.0,
         test_timeout_s: float = 120.0,
-        pool_size: int = 2,
-        max_containers: int = 16,
+        pool_size: int | None = None,
+        max_containers: int | None = None,
         memory_mb: int = 2048,
+        submit_at_end: bool = False,
         **kwargs: Any,
     ):
         if malformed not in ("error", "end"):
@@ -70,7 +86,8 @@ class SWEEnv(TextEnv):
         self.episode_timeout_s, self.command_timeout_s, self.output_chars = episode_timeout_s, command_timeout_s, output_chars
         self.token_budget, self.malformed, self.gold_similarity = token_budget, malformed, gold_similarity
         self.correct_reward, self.wrong_reward, self.test_timeout_s = correct_reward, wrong_reward, test_timeout_s
-        self.pool_settings = {"pool_size": pool_size, "max_containers": max_containers, "memory_mb": memory_mb}
+        self.pool_settings = {**pool_sizes(pool_size, max_containers), "memory_mb": memory_mb}
+        self.submit_at_end = submit_at_end
         self.container = self.shell = None
         self.instance: SWEInstance | None = None
 
@@ -94,9 +111,6 @@ class SWEEnv(TextEnv):
         if self.container is not None:
             self.container.release()
         self.container = self.shell = None
-
-    def sample_task(self) -> Task:
-        return self.tasks[int(self.np_random.integers(len(self.tasks)))]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         self._release()
@@ -141,6 +155,8 @@ class SWEEnv(TextEnv):
                 self._release()
                 return [{"role": "tool", "content": text}], self.wrong_reward, True, False, {**info, "reason": "malformed tool call"}
         last_turn = self.max_turns is not None and self.num_turns + 1 >= self.max_turns
+        if last_turn and self.submit_at_end:  # out of turns: the diff as it stands is graded
+            return self._submit()
         if last_turn:
             self._release()
             return [{"role": "tool", "content": text}], self.wrong_reward, False, False, {**info, "reason": "no submission within max_turns"}

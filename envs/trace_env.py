@@ -92,10 +92,10 @@ class TraceEnv(SingleTurnEnv):
         self.system_prompt = PROMPTS[mode]
         self._references: dict[str, dict[str, Any]] = {}  # the current task's traced result
 
-    def sample_task(self) -> Task:
+    def sample_task(self, rng) -> Task:
         if self.tasks is not None:
-            return self.tasks[int(self.np_random.integers(len(self.tasks)))]
-        source, function, args = generate_program(self.np_random, self.difficulty)
+            return super().sample_task(rng)
+        source, function, args = generate_program(rng, self.difficulty)
         return trace_task(source, function, args, level=self.difficulty)
 
     def reference(self, task: Task) -> dict[str, Any]:

@@ -5,6 +5,11 @@ starts one, `worker.run_groups.remote(seeds=[0, 1], group_size=4)` plays a group
 returns Trajectories as JSON strings, `worker.update_weights.remote(version, path)` reloads in
 flight (`tests/rollout_workers/test_actor.py` runs these on a real Ray actor).
 
+The engine starts on the first call, or at once with `worker.start_engine.remote()` (a job does
+that for every worker, `cwm_rl/loop/workers.py`): an engine that cannot start raises
+`EngineStartError` with vLLM's own reason, which `root_cause` finds in the error or, when vLLM
+only says "see root cause above", in what its engine processes wrote to the worker's log.
+
 Episodes are asyncio tasks in the actor's event loop; env calls never block it (local envs step
 in threads, remote envs over async HTTP). Trajectories travel as JSON strings, so the caller
 needs only the core types to read them. Ray is imported only by `rollout_worker_actor`.
@@ -14,12 +19,48 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from rollout_workers.agent_loop import run_group
 from rollout_workers.config import WorkerConfig
 from rollout_workers.engine import RolloutEngine
+
+# "SomeError: message", after the prefixes vLLM's logger and its engine processes put before a line.
+_ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ \S+ \[[^\]]*\]\s*)?"
+                         r"((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit): .+)$")
+
+
+class EngineStartError(RuntimeError):
+    """The worker's vLLM engine did not start; the message is the root cause, one line."""
+
+
+def root_cause(*texts: str) -> str | None:
+    """The last "SomeError: message" line in the texts, the first text first, skipping vLLM's wrappers
+    that only point at it ("See root cause above", "See stack trace (above) for the root cause");
+    None if there is none."""
+    for text in texts:
+        lines = [m.group(1).strip() for line in text.splitlines() if (m := _ERROR_LINE.match(line.strip()))]
+        lines = [line for line in lines if "root cause" not in line.lower()]
+        if lines:
+            return lines[-1]
+    return None
+
+
+def _log_files() -> list[Path]:
+    """The files this process's stderr and stdout go to (Ray points both at the worker's log files); where
+    vLLM's engine processes, which inherit them, write why they failed. [] when they are not files."""
+    files = []
+    for fd in (2, 1):
+        try:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+        if path.is_file():
+            files.append(path)
+    return files
 
 
 class RolloutWorker:
@@ -48,6 +89,23 @@ class RolloutWorker:
                 self.engine = RolloutEngine(self.config.engine)
         return self.engine
 
+    async def start_engine(self) -> int:
+        """Start the engine now, not on the first call, so a job learns at once (and once) that it cannot
+        start; the worker's pid on success, else EngineStartError with vLLM's reason (often only in the log)."""
+        logs = {path: path.stat().st_size for path in _log_files()}
+        try:
+            await self._engine()
+        except Exception as e:
+            written = []
+            for path, start in logs.items():  # what the engine processes wrote while starting, the last 64 KiB
+                with path.open("rb") as f:
+                    f.seek(max(start, path.stat().st_size - 2**16))
+                    written.append(f.read().decode(errors="replace"))
+            own = f"{type(e).__name__}: {e}"
+            cause = root_cause(*written, own) if "root cause" in own.lower() else root_cause(own)
+            raise EngineStartError(cause or own.splitlines()[0]) from e
+        return os.getpid()
+
     def _env_factory(self, env: dict[str, Any] | None):
         """A function making fresh envs: the config's env, or `env` ({id, kwargs, url, token}) for multi-task jobs."""
         c = self.config
@@ -66,16 +124,21 @@ class RolloutWorker:
                          tasks: list[dict[str, Any]] | None = None, sampling: dict[str, Any] | None = None) -> list[str]:
         """One group of `group_size` episodes per seed (or per task in `tasks`, reset with that exact
         task), all concurrently; Trajectories as JSON. `sampling` overrides fields of the config's
-        sampling (e.g. {"temperature": 0} for greedy evaluation)."""
+        sampling (e.g. {"temperature": 0} for greedy evaluation); `env` may carry its own `limits`
+        and `max_tokens` (a job mixing envs of different turn counts and token budgets)."""
         from cwm_rl.types import Task
+        from rollout_workers.config import EpisodeLimits
 
         engine = await self._engine()
         env_id, make_env = self._env_factory(env)
-        turn_sampling = self.config.sampling.model_copy(update=sampling or {})
+        env = env or {}
+        turn_sampling = self.config.sampling.model_copy(update={**({"max_tokens": env["max_tokens"]} if env.get("max_tokens") else {}),
+                                                                **(sampling or {})})
+        limits = EpisodeLimits.model_validate(env["limits"]) if env.get("limits") else self.config.limits
         jobs = [(seed, Task.model_validate(tasks[i]) if tasks else None) for i, seed in enumerate(seeds)]
         groups = await asyncio.gather(*(
             run_group(engine, make_env, env_id=env_id, group_size=group_size, sampling=turn_sampling,
-                      limits=self.config.limits, seed=seed, task=task, run_id=run_id)
+                      limits=limits, seed=seed, task=task, run_id=run_id)
             for seed, task in jobs
         ))
         return [t.model_dump_json() for group in groups for t in group]
@@ -91,9 +154,15 @@ class RolloutWorker:
         return os.getpid()
 
     def shutdown(self) -> None:
+        """Stop the engine and remove the containers this worker's envs made (Ray kills the process after, atexit never runs)."""
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        from envs.sandbox import close_shared_sandboxes
+        from envs.swe.containers import close_shared_pools
+
+        close_shared_pools()
+        close_shared_sandboxes()
 
 
 def rollout_worker_actor(num_cpus: float = 1):

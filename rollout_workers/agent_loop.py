@@ -98,8 +98,9 @@ async def run_episode(
         task_id = info.get("task_id", task_id)
         messages += observation
         tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+        max_total = min(limits.max_total_tokens or engine.config.max_model_len, engine.config.max_model_len)
         for index in range(limits.max_turns):
-            room = min(limits.max_total_tokens, engine.config.max_model_len) - len(tokens.ids)
+            room = max_total - len(tokens.ids)
             budget = min(sampling.max_tokens, room)
             if budget <= 0:
                 result["finish_reason"] = "max_tokens"
@@ -136,7 +137,7 @@ async def run_episode(
             delta = render_delta(tokenizer, messages, observation, add_generation_prompt=True, end_of_turn=end_of_turn)
             turn.observation_span = tokens.add_context(tokenizer.encode(delta, add_special_tokens=False))
             messages += observation
-            if len(tokens.ids) >= limits.max_total_tokens:
+            if len(tokens.ids) >= max_total:
                 result["finish_reason"] = "max_tokens"
                 break
     ids = ids or {}

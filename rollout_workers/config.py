@@ -45,7 +45,7 @@ class EpisodeLimits(_Config):
     """When the worker ends an episode that the env has not ended."""
 
     max_turns: int = Field(default=8, ge=1, description="Model turns per episode at most.")
-    max_total_tokens: int = Field(default=2048, ge=16, description="Prompt + all turns, in tokens (at most the engine's max_model_len).")
+    max_total_tokens: int | None = Field(default=None, ge=16, description="Prompt + all turns, in tokens; None = the engine's max_model_len (a job refuses more).")
     env_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one env reset or step.")
 
 

@@ -3,6 +3,7 @@
     cwm-rl sandbox exec [--backend bwrap|docker] [--timeout S] [--memory-mb M] [--file NAME=PATH] [--stdin FILE] -- CMD...
     cwm-rl sandbox build-root [--docker]     # the Debian root (and its Docker image), once per machine
     cwm-rl sandbox reap [--all]              # remove sandbox containers whose owner process is gone
+    cwm-rl sandbox reap --run RUN_DIR        # remove every container of one `cwm-rl train` run
 
 `exec` prints the ExecResult as JSON (exit code, stdout/stderr excerpts, limits hit, timing) and
 exits 0 whatever the program did: the JSON says how it ended.
@@ -77,8 +78,17 @@ def build_root(
 @sandbox_app.command("reap")
 def reap_containers(
     everything: Annotated[bool, typer.Option("--all", help="Remove every sandbox container, even live owners' ones.")] = False,
+    run: Annotated[Path | None, typer.Option("--run", help="Remove every container of the `cwm-rl train` run in this run dir (its SWE and sandbox containers).")] = None,
 ) -> None:
-    """Remove sandbox containers left by processes that are gone (crashes, kill -9)."""
+    """Remove sandbox containers left by processes that are gone (crashes, kill -9), or every one of a run."""
     from envs.sandbox.docker import reap
 
+    if run is not None:
+        from cwm_rl.loop.cleanup import run_label
+
+        if everything:
+            raise ValueError("--run and --all do not go together: --run removes one run's containers, --all every one")
+
+        typer.echo(json.dumps({"removed": reap(run_id=run_label(run))}))
+        return
     typer.echo(json.dumps({"removed": reap(everything=everything)}))

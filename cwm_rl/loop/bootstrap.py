@@ -14,18 +14,22 @@ from pathlib import Path
 from cwm_rl.config import JobConfig
 
 
-def bootstrap_model(config: JobConfig, run_dir: Path, say: Callable[[str], None]) -> Path:
-    """The model directory the job trains: model.path, or run_dir/model/{init,sft}."""
+def bootstrap_model(config: JobConfig, run_dir: Path, say: Callable[[str], None],
+                    check: Callable[[Path], None] = lambda model_dir: None) -> Path:
+    """The model directory the job trains: model.path, or run_dir/model/{init,sft}. `check(model_dir)` runs on
+    the model before any warm start (the engine preflight: a config it refuses fails before minutes of SFT)."""
     c = config.model
     if c.path is not None:
         if not (Path(c.path) / "config.json").is_file():
             raise FileNotFoundError(f"model.path {c.path} is not a Hugging Face model directory (no config.json)")
+        check(Path(c.path))
         return Path(c.path)
     from cwm_rl.models import init_model
 
     init_dir = run_dir / "model" / "init"
     if not (init_dir / "config.json").is_file():
         init_model(init_dir, preset=c.init_preset, arch=c.init_arch, seed=c.init_seed, force=True)
+    check(init_dir)  # the warm start keeps the architecture: what the engine takes is known now
     if c.sft.steps == 0:
         return init_dir
     sft_dir = run_dir / "model" / "sft"

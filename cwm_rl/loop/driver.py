@@ -13,6 +13,7 @@ module that owns it:
 | rollout workers: fill, collect, restarts, env-server replays, reload | `cwm_rl/loop/workers.py` |
 | store every trajectory (durable, queryable) | `cwm_rl/store.py` |
 | buffer of finished groups (step budget, backpressure) | `cwm_rl/loop/buffer.py` |
+| groups without a learning signal: warn, log, stop | `cwm_rl/loop/signal_watch.py` |
 | trainer step (filters, advantages, loss, AdamW) | `trainer/train.py` |
 | publish the new version as a HF checkpoint | `trainer/publish.py` |
 | held-out greedy eval | `cwm_rl/loop/evaluation.py` |
@@ -58,11 +59,15 @@ def train_loop(run: Run) -> None:
             if unavailable:
                 store.mark_dropped([t.trajectory_id for t in unavailable], "env_unavailable")
             buffer.add(good)
+            run.signal_watch.add(good)  # groups without a learning signal: warn, log, decide to stop
             run.counts.trajectories_stored += len(trajectories)
             run.counts.trajectories_dropped_other += len(unavailable)
             run.counts.generated_tokens += sum(t.num_generated_tokens for t in trajectories)
         if workers.lost is not None:
             run.stop_reason = "rollout_workers_lost"
+            break
+        if run.signal_watch.stop:
+            run.stop_reason = "no_learning_signal"
             break
         if not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) or (c.mode == "sync" and workers.pending):
             continue
@@ -108,16 +113,17 @@ def _count_step(run: Run, result: Any) -> None:
 
 
 def _loop_metrics(run: Run, batch: list) -> dict[str, Any]:
-    """What the loop knows about a step beyond the trainer: reward, buffer, throughput, wall time."""
+    """What the loop knows about a step beyond the trainer: reward, buffer, throughput, wall time, learning signal."""
     now = time.time()
     return {"reward_mean": sum(t.return_ for t in batch) / max(len(batch), 1), "buffer_groups": len(run.buffer),
             "in_flight_groups": run.workers.pending_groups(),
-            "tokens_per_s": run.counts.generated_tokens / max(now - run.rl_started, 1e-9), "wall_s": now - run.started}
+            "tokens_per_s": run.counts.generated_tokens / max(now - run.rl_started, 1e-9), "wall_s": now - run.started,
+            **run.signal_watch.metrics()}
 
 
 def finish(run: Run) -> dict[str, Any]:
     """Final eval, checkpoint, summary.json and the plot, once the loop has stopped (steps, max_minutes,
-    Ctrl-C or lost workers); an exception skips it, and only `Run.close` runs then."""
+    Ctrl-C, lost workers or no learning signal); an exception skips it, and only `Run.close` runs then."""
     run.sinks.set_status(f"finishing ({run.stop_reason})")
     history = run.sinks.eval_history
     evaluated = history and history[-1]["step"] == run.trainer.step_count
@@ -137,6 +143,7 @@ def finish(run: Run) -> dict[str, Any]:
         "wall_seconds": round(now - run.started, 1),
         "rl_seconds": round(now - (run.rl_started or now), 1),
         "eval_history": history,
+        "learning_signal": run.signal_watch.summary(),
         "model_dir": str(run.model_dir),
     }
     run.sinks.write_summary(summary)
@@ -165,6 +172,11 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
         if run.stop_reason == "rollout_workers_lost":
             raise RuntimeError(f"{run.workers.lost}. The run is checkpointed at step {summary['steps']}; once the cause is fixed, "
                                f"continue it with: cwm-rl train --resume {run.run_dir}")
+        if run.stop_reason == "no_learning_signal":
+            raise RuntimeError(f"{run.signal_watch.report()}\nThe run is checkpointed at step {summary['steps']}; once the cause "
+                               f"is fixed, continue it with: cwm-rl train --resume {run.run_dir} (what to try: an SFT warm start, "
+                               "model.sft.steps; easier tasks; a larger rollout.sampling.max_tokens; the answer format the env's "
+                               "prompt asks for)")
         return summary
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -3,7 +3,7 @@
     >>> specs = [EnvSpec(id="cwm_rl/Math-v0"), EnvSpec(id="cwm_rl/Echo-v0", url="http://127.0.0.1:9")]
     >>> endpoints = EnvEndpoints(specs, log_dir=Path("env_servers"), env_modules=[], say=print)
     >>> endpoints.payload(0)   # in-process: the worker makes the env itself
-    ({'id': 'cwm_rl/Math-v0', 'kwargs': {}, 'url': None, 'token': None}, None)
+    ({'id': 'cwm_rl/Math-v0', 'kwargs': {}, 'url': None, 'token': None, 'limits': None, 'max_tokens': None}, None)
     >>> env, url = endpoints.payload(1)
     >>> url
     'http://127.0.0.1:9'
@@ -26,6 +26,7 @@ stall the job's loop), and used again at the first `check()` after it answered.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -45,8 +46,11 @@ log = logging.getLogger(__name__)
 class LocalEnvServer:
     """One `cwm-rl env serve` process on 127.0.0.1, started and restarted by the job; output in `log_path`."""
 
-    def __init__(self, env_id: str, log_path: Path, env_modules: list[str] = (), token: str | None = None):
+    def __init__(self, env_id: str, log_path: Path, env_modules: list[str] = (), token: str | None = None,
+                 episodes_in_flight: int | None = None, step_timeout_s: float | None = None):
         self.env_id, self.log_path, self.env_modules, self.token = env_id, log_path, list(env_modules), token
+        self.episodes_in_flight = episodes_in_flight  # what its SWE container pool is sized for
+        self.step_timeout_s = step_timeout_s  # the worker's env deadline: the server's must not be shorter
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.restarts = -1  # the first start is not a restart
@@ -65,9 +69,14 @@ class LocalEnvServer:
                    "--env", self.env_id, *(a for m in self.env_modules for a in ("--import", m))]
             if self.token:
                 cmd += ["--token", self.token]
+            if self.step_timeout_s:
+                cmd += ["--step-timeout", str(self.step_timeout_s)]
+            if self.episodes_in_flight:  # the server's default of 256 live sessions must not turn the job's episodes away
+                cmd += ["--max-sessions", str(max(256, 2 * self.episodes_in_flight))]
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, **({"CWM_RL_EPISODES_IN_FLIGHT": str(self.episodes_in_flight)} if self.episodes_in_flight else {})}
             with self.log_path.open("a") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
             self.restarts += 1
             deadline = time.monotonic() + timeout_s
@@ -92,9 +101,12 @@ class LocalEnvServer:
 class EnvServers:
     """The env servers one env of the mix is played on, and which of them are up."""
 
-    def __init__(self, spec: EnvSpec, log_dir: Path, env_modules: list[str] = (), probe_every_s: float = 5.0):
+    def __init__(self, spec: EnvSpec, log_dir: Path, env_modules: list[str] = (), probe_every_s: float = 5.0,
+                 episodes_in_flight: int | None = None, step_timeout_s: float | None = None):
         self.probe_every_s = probe_every_s
-        self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.token)
+        share = -(-episodes_in_flight // spec.servers) if episodes_in_flight and spec.servers else None  # per server
+        self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.token, share,
+                                     step_timeout_s)
                       for i in range(spec.servers)]
         for server in self.local:
             server.start()
@@ -165,14 +177,18 @@ class EnvServers:
 class EnvEndpoints:
     """Every env of the mix and where it is played; envs with no servers play in the worker's process."""
 
-    def __init__(self, specs: list[EnvSpec], log_dir: Path, env_modules: list[str], say: Callable[[str], None]):
+    def __init__(self, specs: list[EnvSpec], log_dir: Path, env_modules: list[str], say: Callable[[str], None],
+                 episodes_in_flight: int | None = None, limits: list[Any] | None = None):
         self.specs = specs
+        self.limits = limits or [None] * len(specs)  # each env's EpisodeLimits (None: the workers' own)
         self.say = say
         self.servers: dict[int, EnvServers] = {}
         try:
             for i, spec in enumerate(specs):
                 if spec.servers or spec.endpoints:
-                    self.servers[i] = EnvServers(spec, log_dir, env_modules)
+                    timeout = self.limits[i].env_timeout_s if self.limits[i] is not None else None
+                    self.servers[i] = EnvServers(spec, log_dir, env_modules, episodes_in_flight=episodes_in_flight,
+                                                 step_timeout_s=timeout)
                     if spec.servers:
                         say(f"{spec.id}: {spec.servers} env server(s) started: {', '.join(self.servers[i].urls)}")
         except BaseException:
@@ -181,7 +197,7 @@ class EnvEndpoints:
         self.last_check = time.monotonic()
 
     def payload(self, env_index: int) -> tuple[dict[str, Any], str | None] | None:
-        """What a worker needs to make the env ({id, kwargs, url, token}) and the server's URL (None: in-process),
+        """What a worker needs to make and play the env ({id, kwargs, url, token, limits, max_tokens}) and the server's URL (None: in-process),
         or None while every env server of that env is down."""
         spec = self.specs[env_index]
         url = None
@@ -189,7 +205,8 @@ class EnvEndpoints:
             url = self.servers[env_index].pick()
             if url is None:
                 return None
-        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.token}, url
+        limits = self.limits[env_index].model_dump() if self.limits[env_index] is not None else None
+        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.token, "limits": limits, "max_tokens": spec.max_tokens}, url
 
     def mark_down(self, env_index: int, url: str | None, reason: str) -> None:
         if url is not None and env_index in self.servers:

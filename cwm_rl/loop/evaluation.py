@@ -62,7 +62,7 @@ def play_greedy(workers: RolloutWorkers, endpoints: EnvEndpoints, env_index: int
                 say: Callable[[str], None]) -> list[Trajectory]:
     """One greedy episode per task, the tasks split over the workers (see the module docstring)."""
     env_id = endpoints.specs[env_index].id
-    greedy = {"temperature": 0.0, "max_tokens": max_tokens}
+    greedy = {"temperature": 0.0, "max_tokens": endpoints.specs[env_index].max_tokens or max_tokens}
     played: list[Trajectory] = []
     for attempt in range(MAX_ENV_RETRIES + 1):
         asked = []

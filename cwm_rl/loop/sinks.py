@@ -86,6 +86,10 @@ class Sinks:
         self._write(entry, result.step)
         self.view.eval(result.step, result.accuracy, result.per_env)
 
+    def log_signal(self, metrics: dict[str, Any], step: int) -> None:
+        """The learning-signal watch's scalars between steps (a job without signal may make none), at trainer step `step`."""
+        self._write({"step": step, **metrics}, step)
+
     def _write(self, metrics: dict[str, Any], step: int) -> dict[str, float]:
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.metrics_file is not None:

@@ -10,6 +10,9 @@ worker mid-run.
 Why it is built this way:
 - A worker plays `groups_per_request` groups per call and has `requests_in_flight` calls
   outstanding, so its engine never waits for the driver.
+- Every engine is started before the job goes on (`start_engines`): one that cannot start (a
+  config vLLM refuses) stops the job at once with vLLM's reason and the key to change; it is not
+  retried, since a restart would fail the same way. Only a worker whose engine had started is.
 - A worker that dies is restarted by Ray (`max_restarts`); the calls it lost are asked again once
   it answers (calls made while it restarts fail at once), after it got the current weights. One
   that does not come back within `WORKER_RESTART_TIMEOUT_S` sets `lost`: the job stops checkpointed.
@@ -64,6 +67,18 @@ def start_ray(address: str | None, num_workers: int) -> bool:
     return True
 
 
+def engine_fix(reason: str, config: JobConfig, model_dir: Path) -> str:
+    """What to change when an engine did not start for `reason` (vLLM's error line)."""
+    engine = config.rollout.engine
+    if any(word in reason.lower() for word in ("memory", "kv cache", "cache blocks")):
+        return (f"raise rollout.engine.kv_cache_gib (now {engine.kv_cache_gib}) or lower rollout.engine.max_model_len "
+                f"(now {engine.max_model_len})")
+    keys = [k for k in ("max_model_len", "dtype", "max_num_seqs", *engine.extra_engine_args) if k in reason]
+    named = ", ".join(f"rollout.engine.{'extra_engine_args.' if k in engine.extra_engine_args else ''}{k}" for k in keys)
+    return (f"check {named}" if named else "check rollout.engine (max_model_len, dtype, kv_cache_gib, extra_engine_args)") + \
+        f" and the model at {model_dir}"
+
+
 @dataclass
 class Request:
     """One `run_groups` call in flight: which worker, which tasks of which env, on which env server."""
@@ -94,8 +109,12 @@ class RolloutWorkers:
         self.lost: str | None = None  # why a worker is gone for good (the job stops)
         self.groups_replayed = 0
         try:
-            worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS)
+            # The run's container label and SWE pool size reach workers on other nodes too (a local Ray inherits them).
+            job_env = {k: os.environ[k] for k in ("CWM_RL_RUN_ID", "CWM_RL_EPISODES_IN_FLIGHT") if k in os.environ}
+            worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS,
+                                                                    runtime_env={"env_vars": job_env})
             self.actors = [worker_class.remote(self.worker_config) for _ in range(config.rollout.num_workers)]
+            self.start_engines(model_dir)
             if self.published[0] > 0:  # resumed: the workers start from the base model, bring them up to date
                 self.reload(*self.published, wait=True)
         except BaseException:
@@ -240,6 +259,28 @@ class RolloutWorkers:
         self.reloads = []
 
     # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start_engines(self, model_dir: Path) -> None:
+        """Start every worker's engine now. One that fails stops the job in one line (the cause, the key to
+        change); every actor is killed without restart first, as a restarted one would fail the same way."""
+        import ray
+
+        from rollout_workers.actor import EngineStartError, root_cause
+
+        refs = [actor.start_engine.remote() for actor in self.actors]
+        for w, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except Exception as e:
+                for actor in self.actors:
+                    ray.kill(actor, no_restart=True)
+                cause = getattr(e, "cause", None)  # a RayTaskError carries the exception the actor raised
+                if isinstance(cause, EngineStartError):
+                    reason = str(cause)
+                else:  # the actor died (or never started): Ray's text is all there is
+                    reason = root_cause(str(e)) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RuntimeError(f"rollout worker {w} could not start its vLLM engine: {reason.rstrip('.')}; "
+                                   f"{engine_fix(reason, self.config, model_dir)}") from None
 
     @property
     def run_id(self) -> str:

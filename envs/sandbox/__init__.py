@@ -42,7 +42,7 @@ def check_backend(backend: str) -> str:
 def shared_sandbox(backend: str = "bwrap") -> Sandbox:
     """This process's sandbox of a backend, made on first use: envs are made per episode, and a Docker
     pool (or the root check) should not be. Limits are passed per run. Docker containers are labelled
-    with `$CWM_RL_RUN_ID` when it is set (`cwm-rl train` sets it to the run directory's name)."""
+    with `$CWM_RL_RUN_ID` when it is set (`cwm-rl train` sets it to its run label: the run dir's name and a hash of its path)."""
     import os
 
     with _shared_lock:

@@ -18,6 +18,24 @@ def test_quickstart_config_validates():
     assert config.model.sft.steps > 0 and config.model.path is None
 
 
+def test_every_shipped_config_validates_and_its_envs_offer_tasks():
+    """configs/*.yaml load, and each env of their mixes can be made and split into held-out and training tasks
+    without a reset (no Docker needed for the SWE config's split)."""
+    from cwm_rl.loop.tasks import job_tasks
+
+    configs = sorted(QUICKSTART.parent.glob("*.yaml"))
+    assert {p.name for p in configs} >= {"quickstart.yaml", "code_trace.yaml", "swe.yaml"}
+    for path in configs:
+        config = load_config(path)
+        mix = job_tasks(config.envs, config.seed, config.eval.num_tasks, config.model.sft.eval_share, {}, mix_seed=0)
+        for i, spec in enumerate(config.envs):
+            held = {t["id"] for t in mix.held_out[spec.id]}
+            assert held and not held & {t["id"] for _, t in mix.draw(8, i)}, (path.name, spec.id)
+        mix.close()
+    swe = load_config(QUICKSTART.with_name("swe.yaml")).envs[0]
+    assert swe.servers == 1 and swe.limits.max_turns > swe.kwargs["max_turns"]  # the env ends its episodes, not the worker
+
+
 def test_overrides_are_parsed_as_yaml_and_nested():
     config = load_config(QUICKSTART, ["trainer.optim.lr=3e-4", "run_dir=/tmp/x", "rollout.sampling.max_tokens=16",
                                       "envs=[{id: cwm_rl/Echo-v0, weight: 2}]"])

@@ -69,7 +69,7 @@ def test_state_is_json_and_close_is_idempotent():
 class SlowEnv(TextEnv):
     """Blocks in step like an env that runs a test suite."""
 
-    def sample_task(self) -> Task:
+    def sample_task(self, rng) -> Task:
         return Task(id="slow", prompt="wait")
 
     def respond(self, action):

@@ -64,7 +64,7 @@ class FlakyEnv(TextEnv):
         super().__init__(**kw)
         self.mode = mode
 
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="flaky", prompt="Say anything.")
 
     def respond(self, action):

@@ -44,7 +44,7 @@ from envs import SingleTurnEnv
 
 class LenientEnv(SingleTurnEnv):
     """Gives credit whenever the answer appears anywhere: hackable."""
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="t", prompt="What is 2 + 2?", answer="4")
     def score(self, task, action):
         return (1.0 if task.answer in action else -1.0), {}

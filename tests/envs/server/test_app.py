@@ -19,7 +19,7 @@ EVENTS: list[str] = []  # what SlowEnvs did, in order
 class CrashEnv(TextEnv):
     """Raises on its first step."""
 
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="crash", prompt="go")
 
     def respond(self, action):
@@ -37,7 +37,7 @@ class SlowEnv(TextEnv):
         super().__init__(**kw)
         self.delay_s = delay_s
 
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="slow", prompt="wait")
 
     def respond(self, action):
@@ -55,7 +55,7 @@ class SlowEnv(TextEnv):
 class NumpyEnv(TextEnv):
     """Returns numpy values in its reward and info, and a NaN reward for the action 'nan'."""
 
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="np", prompt="go")
 
     def respond(self, action):
@@ -304,7 +304,7 @@ def test_client_env_kwargs_policy(start_server):
 class BadDataEnv(TextEnv):
     """Returns an info dict JSON cannot encode, and a state() that raises."""
 
-    def sample_task(self):
+    def sample_task(self, rng):
         return Task(id="bad", prompt="go")
 
     def respond(self, action):

@@ -1,0 +1,197 @@
+"""`cwm-rl train` on every kind of env (real Ray, vLLM, trainer, store; real Docker for SWE): a user env with
+a verifier and no reference answers, Code + Trace + a multi-turn Echo in one mix (one of them on an env
+server named by URL), and multi-turn SWE on an env server the job starts, which leaves no container
+behind, also after kill -9 and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).with_name("cwm-rl"))
+QUICKSTART = str(Path(__file__).parents[3] / "configs" / "quickstart.yaml")
+# A random tiny model rarely scores: keep zero-advantage groups so the loop steps and publishes anyway.
+SMALL_JOB = ["rollout.group_size=2", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
+             "trainer.batch.step_tokens=16", "checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false",
+             "logging.tensorboard=false"]
+
+VERIFIER_ONLY_ENV = '''
+import gymnasium as gym
+from cwm_rl.types import Task
+from envs import SingleTurnEnv
+
+
+class Parity(SingleTurnEnv):
+    """Is n even? A verifier and a task generator, and no reference_action: the usual RL env."""
+
+    def sample_task(self, rng):
+        n = int(rng.integers(10_000))
+        return Task(id=f"parity-{n}", prompt=f"Is {n} even? Answer yes or no.", answer="yes" if n % 2 == 0 else "no")
+
+    def score(self, task, action):
+        return (1.0 if action.strip().lower().startswith(task.answer) else -1.0), {}
+
+
+gym.register(id="my_envs/Parity-v0", entry_point=Parity)
+'''
+
+
+def train(args: list[str], settings: list[str], cwd: Path | None = None, timeout: float = 600) -> tuple[int, str]:
+    done = subprocess.run([CLI, "train", *args, *(a for s in settings for a in ("--set", s))], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+    return done.returncode, done.stdout + done.stderr
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_user_env_with_a_verifier_and_no_reference_answers_trains(tiny_model, tmp_path):
+    (tmp_path / "my_envs.py").write_text(VERIFIER_ONLY_ENV)
+    run_dir = tmp_path / "run"
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=3", "eval.num_tasks=6", "eval.every_steps=0",
+                "envs=[{id: my_envs/Parity-v0}]", "env_modules=[my_envs]", *SMALL_JOB]
+    code, out = train([QUICKSTART], settings, cwd=tmp_path)
+    assert code == 0, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "steps" and summary["steps"] == 3 and summary["trajectories_trained"] > 0
+    assert [e["step"] for e in summary["eval_history"]] == [0, 3]
+    assert "eval_accuracy/my_envs/Parity-v0" in summary["eval_history"][-1]
+
+    from cwm_rl.store import RolloutStore
+
+    with RolloutStore(run_dir, create=False) as store:
+        evaluated = {r.task_id for r in store.query(status="eval", limit=None)}
+        trained = {r.task_id for r in store.query(status="trained", limit=None)}
+    assert len(evaluated) == 6 and trained and not evaluated & trained  # held-out tasks are never trained on
+
+    # A warm start is the one stage that needs reference answers; the error says so and how to go without.
+    code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "model.path=null", "model.sft.steps=5",
+                                     "envs=[{id: my_envs/Parity-v0}]", "env_modules=[my_envs]", *SMALL_JOB], cwd=tmp_path)
+    assert code != 0
+    assert "has no reference_action()" in out and "model.sft.steps=0" in out, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_mix_of_code_trace_and_multi_turn_echo_trains_with_per_env_limits(tiny_model, tmp_path, server):
+    """Code in-process, Trace on an env server named by URL, Echo (3 turns, its own limits) in-process."""
+    run_dir = tmp_path / "run"
+    envs = ("[{id: cwm_rl/Code-v0}, "
+            f"{{id: cwm_rl/Trace-v0, url: '{server.url}'}}, "
+            "{id: cwm_rl/Echo-v0, kwargs: {num_rounds: 3}, limits: {max_turns: 3, max_total_tokens: 256}, max_tokens: 4}]")
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=6", "eval.num_tasks=4", "eval.every_steps=0",
+                f"envs={envs}", *SMALL_JOB]
+    code, out = train([QUICKSTART], settings)
+    assert code == 0, out[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["trajectories_trained"] > 0
+    final = summary["eval_history"][-1]
+    for env_id in ("cwm_rl/Code-v0", "cwm_rl/Trace-v0", "cwm_rl/Echo-v0"):
+        assert f"eval_accuracy/{env_id}" in final, final
+
+    from cwm_rl.store import RolloutStore
+
+    with RolloutStore(run_dir, create=False) as store:
+        rows = store.query(limit=None)
+        by_env = {}
+        for r in rows:
+            by_env.setdefault(r.env_id, []).append(r)
+        assert set(by_env) == {"cwm_rl/Code-v0", "cwm_rl/Trace-v0", "cwm_rl/Echo-v0"}, set(by_env)
+        echo = [store.get(r.trajectory_id) for r in by_env["cwm_rl/Echo-v0"][:6]]
+        code_episodes = [store.get(r.trajectory_id) for r in by_env["cwm_rl/Code-v0"][:6]]
+    # Echo plays 3 turns of at most 4 tokens; Code plays one turn of at most 8 (rollout.sampling.max_tokens).
+    assert all(len(t.turns) == 3 for t in echo if t.finish_reason != "length"), [(len(t.turns), t.finish_reason) for t in echo]
+    assert max(t.turns[0].action_span.end - t.turns[0].action_span.start for t in echo) <= 4
+    assert all(len(t.turns) == 1 for t in code_episodes)
+    assert max(t.turns[0].action_span.end - t.turns[0].action_span.start for t in code_episodes) > 4
+
+
+def _run_containers(run_dir: Path) -> list[str]:
+    from cwm_rl.loop.cleanup import run_label
+
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=cwm-rl.run={run_label(run_dir)}"], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.docker
+@pytest.mark.timeout(1500)
+def test_multi_turn_swe_on_an_env_server_the_job_starts_leaves_no_container(tiny_model, tmp_path, docker_ready):
+    """configs/swe.yaml as shipped (a tiny model instead of one made by the job): kill -9 after a step, resume."""
+    run_dir = tmp_path / "run"
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "eval.every_steps=0", "checkpoint_every=1",
+                "logging.tensorboard=false"]
+    config = str(Path(QUICKSTART).with_name("swe.yaml"))
+    process = subprocess.Popen([CLI, "train", config, "--set", "steps=20", *(a for s in settings for a in ("--set", s))],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, deadline, seen = [], time.time() + 900, []
+    for line in process.stdout:
+        output.append(line)
+        if "step    2" in line:  # checkpoint_every=1: the step before this line is checkpointed; kill -9 mid-run
+            seen = _run_containers(run_dir)
+            process.kill()
+            break
+        assert time.time() < deadline, "".join(output[-40:])
+    process.wait(timeout=60)
+    text = "".join(output)
+    assert "step    2" in text, text[-4000:]
+    assert seen, "the job ran SWE episodes without any container labelled with its run"
+
+    # Resumed, the job removes what the killed start left, makes more steps and ends with no container of the run.
+    time.sleep(3)  # the killed driver's env server and workers die with it
+    code, out = train(["--resume", str(run_dir)], ["steps=3"], timeout=900)
+    assert code == 0, out[-4000:]
+    assert "container(s) an earlier start of this run left behind" in out, out[-4000:]  # the killed start's, at once
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stop_reason"] == "steps" and summary["steps"] == 3 and summary["trajectories_trained"] > 0
+    assert _run_containers(run_dir) == [], "containers of the run outlived it"
+
+    from cwm_rl.store import RolloutStore
+
+    with RolloutStore(run_dir, create=False) as store:
+        episodes = [store.get(r.trajectory_id) for r in store.query(status="trained", limit=20)]
+    assert episodes and all(t.env_id == "cwm_rl/SWE-v0" for t in episodes)
+    graded = [t for t in episodes if t.turns and "resolved" in t.turns[-1].info]
+    assert graded, [t.turns[-1].info for t in episodes]  # out of turns, the diff was graded in a fresh container
+    assert all(len(t.turns) <= 4 for t in episodes)  # the env's max_turns
+    assert any(len(t.turns) > 1 for t in episodes), [(len(t.turns), t.finish_reason) for t in episodes]
+
+
+@pytest.mark.docker
+def test_sandbox_reap_removes_a_runs_containers(tmp_path, docker_ready):
+    """`cwm-rl sandbox reap --run RUN_DIR` removes every container labelled with that run, and only those."""
+    from cwm_rl.loop.cleanup import run_label
+    from envs.sandbox.rootfs import docker_base_image
+
+    image = docker_base_image(log=print)
+    mine, other = run_label(tmp_path / "run"), run_label(tmp_path / "other" / "run")
+    assert mine != other  # same dir name, different runs
+    ids = [subprocess.run(["docker", "run", "-d", "--label", "cwm-rl.sandbox=1", "--label", f"cwm-rl.run={label}",
+                           "--network", "none", image, "sleep", "300"], capture_output=True, text=True, check=True).stdout.strip()
+           for label in (mine, mine, other)]
+    try:
+        done = subprocess.run([CLI, "sandbox", "reap", "--run", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"removed": 2}
+        left = subprocess.run(["docker", "ps", "-aq", "--no-trunc"], capture_output=True, text=True).stdout.split()
+        assert ids[2] in left and ids[0] not in left and ids[1] not in left
+    finally:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True)
