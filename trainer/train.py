@@ -39,19 +39,29 @@ log = logging.getLogger(__name__)
 
 def token_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprob of every token given the ones before it, [B, T] (position 0 gets 0), and optionally
-    the entropy of each predicting distribution, [B, T] (no grad). Logits are divided by the
-    sampling temperature so the numbers compare with vLLM's processed logprobs."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
-    logits = logits[:, :-1].float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)  # [B, T-1, V]
-    taken = log_probs.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # [B, T-1]
-    logprobs = torch.nn.functional.pad(taken, (1, 0))
+    """Logprob of every token given the ones before it, [B, T], and optionally the entropy of each
+    predicting distribution, [B, T] (no grad). Only tokens from the batch's first loss token on get
+    them (the rest are 0): the prompt before it needs no [T, vocab] logits, and for a long prompt
+    those are most of the step's time. Logits are divided by the sampling temperature so the numbers
+    compare with vLLM's processed logprobs."""
+    first = first_loss_position(batch.loss_mask)
+    keep = batch.input_ids.shape[1] - first + 1  # positions first-1 .. T-1 predict tokens first .. T (T: none)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float() / temperature  # [B, keep-1, V]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    taken = log_probs.gather(-1, batch.input_ids[:, first:, None]).squeeze(-1)  # [B, T-first]
+    logprobs = torch.nn.functional.pad(taken, (first, 0))
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (1, 0))
+            entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (first, 0))
     return logprobs, entropy
+
+
+def first_loss_position(loss_mask: torch.Tensor) -> int:
+    """The first column of a [B, T] mask with a loss token in any row (at least 1: token 0 has no logprob)."""
+    columns = loss_mask.any(dim=0).nonzero()
+    return max(int(columns[0]), 1) if len(columns) else 1
 
 
 def lr_multiplier(step: int, warmup_steps: int, schedule: str, total_steps: int, min_lr_ratio: float) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from cwm_rl.config import JobConfig
@@ -34,67 +35,98 @@ from cwm_rl.loop.sinks import Sinks
 
 
 def train_loop(run: Run) -> None:
-    """The RL loop: keep workers busy, collect, store, buffer, step, publish -> reload, log, eval, checkpoint."""
+    """The RL loop: keep workers busy, collect, store, buffer, step, publish -> reload, log, eval, checkpoint.
+    Async mode steps the trainer in a thread of its own, so finished calls are replaced while it trains."""
     c, store, buffer, trainer, workers = run.config, run.store, run.buffer, run.trainer, run.workers
     run.rl_started = time.time()
+    run.stop_reason = run.stop_reason or _limit_reached(run)
+    if run.stop_reason is None:
+        fill(run)  # the first groups are played while the initial eval runs (same weights)
     evaluate_and_log(run)
-    last_eval_step = trainer.step_count
-    while run.stop_reason is None:
-        if trainer.step_count >= c.steps:
-            run.stop_reason = "steps"
-        elif c.max_minutes is not None and time.time() - run.rl_started > 60 * c.max_minutes:
-            run.stop_reason = "max_minutes"
-        if run.stop_reason is not None:
-            break
-        run.endpoints.check()  # restart dead env servers, take back the ones answering again
-        # 1. Every worker busy, unless the buffer is full (backpressure); sync: one round, collected in full.
-        if c.mode == "async":
-            workers.fill(run.tasks, budget=c.buffer_groups - len(buffer) - workers.in_flight_groups())
-        else:
-            workers.fill(run.tasks, budget=c.rollout.groups_per_request * len(workers), one_round=True)
-        # 2. Finished groups: stored first (nothing is lost), then buffered; groups that met a dead env server are played again.
-        for request, trajectories in workers.collect(timeout=0.2):
-            store.add(trajectories)
-            good, unavailable = workers.requeue_unavailable(request, trajectories)
-            if unavailable:
-                store.mark_dropped([t.trajectory_id for t in unavailable], "env_unavailable")
-            buffer.add(good)
-            run.signal_watch.add(good)  # groups without a learning signal: warn, log, decide to stop
-            run.counts.trajectories_stored += len(trajectories)
-            run.counts.trajectories_dropped_other += len(unavailable)
-            run.counts.generated_tokens += sum(t.num_generated_tokens for t in trajectories)
-        if workers.lost is not None:
-            run.stop_reason = "rollout_workers_lost"
-            break
-        if run.signal_watch.stop:
-            run.stop_reason = "no_learning_signal"
-            break
-        if not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) or (c.mode == "sync" and workers.pending):
-            continue
-        # 3. One trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
-        batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
-        workers.wait_reloads()
-        step = trainer.step_count
-        result = trainer.step(batch)
-        store.mark_step(step, result.trained_ids, result.dropped_ids)
-        _count_step(run, result)
-        if result.skipped:
-            dropped = {k.removeprefix("dropped_"): v for k, v in result.metrics.items() if k.startswith("dropped_") and v}
-            run.sinks.say(f"step skipped: none of {len(batch)} trajectories had a learning signal (dropped: {dropped})")
-            continue
-        # 4. Publish the new version; every worker reloads it in flight (sync: before it gets new work).
-        published = time.perf_counter()
-        if trainer.step_count % c.publish.every_steps == 0:
-            version = trainer.policy_version
-            workers.reload(version, run.publisher.publish(version, trainer.model.state_dict()), wait=c.mode == "sync")
-        result.metrics["publish_s"] = time.perf_counter() - published
-        # 5. Log, evaluate, checkpoint on schedule.
-        run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
-        if c.eval.every_steps and trainer.step_count - last_eval_step >= c.eval.every_steps:
-            evaluate_and_log(run)
-            last_eval_step = trainer.step_count
-        if c.checkpoint_every and trainer.step_count % c.checkpoint_every == 0:
-            run.checkpoint()
+    run.last_eval_step = trainer.step_count
+    stepping: tuple[Future, list] | None = None  # (the trainer step running now, its batch)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer") as trainer_thread:
+        while run.stop_reason is None or stepping is not None:  # a step under way is always finished
+            run.endpoints.check()  # restart dead env servers, take back the ones answering again
+            if run.stop_reason is None:
+                fill(run)  # 1. every worker busy, unless the buffer is full (backpressure); sync: one round
+            # 2. Finished groups: stored first (nothing is lost), then buffered; groups that met a dead env server are played again.
+            for request, trajectories in workers.collect(timeout=0.2 if stepping is None else 0.05):
+                store.add(trajectories)
+                good, unavailable = workers.requeue_unavailable(request, trajectories)
+                if unavailable:
+                    store.mark_dropped([t.trajectory_id for t in unavailable], "env_unavailable")
+                buffer.add(good)
+                run.signal_watch.add(good)  # groups without a learning signal: warn, log, decide to stop
+                run.counts.trajectories_stored += len(trajectories)
+                run.counts.trajectories_dropped_other += len(unavailable)
+                run.counts.generated_tokens += sum(t.num_generated_tokens for t in trajectories)
+            if workers.lost is not None:
+                run.stop_reason = "rollout_workers_lost"
+            elif run.signal_watch.stop:
+                run.stop_reason = "no_learning_signal"
+            # 3. The step under way, once done: publish -> reload, log, eval, checkpoint (`after_step`).
+            if stepping is not None:
+                future, batch = stepping
+                if not future.done():
+                    continue
+                stepping = None
+                after_step(run, batch, future.result())
+            if run.stop_reason is None:
+                run.stop_reason = _limit_reached(run)  # steps or max_minutes
+            if run.stop_reason is not None or not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) \
+                    or (c.mode == "sync" and workers.pending):
+                continue
+            # 4. A trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
+            batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
+            workers.wait_reloads()
+            future = trainer_thread.submit(trainer.step, batch)
+            if c.mode == "sync":  # the next round is played with the new weights
+                after_step(run, batch, future.result())
+            else:
+                stepping = (future, batch)
+
+
+def fill(run: Run) -> None:
+    """Give the workers groups: async, up to `buffer_groups` buffered or in flight; sync, one round."""
+    c, workers = run.config, run.workers
+    if c.mode == "async":
+        workers.fill(run.tasks, budget=c.buffer_groups - len(run.buffer) - workers.in_flight_groups())
+    else:
+        workers.fill(run.tasks, budget=c.rollout.groups_per_request * len(workers), one_round=True)
+
+
+def after_step(run: Run, batch: list, result: Any) -> None:
+    """What follows a trainer step: record it, publish the new version (every worker reloads it in flight;
+    sync: before it gets new work), log, and evaluate and checkpoint on schedule."""
+    c, trainer, workers = run.config, run.trainer, run.workers
+    run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids)
+    _count_step(run, result)
+    if result.skipped:
+        dropped = {k.removeprefix("dropped_"): v for k, v in result.metrics.items() if k.startswith("dropped_") and v}
+        run.sinks.say(f"step skipped: none of {len(batch)} trajectories had a learning signal (dropped: {dropped})")
+        return
+    published = time.perf_counter()
+    if trainer.step_count % c.publish.every_steps == 0:
+        version = trainer.policy_version
+        workers.reload(version, run.publisher.publish(version, trainer.model.state_dict()), wait=c.mode == "sync")
+    result.metrics["publish_s"] = time.perf_counter() - published
+    run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
+    if c.eval.every_steps and trainer.step_count - run.last_eval_step >= c.eval.every_steps:
+        evaluate_and_log(run)
+        run.last_eval_step = trainer.step_count
+    if c.checkpoint_every and trainer.step_count % c.checkpoint_every == 0:
+        run.checkpoint()
+
+
+def _limit_reached(run: Run) -> str | None:
+    c = run.config
+    if run.trainer.step_count >= c.steps:
+        return "steps"
+    if c.max_minutes is not None and time.time() - run.rl_started > 60 * c.max_minutes:
+        return "max_minutes"
+    return None
+
 
 
 def evaluate_and_log(run: Run) -> None:

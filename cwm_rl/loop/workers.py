@@ -164,7 +164,9 @@ class RolloutWorkers:
         if not self.pending:
             time.sleep(min(timeout, 0.05))
             return
-        done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=timeout)
+        done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)  # back as soon as one is done
+        if done:
+            done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)  # and all that are
         for ref in done:
             request = self.pending.pop(ref)
             try:

@@ -89,6 +89,34 @@ def test_micro_batches_accumulate_to_the_same_step(tiny_model, sample_groups):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_logprobs_from_the_first_loss_token_match_the_full_forward(tiny_model):
+    """Logits are only computed from the batch's first loss token on; on every loss token the
+    logprob and entropy equal those of a forward over the whole sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.batching import Sample, collate
+    from trainer.train import token_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for prompt, completion in [(9, 5), (14, 3), (6, 8)]:  # different prompt lengths in one batch, right-padded
+        ids = torch.randint(3, 200, (prompt + completion,), generator=g).tolist()
+        rows.append(Sample(token_ids=ids, loss_mask=[0] * prompt + [1] * completion, behaviour_logprobs=[0.0] * len(ids)))
+    batch = collate(rows, pad_token_id=0)
+    with torch.no_grad():
+        logprobs, entropy = token_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float() / 0.7
+    full = torch.log_softmax(logits, -1)
+    expected = torch.nn.functional.pad(full.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1), (1, 0))
+    expected_entropy = torch.nn.functional.pad(-(full.exp() * full).sum(-1), (1, 0))
+    mask = batch.loss_mask.bool()
+    assert logprobs.shape == expected.shape and mask.sum() == 16
+    torch.testing.assert_close(logprobs[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], expected_entropy[mask], rtol=1e-5, atol=1e-5)
+    assert (logprobs[:, :6] == 0).all()  # before the first loss token (column 6): not computed
+
+
 def test_resume_reproduces_training_exactly(tiny_model, sample_groups, tmp_path):
     cfg = config(optim={"warmup_steps": 2, "schedule": "cosine", "total_steps": 4})
     seed_model = Trainer(cfg, tiny_model).model
