@@ -43,7 +43,6 @@ def train_loop(run: Run) -> None:
     if run.stop_reason is None:
         fill(run)  # the first groups are played while the initial eval runs (same weights)
     evaluate_and_log(run)
-    run.last_eval_step = trainer.step_count
     stepping: tuple[Future, list] | None = None  # (the trainer step running now, its batch)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer") as trainer_thread:
         while run.stop_reason is None or stepping is not None:  # a step under way is always finished
@@ -112,9 +111,9 @@ def after_step(run: Run, batch: list, result: Any) -> None:
         workers.reload(version, run.publisher.publish(version, trainer.model.state_dict()), wait=c.mode == "sync")
     result.metrics["publish_s"] = time.perf_counter() - published
     run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
-    if c.eval.every_steps and trainer.step_count - run.last_eval_step >= c.eval.every_steps:
+    last_eval_step = run.sinks.eval_history[-1]["step"]  # the loop evaluates before its first step
+    if c.eval.every_steps and trainer.step_count - last_eval_step >= c.eval.every_steps:
         evaluate_and_log(run)
-        run.last_eval_step = trainer.step_count
     if c.checkpoint_every and trainer.step_count % c.checkpoint_every == 0:
         run.checkpoint()
 
@@ -126,7 +125,6 @@ def _limit_reached(run: Run) -> str | None:
     if c.max_minutes is not None and time.time() - run.rl_started > 60 * c.max_minutes:
         return "max_minutes"
     return None
-
 
 
 def evaluate_and_log(run: Run) -> None:

@@ -45,7 +45,6 @@ class Run:
     sinks: Sinks
     started: float
     rl_started: float | None = None
-    last_eval_step: int = 0  # the trainer step of the latest held-out eval
     stop_reason: str | None = None
     model_dir: Path | None = None
     store: Any = None  # cwm_rl.store.RolloutStore

@@ -102,7 +102,7 @@ def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
     trainer = FakeTrainer()
     workers = trainer.workers = FakeWorkers(trainer)
     nothing = lambda *a, **k: None  # noqa: E731
-    run = Run(config, run_dir=Path("unused"), sinks=SimpleNamespace(say=nothing, log_step=nothing, set_status=nothing),
+    run = Run(config, run_dir=Path("unused"), sinks=SimpleNamespace(say=nothing, log_step=nothing, set_status=nothing, eval_history=[]),
               started=time.time())
     run.trainer, run.workers, run.buffer = trainer, workers, FakeBuffer()
     run.store = SimpleNamespace(add=nothing, mark_dropped=nothing, mark_step=nothing)
@@ -116,6 +116,7 @@ def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
 def no_eval(monkeypatch):
     def evaluate_and_log(run):
         run.workers.evaluated = True
+        run.sinks.eval_history.append({"step": run.trainer.step_count})
     monkeypatch.setattr(driver, "evaluate_and_log", evaluate_and_log)
 
 
