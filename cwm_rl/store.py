@@ -51,16 +51,17 @@ import sqlite3
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-from cwm_rl.types import FinishReason, Trajectory
+from cwm_rl.types import FinishReason, TrainingRecord, Trajectory
 
 STORE_FILE = "rollouts.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: trajectories only; 2: + training (what the trainer did with each trajectory)
 STATUSES = ("buffered", "trained", "dropped_stale", "dropped_other", "eval")
 FINISH_REASONS = get_args(FinishReason)
 
@@ -110,6 +111,15 @@ _SCHEMA = [
     "CREATE INDEX trajectories_step ON trajectories (step)",
     "CREATE INDEX trajectories_version ON trajectories (newest_version)",
     'CREATE INDEX trajectories_return ON trajectories ("return")',
+]
+# Version 2. Per-token arrays of the generated tokens, packed (see `_pack_training`): a few bytes a token.
+_SCHEMA_V2 = [
+    """CREATE TABLE training (
+        trajectory_id TEXT PRIMARY KEY REFERENCES trajectories (trajectory_id),
+        step INTEGER NOT NULL,
+        advantage REAL NOT NULL,
+        data BLOB NOT NULL                       -- zlib(float32 trainer logprobs, float32 IS weights, int8 clip flags)
+    )""",
 ]
 
 # `order=` keys: a leading "-" sorts descending; ties keep insertion order.
@@ -214,8 +224,10 @@ class RolloutStore:
     empty store). `durable=True` also survives power loss (see the module docstring).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, durable: bool = False, timeout_s: float = 30.0):
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True, durable: bool = False, timeout_s: float = 30.0,
+                 readonly: bool = False):
         given = Path(path)
+        create = create and not readonly
         self.path = given if given.suffix == ".sqlite" else given / STORE_FILE
         if not self.path.exists():
             if not create:
@@ -227,8 +239,11 @@ class RolloutStore:
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
         # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE ... COMMIT.
-        self._conn: sqlite3.Connection | None = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None,
-                                                                check_same_thread=False)
+        # readonly: a reader that can never write (the viewer, replay tools); it also never upgrades an older schema.
+        target = f"file:{self.path}?mode=ro" if readonly else self.path
+        self._conn: sqlite3.Connection | None = sqlite3.connect(target, timeout=timeout_s, isolation_level=None,
+                                                                check_same_thread=False, uri=readonly)
+        self.readonly = readonly
         try:
             self._open(durable)
         except sqlite3.DatabaseError as e:
@@ -245,6 +260,11 @@ class RolloutStore:
         if version > SCHEMA_VERSION:
             raise RolloutStoreError(f"{self.path} has schema version {version}, but this cwm-rl reads versions up to "
                                    f"{SCHEMA_VERSION}; upgrade cwm-rl to read it")
+        self.schema_version = version
+        if self.readonly:
+            if version == 0:
+                raise RolloutStoreError(f"{self.path} is not a rollout store (no schema); is it the run directory of a training job?")
+            return
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RolloutStoreError(f"{self.path}: SQLite could not switch to WAL mode (got {mode!r}); "
@@ -255,9 +275,16 @@ class RolloutStore:
                 if c.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have just created it
                     if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                         raise RolloutStoreError(f"{self.path} is an SQLite file but not a rollout store; pick another path")
-                    for statement in _SCHEMA:
+                    for statement in _SCHEMA + _SCHEMA_V2:
                         c.execute(statement)
                     c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version == 1:  # a store from before training records: add their table (old rows simply have none)
+            with self._write() as c:
+                if c.execute("PRAGMA user_version").fetchone()[0] == 1:
+                    for statement in _SCHEMA_V2:
+                        c.execute(statement)
+                    c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.schema_version = SCHEMA_VERSION
 
     # --- writing ---
 
@@ -311,11 +338,24 @@ class RolloutStore:
         any other reason (`gibberish`, `zero_advantage`, ...) `dropped_other`; the reason is kept."""
         self._mark(ids, "dropped_stale" if reason == "stale" else "dropped_other", step, reason)
 
-    def mark_step(self, step: int, trained_ids: Iterable[str], dropped_ids: dict[str, list[str]]) -> None:
-        """What trainer step `step` did with its batch: trained on some, dropped the others by reason."""
+    def mark_step(self, step: int, trained_ids: Iterable[str], dropped_ids: dict[str, list[str]],
+                  records: Iterable[TrainingRecord] = ()) -> None:
+        """What trainer step `step` did with its batch: trained on some (with their training `records`:
+        advantage, trainer logprobs, IS weights, clip flags), dropped the others by reason."""
         self.mark_trained(trained_ids, step)
         for reason, ids in dropped_ids.items():
             self.mark_dropped(ids, reason, step)
+        self.add_training_records(records)
+
+    def add_training_records(self, records: Iterable[TrainingRecord]) -> int:
+        """Keep what the trainer did with trajectories (one record per trajectory; a second one for the same
+        trajectory replaces the first: a resumed run trains again what it trained after its checkpoint)."""
+        rows = [(r.trajectory_id, r.step, r.advantage, _pack_training(r)) for r in records]
+        if not rows:
+            return 0
+        with self._write() as conn:
+            conn.executemany("INSERT OR REPLACE INTO training (trajectory_id, step, advantage, data) VALUES (?, ?, ?, ?)", rows)
+        return len(rows)
 
     def _mark(self, ids: Iterable[str], status: str, step: int | None, reason: str | None) -> None:
         ids = list(dict.fromkeys(ids))
@@ -338,6 +378,7 @@ class RolloutStore:
         """Back to the buffer: trajectories trained or dropped after trainer step `step` (a resumed run's
         checkpoint), so it trains on them again. Returns how many went back."""
         with self._write() as conn:
+            conn.execute("DELETE FROM training WHERE step > ?", (step,))
             return conn.execute("UPDATE trajectories SET status = 'buffered', step = NULL, drop_reason = NULL "
                                 "WHERE status IN ('trained', 'dropped_stale', 'dropped_other') AND step > ?", (step,)).rowcount
 
@@ -349,6 +390,16 @@ class RolloutStore:
             blobs = self._connection().execute("SELECT data FROM trajectories WHERE status = 'buffered' ORDER BY seq LIMIT ?",
                                                (-1 if limit is None else limit,)).fetchall()
         return [_decode(b) for (b,) in blobs]
+
+    def training(self, trajectory_id: str) -> TrainingRecord | None:
+        """What the trainer did with this trajectory (an exact id), or None: not trained (yet), or stored
+        before cwm-rl kept training records (schema version 1)."""
+        if self.schema_version < 2:
+            return None
+        with self._lock:
+            row = self._connection().execute("SELECT trajectory_id, step, advantage, data FROM training WHERE trajectory_id = ?",
+                                             (trajectory_id,)).fetchone()
+        return None if row is None else _unpack_training(*row)
 
     def get(self, id_or_prefix: str) -> Trajectory:
         """The full Trajectory with this id, or with the one id that starts with this prefix (like git)."""
@@ -475,6 +526,26 @@ def _encode(t: Trajectory, status: str, stored_at: float) -> tuple:
 
 def _decode(blob: bytes) -> Trajectory:
     return Trajectory.model_validate_json(zlib.decompress(blob))
+
+
+decode_trajectory = _decode  # for readers with their own SQL over the `data` column (the viewer)
+
+
+def _pack_training(r: TrainingRecord) -> bytes:
+    """zlib of three arrays over the generated tokens: float32 trainer logprobs, float32 IS weights, int8 clip flags."""
+    return zlib.compress(array("f", r.trainer_logprobs).tobytes() + array("f", r.is_weights).tobytes()
+                         + array("b", r.clipped).tobytes(), 1)
+
+
+def _unpack_training(trajectory_id: str, step: int, advantage: float, blob: bytes) -> TrainingRecord:
+    raw = zlib.decompress(blob)
+    n = len(raw) // 9  # 4 + 4 + 1 bytes a token
+    logprobs, weights, clipped = array("f"), array("f"), array("b")
+    logprobs.frombytes(raw[:4 * n])
+    weights.frombytes(raw[4 * n:8 * n])
+    clipped.frombytes(raw[8 * n:])
+    return TrainingRecord(trajectory_id=trajectory_id, step=step, advantage=advantage, trainer_logprobs=logprobs.tolist(),
+                          is_weights=weights.tolist(), clipped=clipped.tolist())
 
 
 def _write_parquet(rows: Iterator[tuple[RolloutRow, bytes]], out: Path, batch_size: int) -> int:

@@ -50,6 +50,10 @@ def pool_sizes(pool_size: int | None, max_containers: int | None) -> dict[str, i
 
 
 class SWEEnv(TextEnv):
+    # What `cwm-rl rollouts replay` may find different in a faithful replay (field -> why).
+    replay_may_differ = {"reset.info.session_id": "every episode gets a container session of its own",
+                         "info.test_log_tail": "pytest's report ends with its own run time"}
+
     def __init__(
         self,
         tasks_path: str | Path | None = None,

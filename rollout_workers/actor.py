@@ -107,7 +107,8 @@ class RolloutWorker:
         return os.getpid()
 
     def _env_factory(self, env: dict[str, Any] | None):
-        """A function making fresh envs: the config's env, or `env` ({id, kwargs, url, token}) for multi-task jobs."""
+        """(env id, its kwargs, a function making fresh envs): the config's env, or `env` ({id, kwargs, url, token})
+        for multi-task jobs."""
         c = self.config
         env_id, kwargs, url, token = c.env_id, c.env_kwargs, c.env_url, c.env_token
         if env is not None:
@@ -115,10 +116,10 @@ class RolloutWorker:
         if url:
             from envs.server.client import RemoteEnv
 
-            return env_id, lambda: RemoteEnv(url, env_id, token=token, env_kwargs=kwargs)
+            return env_id, kwargs, lambda: RemoteEnv(url, env_id, token=token, env_kwargs=kwargs)
         from envs import make_env
 
-        return env_id, lambda: make_env(env_id, **kwargs)
+        return env_id, kwargs, lambda: make_env(env_id, **kwargs)
 
     async def run_groups(self, seeds: list[int], group_size: int = 1, run_id: str = "", *, env: dict[str, Any] | None = None,
                          tasks: list[dict[str, Any]] | None = None, sampling: dict[str, Any] | None = None) -> list[str]:
@@ -130,7 +131,7 @@ class RolloutWorker:
         from rollout_workers.config import EpisodeLimits
 
         engine = await self._engine()
-        env_id, make_env = self._env_factory(env)
+        env_id, env_kwargs, make_env = self._env_factory(env)
         env = env or {}
         turn_sampling = self.config.sampling.model_copy(update={**({"max_tokens": env["max_tokens"]} if env.get("max_tokens") else {}),
                                                                 **(sampling or {})})
@@ -138,7 +139,7 @@ class RolloutWorker:
         jobs = [(seed, Task.model_validate(tasks[i]) if tasks else None) for i, seed in enumerate(seeds)]
         groups = await asyncio.gather(*(
             run_group(engine, make_env, env_id=env_id, group_size=group_size, sampling=turn_sampling,
-                      limits=limits, seed=seed, task=task, run_id=run_id)
+                      limits=limits, seed=seed, task=task, run_id=run_id, env_kwargs=env_kwargs)
             for seed, task in jobs
         ))
         return [t.model_dump_json() for group in groups for t in group]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
@@ -52,6 +53,37 @@ class _Tokens:
         return Span(start=start, end=len(self.ids))
 
 
+@dataclass
+class EpisodePrefix:
+    """The first `num_turns` turns of a recorded episode, to go on from: its tokens up to where turn
+    `num_turns` was generated (everything the model had seen then), those turns and the transcript."""
+
+    trajectory: Trajectory
+    num_turns: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.num_turns < len(self.trajectory.turns):
+            raise ValueError(f"turn {self.num_turns} is not a turn of trajectory {self.trajectory.trajectory_id}, which has "
+                             f"{len(self.trajectory.turns)} (turns are numbered from 0)")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.trajectory.turns[self.num_turns].action_span.start
+
+    def copy_into(self, tokens: _Tokens, turns: list[Turn], messages: list[dict[str, str]]) -> None:
+        t, n = self.trajectory, self.num_tokens
+        tokens.ids, tokens.mask = list(t.token_ids[:n]), list(t.loss_mask[:n])
+        tokens.logprobs, tokens.versions = list(t.logprobs[:n]), list(t.policy_versions[:n])
+        turns += [turn.model_copy(deep=True) for turn in t.turns[:self.num_turns]]
+        actions = 0
+        for m in t.messages:  # the transcript up to the point where the model wrote turn `num_turns`
+            if m.role == "assistant":
+                if actions == self.num_turns:
+                    break
+                actions += 1
+            messages.append(m.model_dump())
+
+
 @functools.lru_cache(maxsize=8)
 def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
     """The token a model ends its turn with, as text and ids (found once per tokenizer, not per episode)."""
@@ -70,8 +102,15 @@ async def run_episode(
     seed: int | None = None,
     tokenizer: Any = None,
     ids: dict[str, Any] | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    prefix: EpisodePrefix | None = None,
 ) -> Trajectory:
-    """Play one episode of `env` (a TextEnv or RemoteEnv: anything with `areset`/`astep`)."""
+    """Play one episode of `env` (a TextEnv or RemoteEnv: anything with `areset`/`astep`). The Trajectory
+    keeps `task`, `seed` and `env_kwargs` (the env's constructor arguments), so a replay can rebuild it.
+
+    With `prefix` the episode goes on from a recorded one's first turns (`cwm-rl rollouts branch`): `env` must
+    already be at that point (reset and stepped with those turns' actions); generation starts from the exact
+    recorded tokens."""
     tokenizer = tokenizer or engine.tokenizer
     end_of_turn, end_of_turn_ids = _end_of_turn(tokenizer)
     tokens = _Tokens()
@@ -91,15 +130,22 @@ async def run_episode(
             result.update(finish_reason="env_error", error=f"env {what} raised {type(e).__name__}: {e}")
         return None
 
-    reset = await env_call(env.areset(seed=seed, options={"task": task} if task is not None else None), "reset")
     task_id = task.id if task else ""
-    if reset is not None:
-        observation, info = reset
-        task_id = info.get("task_id", task_id)
-        messages += observation
-        tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+    started = True  # False: the reset failed, the episode ends at once
+    if prefix is None:
+        reset = await env_call(env.areset(seed=seed, options={"task": task} if task is not None else None), "reset")
+        started = reset is not None
+        if started:
+            observation, info = reset
+            task_id = info.get("task_id", task_id)
+            messages += observation
+            tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+    else:
+        task_id = prefix.trajectory.task_id
+        prefix.copy_into(tokens, turns, messages)
+    if started:
         max_total = min(limits.max_total_tokens or engine.config.max_model_len, engine.config.max_model_len)
-        for index in range(limits.max_turns):
+        for index in range(len(turns), limits.max_turns):
             room = max_total - len(tokens.ids)
             budget = min(sampling.max_tokens, room)
             if budget <= 0:
@@ -145,7 +191,7 @@ async def run_episode(
         task_id=task_id, env_id=env_id, token_ids=tokens.ids, loss_mask=tokens.mask, logprobs=tokens.logprobs,
         policy_versions=tokens.versions, turns=turns, messages=[Message.model_validate(m) for m in messages],
         reward_details=info if turns else {}, created_at=time.time(), **{"return": sum(t.reward for t in turns)},
-        **result, **ids,
+        task=task, seed=seed, env_kwargs=env_kwargs or {}, **result, **ids,
     )
 
 
@@ -160,6 +206,7 @@ async def run_group(
     task: Task | None = None,
     seed: int | None = None,
     run_id: str = "",
+    env_kwargs: dict[str, Any] | None = None,
 ) -> list[Trajectory]:
     """`group_size` episodes of one task, run concurrently (a GRPO group).
 
@@ -172,7 +219,7 @@ async def run_group(
     try:
         return list(await asyncio.gather(*(
             run_episode(engine, env, env_id=env_id, sampling=sampling, limits=limits, task=task, seed=seed,
-                        ids={"group_id": group_id, "sample_index": i, "run_id": run_id})
+                        ids={"group_id": group_id, "sample_index": i, "run_id": run_id}, env_kwargs=env_kwargs)
             for i, env in enumerate(envs)
         )))
     finally:

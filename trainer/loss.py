@@ -99,22 +99,10 @@ def policy_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, d
     """
     mask = inputs.loss_mask.float()
     logprobs = inputs.logprobs
-    old = logprobs.detach() if config.ratio_against == "trainer" else inputs.behaviour_logprobs
-    log_ratio = (logprobs - old).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-    if config.ratio_level == "sequence":
-        num_tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
-        sequence_log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / num_tokens
-        log_ratio = sequence_log_ratio.detach() + logprobs - logprobs.detach()  # value: sequence's; grad: token's
-    ratio = torch.exp(log_ratio)
+    ratio, is_weight = ratios(inputs, config)
     advantages = inputs.advantages
     clipped = ratio.clamp(1 - config.clip_eps_low, 1 + config.clip_eps_high)
-    per_token = -torch.minimum(ratio * advantages, clipped * advantages)
-
-    is_weight = torch.ones_like(mask)
-    if config.ratio_against == "trainer" and config.tis_cap is not None:
-        behaviour_log_ratio = (logprobs.detach() - inputs.behaviour_logprobs).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
-        is_weight = torch.exp(behaviour_log_ratio).clamp(max=config.tis_cap)
-        per_token = per_token * is_weight
+    per_token = -torch.minimum(ratio * advantages, clipped * advantages) * is_weight
 
     kl = torch.zeros_like(mask)
     if config.kl_coef > 0:
@@ -127,10 +115,11 @@ def policy_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, d
     loss = (inputs.weights * per_token * mask).sum()
     with torch.no_grad():
         on = mask > 0
+        flags = clip_flags(ratio, advantages, mask, config)
         metrics = {
             "tokens": mask.sum(),
-            "clipped_low": ((ratio < 1 - config.clip_eps_low) & (advantages < 0) & on).float().sum(),
-            "clipped_high": ((ratio > 1 + config.clip_eps_high) & (advantages > 0) & on).float().sum(),
+            "clipped_low": (flags < 0).float().sum(),
+            "clipped_high": (flags > 0).float().sum(),
             "ratio_sum": (ratio * mask).sum(),
             "ratio_max": (ratio * mask).max() if on.any() else torch.zeros(()),
             "is_weight_sum": (is_weight * mask).sum(),
@@ -138,6 +127,33 @@ def policy_loss(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, d
             "kl_sum": (kl * mask).sum(),
         }
     return loss, metrics
+
+
+def ratios(inputs: LossInputs, config: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy ratio pi / pi_old (with the gradient of `inputs.logprobs`) and the truncated importance
+    weight (no gradient; 1 where TIS is off), both [B, T]. See `policy_loss` for what pi_old is."""
+    logprobs = inputs.logprobs
+    mask = inputs.loss_mask.float()
+    old = logprobs.detach() if config.ratio_against == "trainer" else inputs.behaviour_logprobs
+    log_ratio = (logprobs - old).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+    if config.ratio_level == "sequence":
+        num_tokens = mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+        sequence_log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / num_tokens
+        log_ratio = sequence_log_ratio.detach() + logprobs - logprobs.detach()  # value: sequence's; grad: token's
+    is_weight = torch.ones_like(mask)
+    if config.ratio_against == "trainer" and config.tis_cap is not None:
+        behaviour_log_ratio = (logprobs.detach() - inputs.behaviour_logprobs).clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
+        is_weight = torch.exp(behaviour_log_ratio).clamp(max=config.tis_cap)
+    return torch.exp(log_ratio), is_weight
+
+
+def clip_flags(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """Per token, [B, T]: -1 where clipping removed the gradient of a negative-advantage token (ratio below
+    1 - eps_low), 1 for a positive one (ratio above 1 + eps_high), 0 elsewhere and on mask-0 tokens."""
+    on = mask > 0
+    low = (ratio < 1 - config.clip_eps_low) & (advantages < 0) & on
+    high = (ratio > 1 + config.clip_eps_high) & (advantages > 0) & on
+    return high.to(torch.int8) - low.to(torch.int8)
 
 
 def sft_loss(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

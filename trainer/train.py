@@ -15,6 +15,7 @@ and give every rank the SAME trajectories; each trains on its share of the group
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -28,11 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cwm_rl.types import Trajectory
+from cwm_rl.types import TrainingRecord, Trajectory
 from trainer.batching import MicroBatch, Sample, collate, pack, prepare_samples, shard_by_group
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import TrainerConfig
-from trainer.loss import LossInputs, policy_loss, sft_loss, token_weights
+from trainer.config import LossConfig, TrainerConfig
+from trainer.loss import LossInputs, clip_flags, policy_loss, ratios, sft_loss, token_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class StepResult:
     metrics: dict[str, Any]
     trained_ids: list[str] = field(default_factory=list)  # trajectories whose tokens were trained on
     dropped_ids: dict[str, list[str]] = field(default_factory=dict)  # reason (stale, gibberish, ...) -> ids
+    records: list[TrainingRecord] = field(default_factory=list)  # per trained trajectory (this rank's share): for the store
 
     @property
     def skipped(self) -> bool:
@@ -153,7 +155,7 @@ class Trainer:
 
         totals: dict[str, float] = {}
         loss_total = 0.0
-        for batch, last in self._micro_batches(samples):
+        for batch, rows, last in self._micro_batches(samples):
             with self._sync(last), self._autocast():
                 logprobs, entropy = token_logprobs(self.wrapped, batch, cfg.loss.temperature, with_entropy=True)
                 ref_logprobs = None
@@ -166,6 +168,7 @@ class Trainer:
                 # DDP averages gradients over ranks; the weights already divide by the whole step's counts.
                 (loss * self.world_size).backward()
             loss_total += loss.item()
+            result.records += training_records(rows, inputs, cfg.loss, step=self.step_count)
             batch_metrics.update(_health_sums(logprobs.detach(), batch, entropy))
             for k, v in batch_metrics.items():
                 totals[k] = max(totals.get(k, 0.0), float(v)) if k == "ratio_max" else totals.get(k, 0.0) + float(v)
@@ -186,7 +189,7 @@ class Trainer:
         mine = samples[self.rank::self.world_size]
         num_tokens = sum(s.num_loss_tokens for s in samples)
         loss_total = 0.0
-        for batch, last in self._micro_batches(mine):
+        for batch, _, last in self._micro_batches(mine):
             with self._sync(last), self._autocast():
                 logprobs, _ = token_logprobs(self.wrapped, batch)
                 weights = token_weights(batch.loss_mask, "token_mean", num_sequences=len(samples), num_tokens=num_tokens,
@@ -203,14 +206,14 @@ class Trainer:
     # -- pieces of a step ----------------------------------------------------------------------------
 
     def _micro_batches(self, samples: Sequence[Sample]):
-        """(micro-batch, is_last) pairs. A rank with nothing to do runs one zero-weight batch so that
+        """(micro-batch, its samples, is_last). A rank with nothing to do runs one zero-weight batch so that
         every rank joins the gradient all-reduce."""
         rows = pack(samples, self.config.batch.micro_batch_tokens)
         if not rows:
             dummy = Sample(token_ids=[self.pad_token_id, self.pad_token_id], loss_mask=[0, 0], behaviour_logprobs=[0.0, 0.0])
             rows = [[dummy]]
         for i, r in enumerate(rows):
-            yield collate(r, self.pad_token_id).to(self.device), i == len(rows) - 1
+            yield collate(r, self.pad_token_id).to(self.device), r, i == len(rows) - 1
 
     def _sync(self, last: bool):
         """DDP all-reduces gradients only on a rank's last micro-batch."""
@@ -287,6 +290,25 @@ class Trainer:
 
 
 # -- metrics helpers --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def training_records(rows: Sequence[Sample], inputs: LossInputs, config: LossConfig, *, step: int) -> list[TrainingRecord]:
+    """What the step did with each row of a micro-batch, for the rollout store: the trainer's logprob, the IS
+    weight and the clip flag of every generated token (the row's mask-1 positions), and the advantage."""
+    detached = dataclasses.replace(inputs, logprobs=inputs.logprobs.detach())
+    ratio, is_weight = ratios(detached, config)
+    flags = clip_flags(ratio, inputs.advantages, inputs.loss_mask, config)
+    records = []
+    for i, sample in enumerate(rows):
+        if not sample.trajectory_id:
+            continue  # the zero-weight stand-in batch
+        positions = torch.tensor([p for p, m in enumerate(sample.loss_mask) if m], dtype=torch.long)
+        records.append(TrainingRecord(trajectory_id=sample.trajectory_id, step=step, advantage=sample.advantage,
+                                      trainer_logprobs=detached.logprobs[i, positions].float().cpu().tolist(),
+                                      is_weights=is_weight[i, positions].float().cpu().tolist(),
+                                      clipped=flags[i, positions].cpu().tolist()))
+    return records
+
 
 def _health_sums(logprobs: torch.Tensor, batch: MicroBatch, entropy: torch.Tensor | None) -> dict[str, float]:
     """Sums over loss tokens of the mismatch KL estimators and the entropy (no grad)."""

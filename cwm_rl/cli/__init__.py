@@ -4,6 +4,7 @@
 - `env list|check|serve|play` (`env.py`): define, check, serve and play environments
 - `model init|check-template|sft|play` (`model.py`): tiny models, templates, warm starts, a frozen model playing an env
 - `rollouts list|show|stats|export` (`rollouts.py`): look into a run's rollout store
+- `rollouts replay|rescore|branch` (`replay.py`): debug stored rollouts against a live env and a model
 - `sandbox exec|build-root|reap` (`sandbox.py`), `swe build-base|build|validate` (`swe.py`), `trace` (`trace.py`)
 - `doctor` (`doctor.py`): what is installed and how to get what is missing
 
@@ -23,6 +24,7 @@ from rich.markup import escape
 from cwm_rl.cli.doctor import doctor
 from cwm_rl.cli.env import env_app
 from cwm_rl.cli.model import model_app
+from cwm_rl.cli.replay import branch, replay, rescore
 from cwm_rl.cli.rollouts import rollouts_app
 from cwm_rl.cli.sandbox import sandbox_app
 from cwm_rl.cli.swe import swe_app
@@ -35,6 +37,9 @@ app.command("train")(train)
 app.add_typer(env_app, name="env")
 app.add_typer(model_app, name="model")
 app.add_typer(rollouts_app, name="rollouts")
+rollouts_app.command("replay")(replay)
+rollouts_app.command("rescore")(rescore)
+rollouts_app.command("branch")(branch)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(swe_app, name="swe")
 app.command("trace")(trace)

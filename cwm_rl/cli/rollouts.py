@@ -6,7 +6,7 @@
     cwm-rl rollouts stats RUN_DIR [filters]
     cwm-rl rollouts export RUN_DIR --parquet [--out FILE] [filters]
 
-Nothing here writes to the store. Bad input (no such run directory, no store in it, an unknown
+`rollouts replay|rescore|branch` live in `replay.py`. Nothing here writes to the store. Bad input (no such run directory, no store in it, an unknown
 or ambiguous id) raises the error `cwm_rl.cli.main` turns into one line and exit code 2.
 """
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from cwm_rl.store import RolloutRow, RolloutStore
-    from cwm_rl.types import Message, Trajectory
+    from cwm_rl.types import Message, TrainingRecord, Trajectory
 
 rollouts_app = typer.Typer(help="List, show and export the rollouts a run stored.", no_args_is_help=True)
 
@@ -42,19 +42,19 @@ VersionOpt = Annotated[int | None, typer.Option("--version", help="Has tokens ge
 FinishOpt = Annotated[str | None, typer.Option("--finish-reason", help="terminated, truncated, max_turns, max_tokens, env_error, env_unavailable, timeout or aborted.")]
 
 
-def _filters(env: str | None, task: str | None, status: list[str], min_return: float | None, max_return: float | None,
+def filters_of(env: str | None, task: str | None, status: list[str], min_return: float | None, max_return: float | None,
              step: int | None, version: int | None, finish_reason: str | None) -> dict[str, Any]:
     return {"env": env, "task": task, "status": status or None, "min_return": min_return, "max_return": max_return,
             "step": step, "version": version, "finish_reason": finish_reason}
 
 
-def _open(run_dir: Path) -> RolloutStore:
+def open_store(run_dir: Path) -> RolloutStore:
     from cwm_rl.store import RolloutStore
 
-    return RolloutStore(run_dir, create=False)
+    return RolloutStore(run_dir, readonly=True)  # these tools never write to (or upgrade) a store
 
 
-def _console() -> Console:
+def make_console() -> Console:
     # Made per command, so the terminal width (COLUMNS) is read when it runs; no highlighting, emoji codes or
     # inserted line breaks: transcripts print the text as it was. Piped into a file or grep, tables are not
     # squeezed to rich's default 80 columns.
@@ -75,8 +75,8 @@ def rollouts_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as a JSON array.")] = False,
 ) -> None:
     """List stored rollouts, newest first: ids, env, task, return, finish reason, tokens, versions, status."""
-    filters = _filters(env, task, status, min_return, max_return, step, version, finish_reason)
-    with _open(run_dir) as store:
+    filters = filters_of(env, task, status, min_return, max_return, step, version, finish_reason)
+    with open_store(run_dir) as store:
         rows = store.query(order=order, limit=limit, offset=offset, **filters)
         matching, total = store.count(**filters), store.count()
     if as_json:
@@ -95,7 +95,7 @@ def rollouts_list(
                       r.finish_reason + (" [red]![/]" if r.error else ""), str(r.num_turns),
                       f"{r.num_generated_tokens}/{r.num_tokens}", _versions(r.oldest_version, r.newest_version),
                       escape(status_text), "" if r.step is None else str(r.step))
-    console = _console()
+    console = make_console()
     console.print(table)
     console.print(f"{len(rows)} shown of {matching} matching ({total} stored). "
                   f"`cwm-rl rollouts show {run_dir} ID` shows one; --limit/--offset page.")
@@ -105,21 +105,31 @@ def rollouts_list(
 def rollouts_show(
     run_dir: RunDir,
     trajectory_id: Annotated[str, typer.Argument(metavar="ID", help="A trajectory id, or a unique prefix of one.")],
-    tokens: Annotated[bool, typer.Option("--tokens", help="Also list every token: id, loss mask, policy version, logprob.")] = False,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also list every token: id, text, loss mask, policy version, "
+                                                          "logprob, and what training did with it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the Trajectory as JSON instead.")] = False,
 ) -> None:
     """Show one rollout as a transcript: what the model saw, wrote and was rewarded with, turn by turn."""
-    with _open(run_dir) as store:
+    with open_store(run_dir) as store:
         row = store.row(trajectory_id)
         t = store.get(row.trajectory_id)
+        record = store.training(row.trajectory_id)
     if as_json:
         print(t.model_dump_json(indent=2))
         return
-    console = _console()
+    console = make_console()
     _print_header(console, row, t)
+    if record is not None:
+        console.print(f"trained at step {record.step} with advantage {record.advantage:+.4g}")
     _print_turns(console, t)
     if tokens:
-        _print_tokens(console, t)
+        from cwm_rl.run_files import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)
+        if tokenizer is None:
+            console.print("[yellow]no tokenizer found for this run (its model directory is gone, or transformers is not "
+                          "installed): token ids only[/]")
+        _print_tokens(console, t, tokenizer, record)
 
 
 def _print_header(console: Console, row: RolloutRow, t: Trajectory) -> None:
@@ -134,6 +144,9 @@ def _print_header(console: Console, row: RolloutRow, t: Trajectory) -> None:
         f"({t.num_generated_tokens} generated)  turns {len(t.turns)}  "
         f"generate {sum(x.generate_s for x in t.turns):.3f} s  env {sum(x.env_s for x in t.turns):.3f} s",
     ]
+    if t.seed is not None or t.env_kwargs or t.task is not None:  # what `rollouts replay` rebuilds the episode from
+        lines.append(f"reset with seed {t.seed}, task {'recorded' if t.task is not None else '-'}, "
+                     f"env kwargs {escape(json.dumps(t.env_kwargs, ensure_ascii=False))}")
     if t.error:
         lines.append(f"[red]error[/] {escape(t.error)}")
     if t.reward_details:
@@ -170,8 +183,9 @@ def _print_messages(console: Console, label: str, messages: list[Message]) -> No
         console.print(f"[bold magenta]{label} {m.role}>[/] {escape(m.content)}")
 
 
-def _print_tokens(console: Console, t: Trajectory) -> None:
-    """One line per token, under a heading for each span: prompt, turn k action, turn k observation."""
+def _print_tokens(console: Console, t: Trajectory, tokenizer: Any = None, record: TrainingRecord | None = None) -> None:
+    """One line per token, under a heading for each span: prompt, turn k action, turn k observation. With the
+    run's tokenizer each token's text is shown; with a training record, the trainer's logprob, IS weight and clip."""
     labels = ["context"] * t.num_tokens  # tokens outside every span (e.g. an end-of-turn the worker closed a turn with)
     for turn in t.turns:
         for name, span in (("action", turn.action_span), ("observation", turn.observation_span)):
@@ -180,15 +194,26 @@ def _print_tokens(console: Console, t: Trajectory) -> None:
     first_span = t.turns[0].action_span.start if t.turns else t.num_tokens
     for i in range(first_span):
         labels[i] = "prompt"
+    trained = record.per_token(t) if record is not None else None
+    texts = [tokenizer.decode([i]) for i in t.token_ids] if tokenizer is not None else None
     console.print(Rule("tokens"))
-    console.print(f"{'pos':>6} {'token':>8} {'mask':>4} {'version':>7} {'logprob':>10}")
+    header = f"{'pos':>6} {'token':>8} {'mask':>4} {'version':>7} {'logprob':>10}"
+    if trained:
+        header += f" {'trainer':>10} {'is_w':>6} {'clip':>4}"
+    console.print(header + ("  text" if texts else ""))
     current = None
     for i, (token, mask, version, logprob) in enumerate(zip(t.token_ids, t.loss_mask, t.policy_versions, t.logprobs)):
         if labels[i] != current:
             current = labels[i]
             end = next((j for j in range(i, t.num_tokens) if labels[j] != current), t.num_tokens)
             console.print(f"[bold]-- {current} [{i}, {end}) --[/]")
-        console.print(f"{i:>6} {token:>8} {mask:>4} {version:>7} {logprob:>10.4f}")
+        line = f"{i:>6} {token:>8} {mask:>4} {version:>7} {logprob:>10.4f}"
+        if trained:
+            lp, weight, clip = trained["trainer_logprob"][i], trained["is_weight"][i], trained["clipped"][i]
+            line += f" {lp:>10.4f} {weight:>6.3f} {clip:>4d}" if lp is not None else f" {'':>10} {'':>6} {'':>4}"
+        if texts:
+            line += "  " + escape(json.dumps(texts[i], ensure_ascii=False))  # quoted: spaces and newlines stay visible
+        console.print(line)
 
 
 def _versions(oldest: int, newest: int) -> str:
@@ -203,13 +228,13 @@ def rollouts_stats(
     max_return: MaxReturnOpt = None, step: StepOpt = None, version: VersionOpt = None, finish_reason: FinishOpt = None,
 ) -> None:
     """Per env: how many rollouts, their mean return and generated tokens, and how many have each status."""
-    with _open(run_dir) as store:
-        stats = store.stats(**_filters(env, task, status, min_return, max_return, step, version, finish_reason))
+    with open_store(run_dir) as store:
+        stats = store.stats(**filters_of(env, task, status, min_return, max_return, step, version, finish_reason))
     table = Table("env", "rollouts", "mean return", "mean generated tokens", "by status", title=f"rollouts in {run_dir}")
     for env_id, s in stats.items():
         by_status = ", ".join(f"{k} {v}" for k, v in s["statuses"].items())
         table.add_row(escape(env_id), str(s["count"]), f"{s['mean_return']:.4g}", f"{s['mean_generated_tokens']:.1f}", by_status)
-    _console().print(table)
+    make_console().print(table)
 
 
 @rollouts_app.command("export")
@@ -223,8 +248,8 @@ def rollouts_export(
     """Export rollouts to a file: indexed columns, token arrays as list columns, and the full Trajectory JSON."""
     if not parquet:
         raise ValueError("choose an export format: --parquet (the only one so far)")
-    with _open(run_dir) as store:
+    with open_store(run_dir) as store:
         target = out or store.path.with_name("rollouts.parquet")
-        num_rows = store.export_parquet(target, **_filters(env, task, status, min_return, max_return, step, version, finish_reason))
+        num_rows = store.export_parquet(target, **filters_of(env, task, status, min_return, max_return, step, version, finish_reason))
     size_mb = target.stat().st_size / 1e6
-    _console().print(f"exported {num_rows} rollouts -> {escape(str(target))} ({size_mb:.2f} MB)")
+    make_console().print(f"exported {num_rows} rollouts -> {escape(str(target))} ({size_mb:.2f} MB)")

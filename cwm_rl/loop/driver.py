@@ -99,7 +99,7 @@ def after_step(run: Run, batch: list, result: Any) -> None:
     """What follows a trainer step: record it, publish the new version (every worker reloads it in flight;
     sync: before it gets new work), log, and evaluate and checkpoint on schedule."""
     c, trainer, workers = run.config, run.trainer, run.workers
-    run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids)
+    run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids, result.records)
     _count_step(run, result)
     if result.skipped:
         dropped = {k.removeprefix("dropped_"): v for k, v in result.metrics.items() if k.startswith("dropped_") and v}

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cwm_rl.store import RolloutNotFoundError, RolloutStore, RolloutStoreError
-from cwm_rl.types import Trajectory
+from cwm_rl.types import TrainingRecord, Trajectory
 
 
 @pytest.fixture
@@ -278,7 +278,7 @@ def test_a_newer_schema_is_refused(tmp_path, make_trajectory):
     conn = sqlite3.connect(tmp_path / "rollouts.sqlite")
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(RolloutStoreError, match="has schema version 99, but this cwm-rl reads versions up to 1; upgrade cwm-rl"):
+    with pytest.raises(RolloutStoreError, match="has schema version 99, but this cwm-rl reads versions up to 2; upgrade cwm-rl"):
         RolloutStore(tmp_path, create=False)
 
 
@@ -318,3 +318,54 @@ def test_export_parquet_reads_back(store, make_trajectory, tmp_path):
     assert table.schema.field("token_ids").type.value_type == pa.int32()
     assert store.export_parquet(tmp_path / "math.parquet", env="cwm_rl/Math-v0", min_return=2) == 3
     assert pq.read_table(tmp_path / "math.parquet", columns=["task_id"]).column(0).to_pylist() == ["t2", "t3", "t4"]
+
+
+def _record(t: Trajectory, step: int, advantage: float = 0.5) -> TrainingRecord:
+    n = t.num_generated_tokens
+    return TrainingRecord(trajectory_id=t.trajectory_id, step=step, advantage=advantage,
+                          trainer_logprobs=[-0.25 * (k + 1) for k in range(n)], is_weights=[1.0 - 0.125 * k for k in range(n)],
+                          clipped=[(k % 3) - 1 for k in range(n)])
+
+
+def test_training_records_are_kept_beside_their_trajectories(store, make_trajectory):
+    trained, dropped = make_trajectory(task_id="a"), make_trajectory(task_id="b")
+    store.add([trained, dropped])
+    assert store.training(trained.trajectory_id) is None  # not trained yet
+    record = _record(trained, step=3, advantage=-0.75)
+    store.mark_step(3, [trained.trajectory_id], {"stale": [dropped.trajectory_id]}, [record])
+    back = store.training(trained.trajectory_id)
+    assert back == record  # float32 keeps these values exactly
+    assert store.training(dropped.trajectory_id) is None
+    spread = back.per_token(trained)  # over every token: None where the policy generated nothing
+    generated = [i for i, m in enumerate(trained.loss_mask) if m]
+    assert [spread["trainer_logprob"][i] for i in generated] == record.trainer_logprobs
+    assert all(spread["is_weight"][i] is None for i, m in enumerate(trained.loss_mask) if not m)
+    with pytest.raises(ValueError, match="record of .* has 8 tokens but the trajectory generated 4"):
+        TrainingRecord(trajectory_id="x", step=0, advantage=0, trainer_logprobs=[0.0] * 8, is_weights=[1.0] * 8,
+                       clipped=[0] * 8).per_token(make_trajectory(rewards=(1.0,)))
+    # A resumed run rewinds past its checkpoint: the records of what it will train again go too.
+    assert store.rewind(2) == 2
+    assert store.training(trained.trajectory_id) is None
+
+
+def test_a_version_1_store_is_upgraded_by_a_writer_and_read_as_it_is_by_readers(tmp_path, make_trajectory):
+    """A store from before training records: readers open it untouched, the job's writer adds the table."""
+    t = make_trajectory()
+    with RolloutStore(tmp_path) as store:
+        store.add(t)
+    conn = sqlite3.connect(tmp_path / "rollouts.sqlite")  # make it what cwm-rl wrote before schema version 2
+    conn.execute("DROP TABLE training")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with RolloutStore(tmp_path, readonly=True) as reader:
+        assert reader.schema_version == 1 and reader.get(t.trajectory_id) == t and reader.training(t.trajectory_id) is None
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.add(make_trajectory(task_id="new"))
+    conn = sqlite3.connect(tmp_path / "rollouts.sqlite")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1  # the reader changed nothing
+    conn.close()
+    with RolloutStore(tmp_path) as writer:
+        assert writer.schema_version == 2
+        writer.mark_step(1, [t.trajectory_id], {}, [_record(t, step=1)])
+        assert writer.training(t.trajectory_id).step == 1

@@ -125,3 +125,34 @@ async def test_sandboxed_envs_play_on_the_engine(engine, sandbox_root):
     trajs = await run_group(engine, lambda: make_env("cwm_rl/Code-v0", tool_calls=1), env_id="cwm_rl/Code-v0", group_size=2,
                             sampling=SAMPLING, limits=EpisodeLimits(max_turns=2, env_timeout_s=30.0), seed=1)
     assert all(t.finish_reason in ("terminated", "truncated") and t.return_ in (-1.0, 1.0) for t in trajs), [t.error for t in trajs]
+
+
+async def test_an_episode_records_what_rebuilds_it_and_goes_on_from_a_recorded_prefix(engine):
+    """task, seed and env kwargs are kept (replay needs them); from turn 1 of a 3-turn episode, a continuation
+    starts from exactly the recorded tokens, keeps turn 0 as it was, and generates turns 1 and 2 anew."""
+    from cwm_rl.replay.replay import replay
+    from rollout_workers.agent_loop import EpisodePrefix
+
+    task = Task(id="echo-abc", prompt="Repeat exactly: apple", answer=["apple", "river", "stone"])
+    sampling = SAMPLING.model_copy(update={"temperature": 1.0})
+    t = await run_episode(engine, make_env("cwm_rl/Echo-v0", num_rounds=3), env_id="cwm_rl/Echo-v0", sampling=sampling,
+                          limits=LIMITS, task=task, seed=4, env_kwargs={"num_rounds": 3})
+    assert (t.task, t.seed, t.env_kwargs) == (task, 4, {"num_rounds": 3}) and len(t.turns) == 3
+    assert replay(t).identical  # what the worker recorded is what a fresh env does with the same actions
+
+    prefix = EpisodePrefix(t, 1)
+    env = make_env("cwm_rl/Echo-v0", num_rounds=3)
+    env.reset(seed=4, options={"task": task})
+    env.step(t.turns[0].action)
+    branch = await run_episode(engine, env, env_id="cwm_rl/Echo-v0", sampling=sampling, limits=LIMITS, task=task, seed=4,
+                               env_kwargs={"num_rounds": 3}, prefix=prefix)
+    n = t.turns[1].action_span.start
+    assert prefix.num_tokens == n
+    assert branch.token_ids[:n] == t.token_ids[:n] and branch.loss_mask[:n] == t.loss_mask[:n]
+    assert branch.logprobs[:n] == t.logprobs[:n] and branch.policy_versions[:n] == t.policy_versions[:n]
+    assert branch.turns[0] == t.turns[0] and len(branch.turns) == 3 and branch.finish_reason == "terminated"
+    assert branch.turns[1].action_span.start == n and branch.loss_mask[n] == 1  # generation starts right after the prefix
+    assert [m.model_dump() for m in branch.messages[:3]] == [m.model_dump() for m in t.messages[:3]]
+    assert replay(branch).identical  # the continuation is itself a faithful record
+    with pytest.raises(ValueError, match="turn 3 is not a turn of trajectory .* which has 3"):
+        EpisodePrefix(t, 3)

@@ -212,3 +212,40 @@ def test_two_gloo_processes_train_like_one(tiny_model, sample_groups, tmp_path):
     ddp = load_file(out)
     for name, a in single.model.state_dict().items():
         torch.testing.assert_close(ddp[name], a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_step_records_what_it_did_with_each_trajectory(tiny_model, sample_groups):
+    """Per trained trajectory: its advantage, and per generated token the trainer's logprob (the same numbers a
+    plain forward gives), the IS weight and the clip flag; clipping shows up where the ratio leaves the band."""
+    from cwm_rl.types import NO_VERSION
+    from trainer.batching import prepare_samples
+
+    cfg = config(loss={"ratio_against": "behaviour"}, filters={"max_staleness": 100})
+    trainer = Trainer(cfg, tiny_model)
+    batch = sample_groups(trainer.model, num_groups=3, group_size=4, max_new_tokens=6, seed=1, version=0)
+    # Make vLLM's "behaviour" logprobs far from the trainer's on some tokens, so the ratio is clipped there.
+    batch = [t.model_copy(update={"logprobs": [lp - 1.0 if m and k % 2 else lp for k, (lp, m) in enumerate(zip(t.logprobs, t.loss_mask))]})
+             for t in batch]
+    expected = {s.trajectory_id: s.advantage for s in prepare_samples(batch, policy_version=0, filters=cfg.filters,
+                                                                      advantage=cfg.advantage, vocab_size=trainer.vocab_size).samples}
+    with torch.no_grad():
+        forward = {t.trajectory_id: torch.log_softmax(trainer.model(input_ids=torch.tensor([t.token_ids])).logits[0].float(), -1)
+                   for t in batch}
+    result = trainer.step(batch)
+    assert sorted(r.trajectory_id for r in result.records) == sorted(result.trained_ids) == sorted(expected)
+    by_id = {t.trajectory_id: t for t in batch}
+    clipped = 0
+    for record in result.records:
+        t = by_id[record.trajectory_id]
+        assert record.step == 0 and record.advantage == pytest.approx(expected[t.trajectory_id])
+        generated = [i for i, m in enumerate(t.loss_mask) if m]
+        want = [forward[t.trajectory_id][i - 1, t.token_ids[i]].item() for i in generated]
+        assert record.trainer_logprobs == pytest.approx(want, abs=1e-4)
+        ratios = [torch.exp(torch.tensor(lp - t.logprobs[i])).item() for lp, i in zip(record.trainer_logprobs, generated)]
+        for ratio, flag in zip(ratios, record.clipped):
+            assert flag == (1 if ratio > 1.25 and record.advantage > 0 else -1 if ratio < 0.8 and record.advantage < 0 else 0)
+        clipped += sum(1 for f in record.clipped if f)
+        assert record.is_weights == [1.0] * len(generated)  # TIS applies only against the trainer's own logprobs
+        assert all(v != NO_VERSION for v in (t.policy_versions[i] for i in generated))
+    assert clipped > 0
+    assert result.metrics["clip_high_frac"] + result.metrics["clip_low_frac"] > 0

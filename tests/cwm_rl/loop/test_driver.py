@@ -100,6 +100,19 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
         # No trajectory was trained on while staler than max_staleness (quickstart: 4). The trainer's
         # version at step s is at least s (a resume after publishing past a checkpoint skips versions).
         assert all(r.step - r.newest_version <= 4 for r in rows), [(r.step, r.newest_version) for r in rows if r.step - r.newest_version > 4]
+        # What training did with each trajectory is kept beside it, also across the kill -9 and the resumes.
+        records = {r.trajectory_id: store.training(r.trajectory_id) for r in rows}
+        assert all(rec is not None and rec.step == r.step for r, rec in zip(rows, records.values())), \
+            [(r.step, rec and rec.step) for r, rec in zip(rows, records.values())]
+        t = store.get(rows[-1].trajectory_id)
+        assert len(records[t.trajectory_id].trainer_logprobs) == t.num_generated_tokens
+
+    # Every stored episode of the job, trained or evaluated, replays identically in a fresh env.
+    replayed = subprocess.run([cli, "rollouts", "replay", str(run_dir), "--limit", "400", "--json"], capture_output=True,
+                              text=True, timeout=300)
+    reports = json.loads(replayed.stdout or "[]")
+    assert replayed.returncode == 0 and len(reports) >= 40, (replayed.stdout[-2000:], replayed.stderr[-2000:])
+    assert {r["env_id"] for r in reports} == {"cwm_rl/Math-v0"} and all(r["identical"] for r in reports)
 
 
 @pytest.mark.slow
@@ -138,6 +151,13 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
     assert summary["stop_reason"] == "steps" and summary["steps"] == 8
     assert summary["groups_replayed_env_unavailable"] >= 1 and summary["env_server_restarts"] >= 1
     assert summary["eval_accuracy_final"] is not None
+
+    # Episodes cut short by the unreachable server replay without error: their failure was not the env's.
+    replayed = subprocess.run([cli, "rollouts", "replay", str(run_dir), "--finish-reason", "env_unavailable", "--json"],
+                              capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, (replayed.stdout[-2000:], replayed.stderr[-2000:])
+    reports = json.loads(replayed.stdout)
+    assert reports and all(r["identical"] and r["turns"][0]["diffs"][0]["field"] == "reset.step_error" for r in reports)
 
     from cwm_rl.store import RolloutStore
 

@@ -50,6 +50,12 @@ def train(args: list[str], settings: list[str], cwd: Path | None = None, timeout
     return done.returncode, done.stdout + done.stderr
 
 
+def rollouts(args: list[str], cwd: Path | None = None, timeout: float = 300) -> tuple[int, str, str]:
+    """`cwm-rl rollouts ARGS`: exit code, stdout, and both outputs together (for messages and failures)."""
+    done = subprocess.run([CLI, "rollouts", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return done.returncode, done.stdout, done.stdout + done.stderr
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -76,6 +82,12 @@ def test_a_user_env_with_a_verifier_and_no_reference_answers_trains(tiny_model, 
         evaluated = {r.task_id for r in store.query(status="eval", limit=None)}
         trained = {r.task_id for r in store.query(status="trained", limit=None)}
     assert len(evaluated) == 6 and trained and not evaluated & trained  # held-out tasks are never trained on
+
+    # A user env replays like a built-in one once its module is imported; without it, the error says so.
+    code, out, both = rollouts(["replay", str(run_dir), "--import", "my_envs", "--limit", "100", "--json"], cwd=tmp_path)
+    assert code == 0 and all(r["identical"] for r in json.loads(out)), both[-3000:]
+    code, out, both = rollouts(["replay", str(run_dir), "--limit", "1"], cwd=tmp_path / "run")
+    assert code == 1 and "my_envs/Parity-v0 is not registered in this process; pass --import MODULE" in out, both[-2000:]
 
     # A warm start is the one stage that needs reference answers; the error says so and how to go without.
     code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "model.path=null", "model.sft.steps=5",
@@ -119,6 +131,36 @@ def test_a_mix_of_code_trace_and_multi_turn_echo_trains_with_per_env_limits(tiny
     assert max(t.turns[0].action_span.end - t.turns[0].action_span.start for t in echo) <= 4
     assert all(len(t.turns) == 1 for t in code_episodes)
     assert max(t.turns[0].action_span.end - t.turns[0].action_span.start for t in code_episodes) > 4
+
+    # Every stored episode replays identically: Code and Echo in-process, Trace on the env server it was played on
+    # and in-process too.
+    code, out, both = rollouts(["replay", str(run_dir), "--limit", "400", "--json"])
+    reports = json.loads(out)
+    assert code == 0 and {r["env_id"] for r in reports} == set(by_env) and all(r["identical"] for r in reports), both[-3000:]
+    code, out, both = rollouts(["replay", str(run_dir), "--env", "cwm_rl/Trace-v0", "--server", server.url, "--limit", "20"])
+    assert code == 0 and "0 diverged" in out, both[-3000:]
+
+    # Branch a 3-turn Echo episode from turn 1 with the model it started from: each continuation starts from the
+    # exact recorded tokens, keeps turn 0 and plays on to the end; the set is stored beside the run.
+    original = next(t for t in echo if len(t.turns) == 3)
+    code, out, both = rollouts(["branch", str(run_dir), original.trajectory_id, "--turn", "1", "--model", "0", "-n", "3", "--json"])
+    assert code == 0, both[-3000:]
+    branched = json.loads(out.strip().splitlines()[-1])
+    prefix = original.turns[1].action_span.start
+    assert branched["prefix_tokens"] == prefix and len(branched["continuations"]) == 3
+    for c in branched["continuations"]:
+        assert c["token_ids"][:prefix] == original.token_ids[:prefix] and c["logprobs"][:prefix] == original.logprobs[:prefix]
+        assert c["turns"][0] == original.turns[0].model_dump(mode="json") and c["turns"][1]["action_span"]["start"] == prefix
+        assert c["group_id"] == branched["branch_id"] and c["finish_reason"] in ("terminated", "max_tokens")
+    from cwm_rl.replay.results import open_results
+
+    with open_results(run_dir) as results:
+        (stored,) = results.branch_sets(original.trajectory_id)
+        assert stored.returns == [c["return"] for c in branched["continuations"]]
+    code, out, both = rollouts(["branch", str(run_dir), original.trajectory_id, "--turn", "1", "--model", "999", "-n", "1"])
+    assert code == 2 and "policy version 999 is not on disk" in both and "kept: " in both, both[-2000:]
+    code, out, both = rollouts(["branch", str(run_dir), original.trajectory_id, "--turn", "3", "--model", "0"])
+    assert code == 2 and "turn 3 is not a turn of trajectory" in both, both[-2000:]
 
 
 def _run_containers(run_dir: Path) -> list[str]:
@@ -173,6 +215,17 @@ def test_multi_turn_swe_on_an_env_server_the_job_starts_leaves_no_container(tiny
     assert graded, [t.turns[-1].info for t in episodes]  # out of turns, the diff was graded in a fresh container
     assert all(len(t.turns) <= 4 for t in episodes)  # the env's max_turns
     assert any(len(t.turns) > 1 for t in episodes), [(len(t.turns), t.finish_reason) for t in episodes]
+
+    # Multi-turn SWE episodes replay identically in fresh containers (the session id and pytest's timing are
+    # declared as fields that may differ), and the replays leave no container behind.
+    containers_before = subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout.split()
+    multi = [t.trajectory_id for t in graded if len(t.turns) > 1][:2] or [graded[0].trajectory_id]
+    code, out, both = rollouts(["replay", str(run_dir), *multi, "--json"], timeout=600)
+    assert code == 0, both[-4000:]
+    reports = json.loads(out)
+    assert reports and all(r["identical"] for r in reports), both[-4000:]
+    assert any(d["field"] == "reset.info.session_id" and d["expected"] for d in reports[0]["turns"][0]["diffs"])
+    assert subprocess.run(["docker", "ps", "-aq"], capture_output=True, text=True).stdout.split() == containers_before
 
 
 @pytest.mark.docker
