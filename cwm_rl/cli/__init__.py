@@ -5,6 +5,7 @@
 - `model init|check-template|sft|play` (`model.py`): tiny models, templates, warm starts, a frozen model playing an env
 - `rollouts list|show|stats|export` (`rollouts.py`): look into a run's rollout store
 - `rollouts replay|rescore|branch` (`replay.py`): debug stored rollouts against a live env and a model
+- `view` (`view.py`): a live, read-only web page over a run's rollouts
 - `sandbox exec|build-root|reap` (`sandbox.py`), `swe build-base|build|validate` (`swe.py`), `trace` (`trace.py`)
 - `doctor` (`doctor.py`): what is installed and how to get what is missing
 
@@ -30,6 +31,7 @@ from cwm_rl.cli.sandbox import sandbox_app
 from cwm_rl.cli.swe import swe_app
 from cwm_rl.cli.trace import trace
 from cwm_rl.cli.train import train
+from cwm_rl.cli.view import view
 
 app = typer.Typer(help="cwm-rl: RL for code models in executable environments.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -43,6 +45,7 @@ rollouts_app.command("branch")(branch)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(swe_app, name="swe")
 app.command("trace")(trace)
+app.command("view")(view)
 app.command("doctor")(doctor)
 
 
