@@ -26,11 +26,12 @@ def run_root(path: str | os.PathLike[str]) -> Path:
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """RUN_DIR/config.yaml as a dict, or None when the run has none (a store written outside a job)."""
+    """RUN_DIR/config.yaml as a dict, or None when the run has none (a store written outside a job) or it is unreadable."""
     path = run_root(run_dir) / "config.yaml"
-    if not path.is_file():
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
         return None
-    loaded = yaml.safe_load(path.read_text())
     return loaded if isinstance(loaded, dict) else None
 
 
@@ -71,11 +72,17 @@ def resolve_model(run_dir: str | os.PathLike[str], model: str) -> tuple[Path, in
 
 
 def find_start_model(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The model the run started from (version 0), without falling back to published versions."""
+    """The model the run started from (version 0), without falling back to published versions: a directory
+    with a model's config.json, or at least its tokenizer."""
     root = run_root(run_dir)
-    named = ((read_run_config(root) or {}).get("model") or {}).get("path")
-    for c in ([Path(named)] if named else []) + [root / "model" / "sft", root / "model" / "init"]:
-        if (c / "config.json").is_file():
+    model = (read_run_config(root) or {}).get("model")
+    named = model.get("path") if isinstance(model, dict) else None
+    candidates = []
+    if named:  # absolute, or relative to the run directory, or to where the job was started
+        path = Path(named).expanduser()
+        candidates += [path] if path.is_absolute() else [root / path, path]
+    for c in candidates + [root / "model" / "sft", root / "model" / "init"]:
+        if (c / "config.json").is_file() or (c / "tokenizer_config.json").is_file():
             return c
     return None
 

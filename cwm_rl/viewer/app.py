@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -149,8 +150,10 @@ def make_app(run_dir: str | Path) -> FastAPI:
     def metrics(run: str, offset: int = Query(0, ge=0)) -> Response:
         return _json(read_metrics(run_of(run), offset))
 
+    # The two hot pages are async: their indexed reads take well under a millisecond, less than a hop to
+    # the thread pool (what a plain `def` route pays). The text search, which may scan for 0.5 s, does hop.
     @app.get("/api/r/{run}/trajectories")
-    def trajectories(run: str, request: Request) -> Response:
+    async def trajectories(run: str, request: Request) -> Response:
         p = _list_params(request)
         flt = queries.make_filter(p)
         path = run_of(run).store
@@ -158,7 +161,8 @@ def make_app(run_dir: str | Path) -> FastAPI:
         if p.get("q"):
             if order != "-stored":
                 raise ValueError(f"text search lists newest first only; drop order={order!r} or the search")
-            return _json(queries.search(path, flt, p["q"], min(max(limit, 1), queries.MAX_PAGE), p.get("cursor")))
+            return _json(await run_in_threadpool(queries.search, path, flt, p["q"], min(max(limit, 1), queries.MAX_PAGE),
+                                                 p.get("cursor")))
         return _json(queries.list_page(path, flt, order, limit, p.get("cursor"), p.get("after_seq")))
 
     @app.get("/api/r/{run}/count")
@@ -166,8 +170,10 @@ def make_app(run_dir: str | Path) -> FastAPI:
         return _json({"count": queries.count(run_of(run).store, queries.make_filter(_list_params(request)))})
 
     @app.get("/api/r/{run}/trajectories/{trajectory_id}")
-    def trajectory(run: str, trajectory_id: str) -> Response:
+    async def trajectory(run: str, trajectory_id: str) -> Response:
         r = run_of(run)
+        if not r.tokens.loaded:  # the first look for the tokenizer imports transformers: not on the event loop
+            await run_in_threadpool(r.tokens.available)
         row, data, training = queries.trajectory(r.store, trajectory_id)
         texts = r.tokens.texts(json.loads(data)["token_ids"]) if r.tokens.available() else None
         head = json.dumps({"row": row, "training": training, "token_text": texts}, separators=(",", ":")).encode()

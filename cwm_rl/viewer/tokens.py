@@ -2,7 +2,7 @@
 
 Where the tokenizer comes from, first found wins: `config.yaml`'s `model.path` (absolute, or
 relative to the run directory), then `RUN_DIR/model/sft`, then `RUN_DIR/model/init` (the
-directories `cwm-rl train` makes). It is loaded with `transformers.AutoTokenizer` when that is
+directories `cwm-rl train` makes), then the newest published version (`cwm_rl.run_files`). It is loaded with `transformers.AutoTokenizer` when that is
 installed (the `train` extra); without it, or without a model directory, the page shows token ids.
 Each token is decoded on its own (`decode([id])`), so a character split over several byte-level
 tokens shows as U+FFFD in each; the turn's text beside the tokens shows it whole.
@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
+from cwm_rl.run_files import find_model_dir
 
 MAX_CACHE = 300_000  # decoded ids kept per run: bounded by the vocabulary in practice
 
@@ -33,23 +33,13 @@ class TokenText:
         self._cache: dict[int, str] = {}
 
     def model_dir(self) -> Path | None:
-        """The first candidate directory that holds tokenizer files."""
-        candidates = []
-        config_path = self.run_dir / "config.yaml"
-        if config_path.exists():
-            try:
-                model = (yaml.safe_load(config_path.read_text()) or {}).get("model") or {}
-                if isinstance(model, dict) and model.get("path"):
-                    path = Path(model["path"]).expanduser()
-                    candidates.append(path if path.is_absolute() else self.run_dir / path)
-                    candidates.append(path)  # relative to where the job was started (often the current directory too)
-            except (yaml.YAMLError, AttributeError):
-                pass
-        candidates += [self.run_dir / "model" / "sft", self.run_dir / "model" / "init"]
-        for d in candidates:
-            if (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists():
-                return d
-        return None
+        """Where the run's tokenizer is (`cwm_rl.run_files.find_model_dir`), or None."""
+        return find_model_dir(self.run_dir)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the tokenizer was looked for already (the first look imports transformers: seconds)."""
+        return self._loaded
 
     def _load(self) -> None:
         with self._lock:
