@@ -80,7 +80,7 @@ class FakeTrainer:
         metrics = {"step": self.step_count}
         self.step_count += 1
         self.policy_version += 1
-        return SimpleNamespace(metrics=metrics, trained_ids=[t.trajectory_id for t in batch], dropped_ids={}, skipped=False)
+        return SimpleNamespace(metrics=metrics, trained_ids=[t.trajectory_id for t in batch], dropped_ids={}, records=[], skipped=False)
 
 
 class FakeBuffer(list):
