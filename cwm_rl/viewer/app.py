@@ -150,13 +150,13 @@ def make_app(run_dir: str | Path) -> FastAPI:
     def metrics(run: str, offset: int = Query(0, ge=0)) -> Response:
         return _json(read_metrics(run_of(run), offset))
 
-    # The two hot pages are async: their indexed reads take well under a millisecond, less than a hop to
-    # the thread pool (what a plain `def` route pays). The text search, which may scan for 0.5 s, does hop.
-    @app.get("/api/r/{run}/trajectories")
-    async def trajectories(run: str, request: Request) -> Response:
+    # The two hot pages are plain async Starlette routes: their indexed reads take well under a millisecond,
+    # less than FastAPI's parameter handling or a hop to the thread pool would add. The text search, which
+    # may scan for 0.5 s, and the first tokenizer load do hop to the thread pool.
+    async def trajectories(request: Request) -> Response:
         p = _list_params(request)
         flt = queries.make_filter(p)
-        path = run_of(run).store
+        path = run_of(request.path_params["run"]).store
         order, limit = p.get("order") or "-stored", p.get("limit", 50)
         if p.get("q"):
             if order != "-stored":
@@ -165,21 +165,24 @@ def make_app(run_dir: str | Path) -> FastAPI:
                                                  p.get("cursor")))
         return _json(queries.list_page(path, flt, order, limit, p.get("cursor"), p.get("after_seq")))
 
+    app.add_route("/api/r/{run}/trajectories", trajectories, methods=["GET"])
+
     @app.get("/api/r/{run}/count")
     def count(run: str, request: Request) -> Response:
         return _json({"count": queries.count(run_of(run).store, queries.make_filter(_list_params(request)))})
 
-    @app.get("/api/r/{run}/trajectories/{trajectory_id}")
-    async def trajectory(run: str, trajectory_id: str) -> Response:
-        r = run_of(run)
+    async def trajectory(request: Request) -> Response:
+        r = run_of(request.path_params["run"])
         if not r.tokens.loaded:  # the first look for the tokenizer imports transformers: not on the event loop
             await run_in_threadpool(r.tokens.available)
-        row, data, training = queries.trajectory(r.store, trajectory_id)
+        row, data, training = queries.trajectory(r.store, request.path_params["trajectory_id"])
         texts = r.tokens.texts(json.loads(data)["token_ids"]) if r.tokens.available() else None
         head = json.dumps({"row": row, "training": training, "token_text": texts}, separators=(",", ":")).encode()
         # The stored JSON goes out as stored (no parse and re-encode): the page reads it as `trajectory`.
         return Response(head[:-1] + b',"trajectory":' + data + b"}", media_type="application/json",
                         headers={"Cache-Control": "no-store"})
+
+    app.add_route("/api/r/{run}/trajectories/{trajectory_id}", trajectory, methods=["GET"])
 
     @app.get("/api/r/{run}/trajectories/{trajectory_id}/analysis")
     def trajectory_analysis(run: str, trajectory_id: str) -> Response:
