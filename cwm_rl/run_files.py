@@ -95,12 +95,12 @@ def _tokenizer(model_dir: str) -> Any:
 
 
 def load_tokenizer(run_dir: str | os.PathLike[str]) -> Any | None:
-    """The run's tokenizer (transformers), or None when the run has no model on disk or transformers is
-    not installed (the base install, e.g. an env server: tools then show token ids only)."""
+    """The run's tokenizer (transformers), or None when the run has no model on disk, transformers is not
+    installed (the base install, e.g. an env server) or cannot load it: tools then show token ids only."""
     model_dir = find_model_dir(run_dir)
     if model_dir is None:
         return None
     try:
         return _tokenizer(str(model_dir))
-    except ImportError:
+    except Exception:  # transformers missing, or a directory it cannot read: token ids are still worth showing
         return None

@@ -16,11 +16,15 @@
 `buffered()` is what a resumed run reloads (oldest first); `export_parquet(path)` writes Parquet
 (needs pyarrow); `tests/cwm_rl/test_store.py` covers each.
 
-Storage: one SQLite file in WAL mode (stdlib `sqlite3`; no server, no ML stack). One table,
+Storage: one SQLite file in WAL mode (stdlib `sqlite3`; no server, no ML stack). Table
 `trajectories`: indexed columns to filter on (env, task, group, status, step, return, policy
 versions) and the whole Trajectory as zlib-compressed JSON in the last column, so listing and
-filtering never read or decode it. The schema version is SQLite's `user_version`; a store
-written by a newer cwm-rl is refused with `RolloutStoreError` rather than misread.
+filtering never read or decode it. Table `training` (schema version 2): what the trainer did
+with each trajectory it trained on (`TrainingRecord`: advantage, and per generated token the
+trainer's logprob, IS weight and clip flag, packed). The schema version is SQLite's
+`user_version`; a store written by a newer cwm-rl is refused with `RolloutStoreError` rather
+than misread; a version 1 store opens as it is for `readonly=True` readers (no training
+records), and a writer adds the table.
 
 Durability: `add` returns only after its transaction committed, and with WAL plus
 `synchronous=NORMAL` a commit has been written (`write(2)`) to the `-wal` file by then, so
@@ -126,6 +130,7 @@ _SCHEMA_V2 = [
 ORDER_KEYS = {"stored": "seq", "return": '"return"', "tokens": "num_tokens", "generated": "num_generated_tokens",
               "version": "newest_version", "step": "step", "turns": "num_turns"}
 _CHUNK = 500  # ids per `IN (...)`: far below SQLite's bound-parameter limit
+_INSERT_TRAINING = "INSERT OR REPLACE INTO training (trajectory_id, step, advantage, data) VALUES (?, ?, ?, ?)"
 
 
 class RolloutStoreError(RuntimeError):
@@ -240,7 +245,7 @@ class RolloutStore:
         self._timeout_s = timeout_s
         # isolation_level=None: no implicit transactions; every write is an explicit BEGIN IMMEDIATE ... COMMIT.
         # readonly: a reader that can never write (the viewer, replay tools); it also never upgrades an older schema.
-        target = f"file:{self.path}?mode=ro" if readonly else self.path
+        target = f"{self.path.resolve().as_uri()}?mode=ro" if readonly else self.path  # as_uri: a '?' or '#' in a path is quoted
         self._conn: sqlite3.Connection | None = sqlite3.connect(target, timeout=timeout_s, isolation_level=None,
                                                                 check_same_thread=False, uri=readonly)
         self.readonly = readonly
@@ -342,10 +347,12 @@ class RolloutStore:
                   records: Iterable[TrainingRecord] = ()) -> None:
         """What trainer step `step` did with its batch: trained on some (with their training `records`:
         advantage, trainer logprobs, IS weights, clip flags), dropped the others by reason."""
-        self.mark_trained(trained_ids, step)
-        for reason, ids in dropped_ids.items():
-            self.mark_dropped(ids, reason, step)
-        self.add_training_records(records)
+        rows = [(r.trajectory_id, r.step, r.advantage, _pack_training(r)) for r in records]
+        with self._write() as conn:  # one transaction: a kill never leaves trained rows without their records
+            self._mark_in(conn, trained_ids, "trained", step, None)
+            for reason, ids in dropped_ids.items():
+                self._mark_in(conn, ids, "dropped_stale" if reason == "stale" else "dropped_other", step, reason)
+            conn.executemany(_INSERT_TRAINING, rows)
 
     def add_training_records(self, records: Iterable[TrainingRecord]) -> int:
         """Keep what the trainer did with trajectories (one record per trajectory; a second one for the same
@@ -354,25 +361,29 @@ class RolloutStore:
         if not rows:
             return 0
         with self._write() as conn:
-            conn.executemany("INSERT OR REPLACE INTO training (trajectory_id, step, advantage, data) VALUES (?, ?, ?, ?)", rows)
+            conn.executemany(_INSERT_TRAINING, rows)
         return len(rows)
 
     def _mark(self, ids: Iterable[str], status: str, step: int | None, reason: str | None) -> None:
-        ids = list(dict.fromkeys(ids))
         with self._write() as conn:
-            current = {row[0]: row[1:] for chunk in _chunks(ids) for row in conn.execute(
-                f"SELECT trajectory_id, status, step, drop_reason FROM trajectories WHERE trajectory_id IN ({_marks(chunk)})", chunk)}
-            missing = [i for i in ids if i not in current]
-            if missing:
-                raise RolloutNotFoundError(f"{len(missing)} trajectory id(s) are not in {self.path} (first: {missing[0]}); "
-                                           "add trajectories before marking them")
-            for i, (old_status, old_step, old_reason) in current.items():
-                # Marking again with the same outcome is a no-op (a retried call); anything else is a bug upstream.
-                if old_status != "buffered" and (old_status, old_step, old_reason) != (status, step, reason):
-                    at = f" at step {old_step}" if old_step is not None else ""
-                    raise ValueError(f"trajectory {i} is already {old_status}{at}; only buffered trajectories can become {status}")
-            conn.executemany("UPDATE trajectories SET status = ?, step = ?, drop_reason = ? WHERE trajectory_id = ?",
-                             [(status, step, reason, i) for i in ids])
+            self._mark_in(conn, ids, status, step, reason)
+
+    def _mark_in(self, conn: sqlite3.Connection, ids: Iterable[str], status: str, step: int | None, reason: str | None) -> None:
+        """Set the status of buffered trajectories, inside the caller's write transaction."""
+        ids = list(dict.fromkeys(ids))
+        current = {row[0]: row[1:] for chunk in _chunks(ids) for row in conn.execute(
+            f"SELECT trajectory_id, status, step, drop_reason FROM trajectories WHERE trajectory_id IN ({_marks(chunk)})", chunk)}
+        missing = [i for i in ids if i not in current]
+        if missing:
+            raise RolloutNotFoundError(f"{len(missing)} trajectory id(s) are not in {self.path} (first: {missing[0]}); "
+                                       "add trajectories before marking them")
+        for i, (old_status, old_step, old_reason) in current.items():
+            # Marking again with the same outcome is a no-op (a retried call); anything else is a bug upstream.
+            if old_status != "buffered" and (old_status, old_step, old_reason) != (status, step, reason):
+                at = f" at step {old_step}" if old_step is not None else ""
+                raise ValueError(f"trajectory {i} is already {old_status}{at}; only buffered trajectories can become {status}")
+        conn.executemany("UPDATE trajectories SET status = ?, step = ?, drop_reason = ? WHERE trajectory_id = ?",
+                         [(status, step, reason, i) for i in ids])
 
     def rewind(self, step: int) -> int:
         """Back to the buffer: trajectories trained or dropped after trainer step `step` (a resumed run's

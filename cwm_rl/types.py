@@ -191,6 +191,14 @@ class Trajectory(_Model):
         generated = [v for v in self.policy_versions if v != NO_VERSION]
         return min(generated, default=NO_VERSION)
 
+    def messages_before_turn(self, index: int) -> int:
+        """How many messages of the transcript the model had seen when it wrote turn `index` (0 = the reset's).
+        Counted from the turns, not from roles (an env may itself send "assistant" messages): each turn adds its
+        action and, when the episode went on after it (`observation_span` set), its observation."""
+        after = sum(1 + (len(t.observation) if t.observation_span is not None else 0) for t in self.turns)
+        first = len(self.messages) - after
+        return first + sum(1 + len(t.observation) for t in self.turns[:index])
+
 
 class TrainingRecord(_Model):
     """What a trainer step did with one trajectory, kept beside it in the rollout store.

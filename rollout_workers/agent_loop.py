@@ -75,13 +75,7 @@ class EpisodePrefix:
         tokens.ids, tokens.mask = list(t.token_ids[:n]), list(t.loss_mask[:n])
         tokens.logprobs, tokens.versions = list(t.logprobs[:n]), list(t.policy_versions[:n])
         turns += [turn.model_copy(deep=True) for turn in t.turns[:self.num_turns]]
-        actions = 0
-        for m in t.messages:  # the transcript up to the point where the model wrote turn `num_turns`
-            if m.role == "assistant":
-                if actions == self.num_turns:
-                    break
-                actions += 1
-            messages.append(m.model_dump())
+        messages += [m.model_dump() for m in t.messages[:t.messages_before_turn(self.num_turns)]]
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,15 +121,16 @@ async def run_episode(
         except EnvServerUnavailable as e:
             result.update(finish_reason="env_unavailable", error=f"env {what}: {e}")
         except Exception as e:  # one boundary: an env failure is recorded, never raised
+            # `cwm-rl rollouts replay` formats a replayed failure the same way (cwm_rl.replay.replay.env_error) to compare
             result.update(finish_reason="env_error", error=f"env {what} raised {type(e).__name__}: {e}")
         return None
 
     task_id = task.id if task else ""
-    started = True  # False: the reset failed, the episode ends at once
+    reset_ok = True  # False: the reset failed, the episode ends at once
     if prefix is None:
         reset = await env_call(env.areset(seed=seed, options={"task": task} if task is not None else None), "reset")
-        started = reset is not None
-        if started:
+        reset_ok = reset is not None
+        if reset_ok:
             observation, info = reset
             task_id = info.get("task_id", task_id)
             messages += observation
@@ -143,7 +138,7 @@ async def run_episode(
     else:
         task_id = prefix.trajectory.task_id
         prefix.copy_into(tokens, turns, messages)
-    if started:
+    if reset_ok:
         max_total = min(limits.max_total_tokens or engine.config.max_model_len, engine.config.max_model_len)
         for index in range(len(turns), limits.max_turns):
             room = max_total - len(tokens.ids)

@@ -4,8 +4,8 @@
     cwm-rl rollouts rescore RUN_DIR [ID ...] [--import MODULE] [--kwarg KEY=VALUE] [--label TEXT] [--json]
     cwm-rl rollouts branch RUN_DIR ID --turn K --model VERSION|DIR -n N [--temperature T]
 
-Replay exits 0 when every replay is identical to its record, 1 when one diverged (the first
-divergence is named), 2 on bad input. Results go to RUN_DIR/analysis.sqlite (the viewer shows
+Replay exits 0 when every replay is identical to its record, 1 when one diverged or could not be
+replayed (the first divergence or the reason is named), 2 on bad input. Results go to RUN_DIR/analysis.sqlite (the viewer shows
 them); the rollout store is only read. Without IDs the filters pick the trajectories (newest first,
 `--limit` of them).
 """
@@ -22,7 +22,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cwm_rl.cli.common import ImportOpt, KwargOpt, load_user_envs, parse_kwargs
+from cwm_rl.cli.common import ImportOpt, KwargOpt, load_user_envs, parse_kwargs, say
 from cwm_rl.cli.rollouts import (EnvOpt, FinishOpt, MaxReturnOpt, MinReturnOpt, RunDir, StatusOpt, StepOpt, TaskOpt, VersionOpt,
                                  filters_of, make_console, open_store)
 
@@ -72,10 +72,6 @@ def replay(
     trajectories = _pick(run_dir, ids, filters_of(env, task, status, min_return, max_return, step, version, finish_reason), limit)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="replay") as pool:
         reports = list(pool.map(lambda t: replay_one(t, server=server, token=token), trajectories))
-    if save:
-        with _results(run_dir) as results:
-            for report in reports:
-                results.add_replay(report)
     if as_json:
         print(json.dumps([{**r.model_dump(mode="json"), "identical": r.identical, "first_divergence": r.first_divergence}
                           for r in reports], indent=2))
@@ -85,8 +81,22 @@ def replay(
             _print_turn_diffs(console, reports[0])
         else:
             _print_summary(console, reports)
+    if save:
+        _save(run_dir, lambda results: [results.add_replay(r) for r in reports])
     if not all(r.identical for r in reports):
         raise typer.Exit(1)
+
+
+def _save(run_dir: Path, write: Any) -> None:
+    """Keep results in RUN_DIR/analysis.sqlite, after they were printed: a run directory we may not write to
+    costs the copy the viewer shows, not the results."""
+    import sqlite3
+
+    try:
+        with _results(run_dir) as results:
+            write(results)
+    except (sqlite3.Error, OSError, RuntimeError) as e:
+        say(f"not kept in {Path(run_dir) / 'analysis.sqlite'}: {e}")
 
 
 def _print_turn_diffs(console, report: ReplayReport) -> None:
@@ -137,12 +147,11 @@ def rescore(
     trajectories = _pick(run_dir, ids, filters, limit)
     rescore_set, results = rescore_all(trajectories, env_kwargs=parse_kwargs(kwarg), server=server, token=token, label=label,
                                        imports=modules, filters=filters, num_threads=threads)
-    with _results(run_dir) as store:
-        store.add_rescore(rescore_set, results)
     if as_json:
         print(json.dumps({**rescore_set.model_dump(mode="json"),
                           "flipped": [r.trajectory_id for r in results if r.flipped],
                           "results": [{**r.model_dump(mode="json", exclude={"new_info"}), "flipped": r.flipped} for r in results]}, indent=2))
+        _save(run_dir, lambda store: store.add_rescore(rescore_set, results))
         return
     console = make_console()
     console.print(f"[bold]rescore {rescore_set.rescore_id[:10]}[/] ({escape(rescore_set.label)}): {rescore_set.num_trajectories} "
@@ -162,7 +171,8 @@ def rescore(
             table.add_row(r.trajectory_id[:10], escape(r.env_id), escape(r.task_id), f"{r.old_return:g}",
                           "-" if r.new_return is None else f"{r.new_return:g}", escape(r.error or "flipped"))
         console.print(table)
-    console.print(f"stored in {escape(str(Path(run_dir) / 'analysis.sqlite'))}; the originals are unchanged")
+    _save(run_dir, lambda store: store.add_rescore(rescore_set, results))
+    console.print(f"kept in {escape(str(Path(run_dir) / 'analysis.sqlite'))}; the originals are unchanged")
 
 
 def branch(
@@ -190,10 +200,9 @@ def branch(
     branch_set, continuations = asyncio.run(branch_from(t, turn=turn, model_dir=model_dir, n=n, run_config=read_run_config(run_dir),
                                                         policy_version=policy_version, temperature=temperature, server=server,
                                                         token=token))
-    with _results(run_dir) as results:
-        results.add_branch(branch_set, continuations)
     if as_json:
         print(json.dumps({**branch_set.model_dump(mode="json"), "continuations": [c.model_dump(mode="json") for c in continuations]}))
+        _save(run_dir, lambda results: results.add_branch(branch_set, continuations))
         return
     console = make_console()
     console.print(f"[bold]branch {branch_set.branch_id[:10]}[/] of {t.trajectory_id[:10]} ({escape(t.env_id)}, task "
@@ -208,6 +217,7 @@ def branch(
     better = sum(c.return_ > t.return_ for c in continuations)
     worse = sum(c.return_ < t.return_ for c in continuations)
     console.print(f"{better} did better than the original, {worse} worse, {n - better - worse} the same")
+    _save(run_dir, lambda results: results.add_branch(branch_set, continuations))
 
 
 def _first_line(text: str, width: int = 70) -> str:

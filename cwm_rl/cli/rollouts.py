@@ -194,7 +194,12 @@ def _print_tokens(console: Console, t: Trajectory, tokenizer: Any = None, record
     first_span = t.turns[0].action_span.start if t.turns else t.num_tokens
     for i in range(first_span):
         labels[i] = "prompt"
-    trained = record.per_token(t) if record is not None else None
+    trained = None
+    if record is not None:
+        try:
+            trained = record.per_token(t)
+        except ValueError as e:  # a record that does not fit its trajectory: show the rest, say why not this
+            console.print(f"[yellow]training record not shown: {escape(str(e))}[/]")
     texts = [tokenizer.decode([i]) for i in t.token_ids] if tokenizer is not None else None
     console.print(Rule("tokens"))
     header = f"{'pos':>6} {'token':>8} {'mask':>4} {'version':>7} {'logprob':>10}"

@@ -39,6 +39,10 @@ def view(
     from cwm_rl.viewer.app import make_app
 
     app = make_app(run_dir)  # a missing or unreadable store fails here, before anything listens
+    if not allow_remote:  # answer only to loopback names: a web page cannot reach the run through DNS rebinding
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]", host])
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     say(f"cwm-rl viewer of {run_dir.resolve()} at {url} (read-only; Ctrl-C stops it)")
     if open_browser:

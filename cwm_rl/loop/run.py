@@ -203,7 +203,7 @@ def setup_run(run: Run, resume: bool) -> None:
                                    say=say, log=lambda metrics: run.sinks.log_signal(metrics, run.trainer.step_count),
                                    env_max_tokens={s.id: s.max_tokens for s in c.envs if s.max_tokens})
     if resume:  # trajectories stored but never trained on come back; so do those trained after the checkpoint
-        run.store.rewind(run.trainer.step_count)
+        run.store.rewind(run.trainer.step_count - 1)  # a checkpoint at step_count N holds steps 0..N-1; step N was lost
         run.buffer.add(run.store.buffered())
 
     run.endpoints = EnvEndpoints(c.envs, run_dir / "env_servers", c.env_modules, say,

@@ -46,7 +46,14 @@ async def branch(trajectory: Trajectory, *, turn: int, model_dir: str | Path, n:
     branch_set = BranchSet(trajectory_id=t.trajectory_id, env_id=t.env_id, task_id=t.task_id, turn=turn, model=str(model_dir),
                            policy_version=policy_version, prefix_tokens=prefix.num_tokens, temperature=sampling.temperature,
                            original_return=t.return_)
-    envs = [await asyncio.to_thread(_env_at, t, turn, server, token) for _ in range(n)]
+    envs: list[Any] = []
+    try:
+        for _ in range(n):
+            envs.append(await asyncio.to_thread(_env_at, t, turn, server, token))
+    except BaseException:
+        for env in envs:  # an SWE env holds a container: never leave one behind
+            await asyncio.to_thread(env.close)
+        raise
     try:
         engine = RolloutEngine(config.rollout.engine.model_copy(update={"model": str(model_dir), "seed": config.seed}),
                                version=policy_version or 0)

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 from cwm_rl.replay.results import FieldDiff, ReplayReport, TurnDiff
-from cwm_rl.types import Message, Trajectory
+from cwm_rl.types import Trajectory
 
 # Finish reasons whose failed last step says nothing about the env: a replay that steps fine is not a divergence.
 _OUTSIDE_THE_ENV = {"env_unavailable": "the env server could not be reached when it was recorded",
@@ -75,11 +75,11 @@ def _replay_into(report: ReplayReport, env: Any, t: Trajectory, may_differ: dict
     try:
         observation, info = env.reset(seed=t.seed, options={"task": t.task.model_dump(mode="json")} if t.task else None)
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
+        error = env_error("reset", e)
         if failed_at_reset:
             _compare(reset, "step_error", t.error, error, may_differ, prefix="reset.")
         else:
-            report.error = f"the fresh env's reset raised {error}"
+            report.error = f"the fresh env failed where the record did not: {error}"
         return
     if failed_at_reset:
         _compare(reset, "step_error", t.error, None, may_differ, prefix="reset.",
@@ -99,7 +99,10 @@ def _replay_into(report: ReplayReport, env: Any, t: Trajectory, may_differ: dict
         try:
             observation, reward, terminated, truncated, info = env.step(turn.action)
         except Exception as e:
-            _compare(diff, "step_error", t.error if step_failed else None, f"{type(e).__name__}: {e}", may_differ)
+            if step_failed:  # the record failed here too: the same error or not
+                _compare(diff, "step_error", t.error, env_error("step", e), may_differ)
+            else:  # no new rewards to report: a rescore counts this as an error, not as a changed return
+                report.error = f"the fresh env failed at turn {turn.index} where the record did not: {env_error('step', e)}"
             return
         report.replayed_rewards.append(float(reward))
         report.replayed_info.append(_json(info))
@@ -123,8 +126,8 @@ def _compare(diff: TurnDiff, field: str, recorded: Any, replayed: Any, may_diffe
     if _same(_json(recorded), replayed):
         return
     name = prefix + field
-    wildcard = name.rsplit(".", 1)[0] + ".*"  # "info.*" covers every info key
-    expected = outside or may_differ.get(name) or may_differ.get(wildcard)
+    wildcard = name[:name.index("info.") + 5] + "*" if "info." in name else None  # "info.*" covers every info key
+    expected = outside or may_differ.get(name) or (may_differ.get(wildcard) if wildcard else None)
     diff.diffs.append(FieldDiff(field=name, recorded=_json(recorded), replayed=replayed, expected=expected))
 
 
@@ -146,8 +149,12 @@ def _json(value: Any) -> Any:
 
 def _first_observation(t: Trajectory) -> list[dict[str, str]]:
     """The messages the env's reset gave: the transcript before the first action."""
-    first_action = next((i for i, m in enumerate(t.messages) if m.role == "assistant"), len(t.messages))
-    return [Message.model_validate(m).model_dump() for m in t.messages[:first_action]]
+    return [m.model_dump() for m in t.messages[:t.messages_before_turn(0)]]
+
+
+def env_error(what: str, e: BaseException) -> str:
+    """An env failure as the agent loop records it in `Trajectory.error`, so a replayed one compares equal."""
+    return f"env {what} raised {type(e).__name__}: {e}"
 
 
 def _make(env_id: str, kwargs: dict[str, Any], server: str | None, token: str | None) -> Any:

@@ -156,7 +156,7 @@ class RescoreResult(_Model):
 
     @property
     def flipped(self) -> bool:
-        """The verdict changed sign: a success (return > 0) became a failure, or the other way."""
+        """The verdict changed: a success (return > 0) became a failure (return <= 0), or the other way."""
         return self.new_return is not None and (self.old_return > 0) != (self.new_return > 0)
 
 
@@ -209,7 +209,7 @@ class AnalysisStore:
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"run directory {self.path.parent} does not exist")
         self._lock = threading.Lock()
-        target = f"file:{self.path}?mode=ro" if readonly else str(self.path)
+        target = f"{self.path.resolve().as_uri()}?mode=ro" if readonly else str(self.path)
         self._conn: sqlite3.Connection | None = sqlite3.connect(target, timeout=timeout_s, isolation_level=None,
                                                                 check_same_thread=False, uri=readonly)
         try:
@@ -285,7 +285,7 @@ class AnalysisStore:
         return [RescoreSet.model_validate_json(zlib.decompress(b)) for (b,) in rows]
 
     def rescore_set(self, rescore_id: str) -> RescoreSet:
-        rows = self._read("SELECT data FROM rescore_sets WHERE rescore_id = ? OR rescore_id LIKE ? LIMIT 2", (rescore_id, f"{rescore_id}%"))
+        rows = self._read("SELECT data FROM rescore_sets WHERE substr(rescore_id, 1, ?) = ? LIMIT 2", (len(rescore_id), rescore_id))
         if len(rows) != 1:
             raise LookupError(f"{'no' if not rows else 'more than one'} rescore set with id (prefix) {rescore_id!r} in {self.path}")
         return RescoreSet.model_validate_json(zlib.decompress(rows[0][0]))
@@ -325,7 +325,7 @@ class AnalysisStore:
 
     def branch(self, branch_id: str) -> tuple[BranchSet, list[Trajectory]]:
         """One branch set and its continuations, by id or unique id prefix."""
-        rows = self._read("SELECT branch_id, data FROM branch_sets WHERE branch_id LIKE ? LIMIT 2", (f"{branch_id}%",))
+        rows = self._read("SELECT branch_id, data FROM branch_sets WHERE substr(branch_id, 1, ?) = ? LIMIT 2", (len(branch_id), branch_id))
         if len(rows) != 1:
             raise LookupError(f"{'no' if not rows else 'more than one'} branch set with id (prefix) {branch_id!r} in {self.path}")
         found, data = rows[0]

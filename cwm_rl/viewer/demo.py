@@ -116,8 +116,11 @@ def training_records(rng: random.Random, group: list[Trajectory], step: int) -> 
         behaviour = [lp for lp, m in zip(t.logprobs, t.loss_mask) if m]
         trainer = [min(0.0, lp + rng.gauss(0, 0.04) + (rng.uniform(-1.5, 1.5) if rng.random() < 0.03 else 0.0)) for lp in behaviour]
         weights = [min(math.exp(tr - b), 2.0) for tr, b in zip(trainer, behaviour)]
-        clipped = [1 if w >= 1.2 else -1 if w <= 0.8 else 0 for w in weights]
-        records.append(TrainingRecord(trajectory_id=t.trajectory_id, step=step, advantage=(t.return_ - mean) / (std + 1e-6),
+        advantage = (t.return_ - mean) / (std + 1e-6)
+        # As trainer/loss.py's clip_flags with the ratio against vLLM's logprobs: only where clipping stops the gradient.
+        ratios = [math.exp(tr - b) for tr, b in zip(trainer, behaviour)]
+        clipped = [1 if r > 1.25 and advantage > 0 else -1 if r < 0.8 and advantage < 0 else 0 for r in ratios]
+        records.append(TrainingRecord(trajectory_id=t.trajectory_id, step=step, advantage=advantage,
                                       trainer_logprobs=trainer, is_weights=weights, clipped=clipped))
     return records
 

@@ -44,7 +44,7 @@ def connect(path: Path) -> sqlite3.Connection:
     if conn is None:
         if not path.exists():
             raise FileNotFoundError(f"no rollout store at {path}")
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=10)
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=10)
         check_version(conn, path)
         cache[str(path)] = conn
     return conn
@@ -191,7 +191,7 @@ def trajectory(path: Path, key: str) -> tuple[dict[str, Any], bytes, dict[str, A
     row = find(path, key, f"{_SELECT}, data")
     light = dict(zip(LIST_COLUMNS, row[:-1]))
     record = connect(path).execute("SELECT step, advantage, data FROM training WHERE trajectory_id = ?",
-                                   (light["trajectory_id"],)).fetchone()
+                                   (light["trajectory_id"],)).fetchone() if has_training(path) else None
     training = None if record is None else {
         "step": record[0], "advantage": record[1], "packed": base64.b64encode(zlib.decompress(record[2])).decode()}
     return light, zlib.decompress(row[-1]), training
@@ -208,8 +208,15 @@ def group(path: Path, group_id: str, max_samples: int = 256) -> list[tuple[dict[
         raise RolloutNotFoundError(f"no trajectories with group id {group_id!r} in this run")
     ids = [r[1] for r in rows]
     training = dict((i, (s, a)) for i, s, a in conn.execute(
-        f"SELECT trajectory_id, step, advantage FROM training WHERE trajectory_id IN ({', '.join('?' * len(ids))})", ids))
+        f"SELECT trajectory_id, step, advantage FROM training WHERE trajectory_id IN ({', '.join('?' * len(ids))})", ids)) \
+        if has_training(path) else {}
     return [(dict(zip(LIST_COLUMNS, r[:-1])), json.loads(zlib.decompress(r[-1])), training.get(r[1])) for r in rows]
+
+
+def has_training(path: Path) -> bool:
+    """Whether the store keeps training records (schema version 2 and later; a job upgrades an older store while
+    the viewer is open, so this is asked each time: one cheap PRAGMA)."""
+    return connect(path).execute("PRAGMA user_version").fetchone()[0] >= 2
 
 
 def head(path: Path) -> dict[str, Any]:

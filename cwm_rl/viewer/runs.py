@@ -3,7 +3,8 @@
 A run directory is one a training job writes to: `rollouts.sqlite` (the rollout store), and as the
 job goes `metrics.jsonl` (one JSON object of scalars per trainer step or eval, with its `step`),
 `summary.json` (at the end), `config.yaml`, and `analysis.sqlite` once something was replayed,
-rescored or branched. The viewer reads these files and writes none.
+rescored or branched. The viewer reads these files and writes none (SQLite may add its -wal/-shm side
+files beside a store no job has open).
 `Runs("runs/demo")` is one run (named "demo") when that directory holds rollouts.sqlite; `Runs("runs")`
 is every subdirectory holding one, and new ones appear while it is open (tests/cwm_rl/viewer/test_app.py).
 """

@@ -37,8 +37,40 @@ class DeclaredClock(Clock):
     replay_may_differ = {"info.checked_at": "the time of the check"}
 
 
+class Broken(SingleTurnEnv):
+    """A verifier that raises on every answer once `broken=True`."""
+
+    def __init__(self, broken: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.broken = broken
+
+    def sample_task(self, rng):
+        return Task(id="broken-1", prompt="Say yes.", answer="yes")
+
+    def score(self, task, action):
+        if self.broken:
+            raise KeyError("verdict")
+        return float(action == task.answer), {}
+
+
+class FewShot(SingleTurnEnv):
+    """Its first observation holds an example answer in the assistant role, as few-shot prompts do."""
+
+    def sample_task(self, rng):
+        return Task(id="few-shot", prompt="Say yes.", answer="yes")
+
+    def first_messages(self, task):
+        return [{"role": "user", "content": "Say no."}, {"role": "assistant", "content": "no"},
+                {"role": "user", "content": task.prompt}]
+
+    def score(self, task, action):
+        return float(action == task.answer), {}
+
+
 gym.register(id="test_replay/Clock-v0", entry_point=Clock)
 gym.register(id="test_replay/DeclaredClock-v0", entry_point=DeclaredClock)
+gym.register(id="test_replay/Broken-v0", entry_point=Broken)
+gym.register(id="test_replay/FewShot-v0", entry_point=FewShot)
 
 
 def test_math_replays_identically_and_a_changed_record_is_named(scripted):
@@ -174,3 +206,21 @@ def test_the_cli_replays_many_rescores_with_an_imported_verifier_and_never_write
     results = open_results(tmp_path)
     assert len(results.replays(limit=100)) == 8 and results.rescore_sets()[0].num_flipped == 3
     results.close()
+
+
+def test_a_verifier_that_now_raises_is_an_error_not_a_flip_and_a_recorded_crash_that_recurs_is_identical(scripted):
+    t = scripted("test_replay/Broken-v0", ["yes"], seed=0)
+    assert t.return_ == 1.0
+    rescore_set, (result,) = rescore([t], env_kwargs={"broken": True})
+    assert result.new_return is None and not result.flipped and "KeyError" in result.error
+    assert (rescore_set.num_errors, rescore_set.num_flipped, rescore_set.mean_return_after) == (1, 0, None)
+    # Recorded as the agent loop records a crash; the replay crashes the same way: nothing diverged.
+    crashed = t.model_copy(update={"finish_reason": "env_error", "error": "env step raised KeyError: 'verdict'",
+                                   "terminated": False, "env_kwargs": {"broken": True}})
+    assert replay(crashed).identical
+
+
+def test_assistant_messages_sent_by_the_env_are_not_taken_for_actions(scripted):
+    t = scripted("test_replay/FewShot-v0", ["yes"], seed=0)
+    assert t.messages_before_turn(0) == 3 and [m.role for m in t.messages] == ["user", "assistant", "user", "assistant"]
+    assert replay(t).identical

@@ -159,23 +159,37 @@ def test_ambiguous_prefix_is_a_400(client, run_dir):
 
 
 def test_nothing_is_written(tmp_path):
+    """Every page answers, and no file of the run changes; SQLite's own -wal/-shm files are all a reader adds."""
     run = build_demo(tmp_path / "run", num_steps=3, tokenizer=False)
     with RolloutStore(run):  # a clean close checkpoints the WAL: the main file then holds everything
         pass
     files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
     with ViewerServer(run) as url, httpx.Client(base_url=url) as c:
         rows = c.get("/api/r/run/trajectories").json()["rows"]
-        for r in rows[:5]:
-            c.get(f"/api/r/run/trajectories/{r[1]}")
-            c.get(f"/api/r/run/groups/{r[5]}")
-        c.get("/api/r/run/analysis")
-        c.get("/api/r/run/stats")
-        c.get("/api/r/run/trajectories", params={"q": "correct"})
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file() and p.name in files}
-    assert after == files
+        paths = [f"/api/r/run/trajectories/{r[1]}" for r in rows[:5]] + [f"/api/r/run/groups/{r[5]}" for r in rows[:5]]
+        paths += ["/api/r/run/analysis", "/api/r/run/stats", "/api/r/run/trajectories?q=correct"]
+        for path in paths:
+            assert c.get(path).status_code == 200, path
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir() if p.is_file()}
+    assert {name: digest for name, digest in after.items() if name in files} == files
+    assert {name for name in after if name not in files} <= {f"{db}.sqlite-{ext}" for db in ("rollouts", "analysis") for ext in ("wal", "shm")}
     conn = queries.connect(run / "rollouts.sqlite")
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         conn.execute("DELETE FROM trajectories")
+
+
+def test_a_store_from_before_training_records_is_shown_as_it_is(tmp_path):
+    """Schema version 1 (no training table): every page answers; advantages are the group's, computed."""
+    run = build_demo(tmp_path / "run", num_steps=2, tokenizer=False, analysis=False)
+    with sqlite3.connect(run / "rollouts.sqlite") as conn:
+        conn.execute("DROP TABLE training")
+        conn.execute("PRAGMA user_version = 1")
+    with ViewerServer(run) as url, httpx.Client(base_url=url) as c:
+        rows = c.get("/api/r/run/trajectories", params={"status": "trained"}).json()["rows"]
+        assert rows
+        page = c.get(f"/api/r/run/trajectories/{rows[0][1]}")
+        assert page.status_code == 200 and page.json()["training"] is None
+        assert c.get(f"/api/r/run/groups/{rows[0][5]}").status_code == 200
 
 
 def test_a_store_from_a_newer_cwm_rl_is_refused_at_start(tmp_path):

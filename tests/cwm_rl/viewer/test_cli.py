@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,9 +14,7 @@ import pytest
 from cwm_rl.cli.view import check_host
 from cwm_rl.viewer.demo import build_demo
 
-# The command as `cwm-rl view` runs it, through cwm_rl.cli.main's error handling, whether or not it is registered yet.
-RUN_VIEW = ("import typer, cwm_rl.cli as cli; from cwm_rl.cli.view import view; "
-            "cli.app = typer.Typer(); cli.app.command()(view); cli.main()")
+CLI = str(Path(sys.executable).with_name("cwm-rl"))
 
 
 def _free_port() -> int:
@@ -27,7 +26,7 @@ def _free_port() -> int:
 def test_serves_the_page_and_api(tmp_path):
     run = build_demo(tmp_path / "demo", num_steps=2, tokenizer=False, analysis=False)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", RUN_VIEW, str(run), "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([CLI, "view", str(run), "--port", str(port)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -40,6 +39,9 @@ def test_serves_the_page_and_api(tmp_path):
                 time.sleep(0.2)
         assert page.status_code == 200 and "cwm-rl viewer" in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/api/runs").json()["runs"][0]["name"] == "demo"
+        # A page on another site that rebinds its DNS name to 127.0.0.1 still sends its own Host: refused.
+        rebound = httpx.get(f"http://127.0.0.1:{port}/api/runs", headers={"Host": f"evil.example:{port}"})
+        assert rebound.status_code == 400
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -59,7 +61,7 @@ def test_bad_input_is_one_line(tmp_path, args, words):
         busy.listen()
         values = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "run": run, "busy": busy.getsockname()[1]}
         argv = [a.format(**values) for a in args]
-        out = subprocess.run([sys.executable, "-c", RUN_VIEW, *argv], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([CLI, "view", *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], out.stderr
