@@ -89,7 +89,8 @@ def _prefix(t: Trajectory, turn: int):
 
 def _env_at(t: Trajectory, turn: int, server: str | None, token: str | None) -> Any:
     """A fresh env reset like the record and stepped with its turns < `turn`, each step checked against the record."""
-    head = t.model_copy(update={"turns": t.turns[:turn], "finish_reason": "max_turns", "terminated": False, "truncated": False})
+    head = t.model_copy(update={"turns": t.turns[:turn], "messages": t.messages[:t.messages_before_turn(turn)],
+                                "finish_reason": "max_turns", "terminated": False, "truncated": False})
     try:
         env = open_env(head, server=server, token=token)
     except ReplayError as e:

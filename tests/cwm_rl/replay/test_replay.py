@@ -224,3 +224,21 @@ def test_assistant_messages_sent_by_the_env_are_not_taken_for_actions(scripted):
     t = scripted("test_replay/FewShot-v0", ["yes"], seed=0)
     assert t.messages_before_turn(0) == 3 and [m.role for m in t.messages] == ["user", "assistant", "user", "assistant"]
     assert replay(t).identical
+
+
+def test_branch_rebuilds_the_env_at_a_turn_and_refuses_a_prefix_that_diverges(scripted):
+    """What `rollouts branch` does before generating (no model needed): replay turns < K on a fresh env and check them."""
+    from cwm_rl.replay.branch import BranchError, _env_at
+
+    task = Task(id="echo-3", prompt="Repeat exactly: apple", answer=["apple", "river", "stone"])
+    t = scripted("cwm_rl/Echo-v0", ["apple", "nope", "stone"], task=task, env_kwargs={"num_rounds": 3})
+    env = _env_at(t, 2, None, None)  # reset + turns 0 and 1 replayed and checked
+    try:
+        observation, reward, terminated, *_ = env.step(t.turns[2].action)
+        assert (reward, terminated) == (1.0, True)
+    finally:
+        env.close()
+    tampered = t.model_copy(deep=True)
+    tampered.turns[0].reward = 0.0
+    with pytest.raises(BranchError, match=r"replaying turns < 2 .*\(turn 0: reward 0.0 -> 1.0\)"):
+        _env_at(tampered, 2, None, None)
