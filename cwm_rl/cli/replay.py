@@ -152,6 +152,7 @@ def rescore(
                           "flipped": [r.trajectory_id for r in results if r.flipped],
                           "results": [{**r.model_dump(mode="json", exclude={"new_info"}), "flipped": r.flipped} for r in results]}, indent=2))
         _save(run_dir, lambda store: store.add_rescore(rescore_set, results))
+        _none_replayed(results)
         return
     console = make_console()
     console.print(f"[bold]rescore {rescore_set.rescore_id[:10]}[/] ({escape(rescore_set.label)}): {rescore_set.num_trajectories} "
@@ -173,6 +174,13 @@ def rescore(
         console.print(table)
     _save(run_dir, lambda store: store.add_rescore(rescore_set, results))
     console.print(f"kept in {escape(str(Path(run_dir) / 'analysis.sqlite'))}; the originals are unchanged")
+    _none_replayed(results)
+
+
+def _none_replayed(results: list) -> None:
+    """A rescore in which nothing could be replayed is bad input (a kwarg the env does not take, a missing --import)."""
+    if results and all(r.error for r in results):
+        raise ValueError(f"none of the {len(results)} trajectories could be replayed; the first: {results[0].error}")
 
 
 def branch(

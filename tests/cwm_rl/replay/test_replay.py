@@ -207,6 +207,11 @@ def test_the_cli_replays_many_rescores_with_an_imported_verifier_and_never_write
     assert len(results.replays(limit=100)) == 8 and results.rescore_sets()[0].num_flipped == 3
     results.close()
 
+    # A change no trajectory can be replayed with is bad input, not an empty result.
+    typo = _cli("rescore", str(tmp_path), "--kwarg", "wrong_rewrd=0", cwd=tmp_path)
+    assert typo.returncode == 2 and "none of the 6 trajectories could be replayed" in typo.stderr, typo.stderr
+    assert "unexpected keyword argument 'wrong_rewrd'" in typo.stderr
+
 
 def test_a_verifier_that_now_raises_is_an_error_not_a_flip_and_a_recorded_crash_that_recurs_is_identical(scripted):
     t = scripted("test_replay/Broken-v0", ["yes"], seed=0)
