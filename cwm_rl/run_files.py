@@ -36,8 +36,8 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def find_model_dir(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The model the run started from: config.yaml's model.path, else RUN_DIR/model/sft, else model/init;
-    then the newest published version. None when none of them holds a config.json."""
+    """The model the run started from (`find_start_model`), else its newest published version; None when
+    the run has neither on disk."""
     versions = published_versions(run_dir)
     return find_start_model(run_dir) or (versions[max(versions)] if versions else None)
 

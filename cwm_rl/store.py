@@ -296,16 +296,8 @@ class RolloutStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, all or nothing; returns only after COMMIT succeeded."""
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._connection()) as conn:
+            yield conn
 
     def add(self, trajectories: Trajectory | Iterable[Trajectory], status: str = "buffered") -> int:
         """Store trajectories in one transaction; once this returns they survive the process being killed.
@@ -525,6 +517,20 @@ class RolloutStore:
 
     def __repr__(self) -> str:
         return f"RolloutStore({str(self.path)!r})"
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT on a connection with isolation_level=None: all or nothing, rolled back on any
+    error (also in the analysis store, cwm_rl/replay/results.py). The caller holds the connection's lock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _encode(t: Trajectory, status: str, stored_at: float) -> tuple:

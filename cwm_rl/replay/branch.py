@@ -30,7 +30,7 @@ async def branch(trajectory: Trajectory, *, turn: int, model_dir: str | Path, n:
                  token: str | None = None) -> tuple[BranchSet, list[Trajectory]]:
     """N continuations of `trajectory` from turn `turn` with the model in `model_dir` (see the module docstring)."""
     from cwm_rl.config import JobConfig
-    from rollout_workers.agent_loop import EpisodePrefix, run_episode
+    from rollout_workers.agent_loop import run_episode
     from rollout_workers.engine import RolloutEngine
 
     t = trajectory
@@ -47,30 +47,25 @@ async def branch(trajectory: Trajectory, *, turn: int, model_dir: str | Path, n:
                            policy_version=policy_version, prefix_tokens=prefix.num_tokens, temperature=sampling.temperature,
                            original_return=t.return_)
     envs: list[Any] = []
-    try:
+    engine = None
+    try:  # whatever fails, every env made is closed (an SWE env holds a container) and the engine stopped
         for _ in range(n):
             envs.append(await asyncio.to_thread(_env_at, t, turn, server, token))
-    except BaseException:
-        for env in envs:  # an SWE env holds a container: never leave one behind
-            await asyncio.to_thread(env.close)
-        raise
-    try:
-        engine = RolloutEngine(config.rollout.engine.model_copy(update={"model": str(model_dir), "seed": config.seed}),
-                               version=policy_version or 0)
-    except Exception as e:
-        for env in envs:
-            env.close()
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BranchError(f"vLLM could not load the model in {model_dir} ({type(e).__name__}: {reason}); pass a policy "
-                          "version the run still keeps (RUN_DIR/weights) or a complete Hugging Face model directory") from None
-    try:
+        try:
+            engine = RolloutEngine(config.rollout.engine.model_copy(update={"model": str(model_dir), "seed": config.seed}),
+                                   version=policy_version or 0)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise BranchError(f"vLLM could not load the model in {model_dir} ({type(e).__name__}: {reason}); pass a policy "
+                              "version the run still keeps (RUN_DIR/weights) or a complete Hugging Face model directory") from None
         continuations = await asyncio.gather(*(
             run_episode(engine, env, env_id=t.env_id, sampling=sampling, limits=limits, task=t.task, seed=t.seed,
                         env_kwargs=t.env_kwargs, prefix=prefix,
                         ids={"run_id": t.run_id, "group_id": branch_set.branch_id, "sample_index": i})
             for i, env in enumerate(envs)))
     finally:
-        engine.shutdown()
+        if engine is not None:
+            engine.shutdown()
         for env in envs:
             await asyncio.to_thread(env.close)
     branch_set.returns = [c.return_ for c in continuations]

@@ -37,7 +37,7 @@ def replay(trajectory: Trajectory, *, server: str | None = None, token: str | No
     t = trajectory
     kwargs = {**t.env_kwargs, **(env_kwargs or {})}
     try:
-        env = open_env(t, server=server, token=token, env_kwargs=env_kwargs)
+        env = open_env(t, server=server, token=token, env_kwargs=kwargs)
     except ReplayError as e:
         return ReplayReport(trajectory_id=t.trajectory_id, env_id=t.env_id, task_id=t.task_id, target=server or "in-process",
                             env_kwargs=kwargs, recorded_return=t.return_, error=str(e))

@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cwm_rl.store import write_transaction
 from cwm_rl.types import Trajectory, new_id
 
 ANALYSIS_FILE = "analysis.sqlite"
@@ -234,16 +235,8 @@ class AnalysisStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._lock, write_transaction(self._connection()) as conn:
+            yield conn
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
