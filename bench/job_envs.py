@@ -127,12 +127,13 @@ class PhaseTimer:
         setattr(owner, attr, timed)
 
     def __enter__(self) -> PhaseTimer:
+        import cwm_rl.loop.run as run
         import cwm_rl.loop.workers as workers
-        import trainer.train
+        import trainer.group
 
-        self.wrap(workers, "start_ray", "ray_start_s")
+        self.wrap(run, "start_ray", "ray_start_s")
         self.wrap(workers.RolloutWorkers, "start_engines", "worker_engine_start_s")
-        self.wrap(trainer.train.Trainer, "__init__", "trainer_init_s")
+        self.wrap(trainer.group.TrainerGroup, "__init__", "trainer_init_s")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,6 +28,9 @@ from rollout_workers.config import EngineConfig, EpisodeLimits, SamplingConfig
 from trainer.config import PublishConfig, TrainerConfig
 
 
+ENV_TOKEN_VAR = "CWM_RL_ENV_TOKEN"  # the env-server token `cwm-rl env serve` and the job read when none is configured
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -49,9 +52,14 @@ class EnvSpec(_Config):
     url: str | None = Field(default=None, description="Play it on this env server instead of in-process.")
     urls: list[str] = Field(default_factory=list, description="Or on these env servers: groups go round-robin, and one that stops answering is left out until its /health answers again.")
     servers: int = Field(default=0, ge=0, description="And/or on this many env servers the job starts here (`cwm-rl env serve` on 127.0.0.1); one that dies is restarted.")
-    token: str | None = Field(default=None, description="Bearer token for the env servers.")
+    token: str | None = Field(default=None, description="Bearer token for the env servers; None = the CWM_RL_ENV_TOKEN environment variable, if set (keeps the secret out of config files and run_dir/config.yaml).")
     limits: EnvLimits | None = Field(default=None, description="This env's episode limits (turns, total tokens, step deadline): the fields set here override rollout.limits. A mix of one-turn and multi-turn envs sets them per env.")
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens per turn for this env (training and eval); None = rollout.sampling.max_tokens in training, eval.max_tokens in eval.")
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token sent to (and given to) this env's servers: `token`, else $CWM_RL_ENV_TOKEN."""
+        return self.token or os.environ.get(ENV_TOKEN_VAR) or None
 
     @property
     def endpoints(self) -> list[str]:
@@ -101,6 +109,8 @@ class RolloutConfig(_Config):
         return data
 
     num_workers: int = Field(default=1, ge=1, description="Rollout worker actors (one vLLM engine each).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs Ray gives each rollout worker (1 for a GPU engine; 0 on the CPU).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each rollout worker needs, to place the workers on the nodes that offer them (e.g. {rollout: 1}).")
     group_size: int = Field(default=8, ge=1, description="Samples per task (GRPO group).")
     groups_per_request: int = Field(default=4, ge=1, description="Groups a worker plays per call (played concurrently).")
     requests_in_flight: int = Field(default=2, ge=1, description="Calls outstanding per worker: keeps the engine busy while results travel.")

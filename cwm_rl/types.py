@@ -1,4 +1,4 @@
-"""Core types shared by every part of cwm-rl: Task, Message, Turn, Trajectory.
+"""Core types shared by every part of cwm-rl: Task, Message, Turn, Trajectory, TrainingRecord, ShippedWeights.
 
 This module imports nothing else of the project (and no torch, vLLM or Ray), so an env
 server, a worker and the trainer can all depend on it. Everything is a pydantic model
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
@@ -234,3 +235,19 @@ class TrainingRecord(_Model):
             out["is_weight"][i] = self.is_weights[k]
             out["clipped"][i] = self.clipped[k]
         return out
+
+
+@dataclass(frozen=True)
+class ShippedWeights:
+    """A policy version sent through Ray's object store (`publish.backend: object_store`), for workers on any node.
+
+    `files` is a Ray ObjectRef of `{file name: bytes}`: a Hugging Face model directory (for the base model: all of
+    it; for a trained version: its config, tokenizer and chat template, the same object every time). `weights` is
+    the ObjectRef of that version's `model.safetensors` bytes, or None when `files` holds the weights. A worker
+    writes both into a directory of its own node (`rollout_workers/weights.py`) and loads it like a published dir.
+    """
+
+    version: int
+    files: Any
+    weights: Any = None
+    nbytes: int = 0  # bytes of the weights carried, for transfer metrics

@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cwm_rl.types import ShippedWeights
 from rollout_workers.agent_loop import run_group
 from rollout_workers.config import WorkerConfig
 from rollout_workers.engine import RolloutEngine
+from rollout_workers.weights import LocalWeights
 
 # "SomeError: message", after the prefixes vLLM's logger and its engine processes put before a line.
 _ERROR_LINE = re.compile(r"^(?:\([^)]*\)\s*)?(?:(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ \S+ \[[^\]]*\]\s*)?"
@@ -68,6 +70,7 @@ class RolloutWorker:
 
     def __init__(self, config: dict[str, Any]):
         self.config = WorkerConfig.model_validate(config)
+        self.local_weights: LocalWeights | None = None  # versions shipped through Ray's object store, on this node
         for path in self.config.sys_path:
             if path not in sys.path:
                 sys.path.insert(0, path)
@@ -77,24 +80,36 @@ class RolloutWorker:
         self.engine: RolloutEngine | None = None
         self._starting = asyncio.Lock()
 
-    async def _engine(self) -> RolloutEngine:
+    async def _engine(self, weights: ShippedWeights | None = None) -> RolloutEngine:
+        """The engine, started on first use: from the config's model, or from `weights` shipped through Ray's object
+        store (written into this node's directory first) when this node cannot read the driver's files."""
         async with self._starting:  # created inside the actor's event loop, once
             if self.engine is None:
+                engine_config, version = self.config.engine, 0
+                if weights is not None:
+                    path = await asyncio.to_thread(self._local_weights().materialise, weights)
+                    engine_config, version = engine_config.model_copy(update={"model": str(path)}), weights.version
                 # Blocking envs step in the loop's default thread pool (asyncio.to_thread), which holds
                 # only cpu_count + 4 threads: with 64 episodes whose steps wait on sandboxes, most would queue.
                 from concurrent.futures import ThreadPoolExecutor
 
                 workers = max(32, 2 * self.config.engine.max_num_seqs)
                 asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="env-step"))
-                self.engine = RolloutEngine(self.config.engine)
+                self.engine = RolloutEngine(engine_config, version=version)
         return self.engine
 
-    async def start_engine(self) -> int:
+    def _local_weights(self) -> LocalWeights:
+        if self.local_weights is None:
+            self.local_weights = LocalWeights()
+        return self.local_weights
+
+    async def start_engine(self, weights: ShippedWeights | None = None) -> int:
         """Start the engine now, not on the first call, so a job learns at once (and once) that it cannot
-        start; the worker's pid on success, else EngineStartError with vLLM's reason (often only in the log)."""
+        start; the worker's pid on success, else EngineStartError with vLLM's reason (often only in the log).
+        `weights`: start from these (the base model through Ray's object store) instead of the config's model."""
         logs = {path: path.stat().st_size for path in _log_files()}
         try:
-            await self._engine()
+            await self._engine(weights)
         except Exception as e:
             written = []
             for path, start in logs.items():  # what the engine processes wrote while starting, the last 64 KiB
@@ -144,9 +159,20 @@ class RolloutWorker:
         ))
         return [t.model_dump_json() for group in groups for t in group]
 
-    async def update_weights(self, version: int, path: str) -> int:
-        await (await self._engine()).update_weights(version, path)
+    async def update_weights(self, version: int, weights: str | ShippedWeights) -> int:
+        """Reload version `version` in flight: a published dir (files backend), or weights shipped through Ray's object
+        store, written into this node's directory first (in a thread: episodes keep playing meanwhile)."""
+        if isinstance(weights, ShippedWeights):
+            if self.engine is None:  # a restarted worker, on a node without the driver's files: start from these
+                await self._engine(weights)
+                return version
+            weights = str(await asyncio.to_thread(self._local_weights().materialise, weights))
+        await (await self._engine()).update_weights(version, weights)
         return version
+
+    def fetch_seconds(self) -> float:
+        """How long the last shipped version took to fetch and write (0 with the files backend)."""
+        return self.local_weights.last_fetch_s if self.local_weights is not None else 0.0
 
     async def version(self) -> int:
         return (await self._engine()).version
@@ -164,10 +190,12 @@ class RolloutWorker:
 
         close_shared_pools()
         close_shared_sandboxes()
+        if self.local_weights is not None:
+            self.local_weights.close()
 
 
-def rollout_worker_actor(num_cpus: float = 1):
-    """The Ray actor class of `RolloutWorker` (imports Ray; call after `ray.init`)."""
+def rollout_worker_actor(num_cpus: float = 1, num_gpus: float = 0, resources: dict[str, float] | None = None):
+    """The Ray actor class of `RolloutWorker` (imports Ray; call after `ray.init`); `resources` places it."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus)(RolloutWorker)
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(RolloutWorker)

@@ -4,7 +4,8 @@
 - `filters.py`: staleness, gibberish (zero-advantage groups are dropped in `batching.py`)
 - `batching.py`: Trajectories -> samples -> micro-batches packed to a token budget
 - `train.py`: `Trainer.step` (one optimiser step) and `Trainer.sft_step` (warm starts)
-- `publish.py`: publishing each policy version as a Hugging Face checkpoint for the workers
+- `group.py`: `TrainerGroup`, the trainer of a job as N data-parallel Ray actors (rank 0 publishes)
+- `publish.py`: publishing each policy version for the workers (HF checkpoint dirs, or Ray's object store)
 - `checkpoint.py`: resumable checkpoints (model, optimiser, scheduler, RNG, data cursor)
 - `config.py`: `TrainerConfig`, every option with its default and a one-line description
 

@@ -19,8 +19,11 @@ class _Config(BaseModel):
 class PublishConfig(_Config):
     """How each new policy version reaches the rollout workers (`trainer/publish.py`; the job publishes every `every_steps` steps)."""
 
-    backend: Literal["files", "nccl"] = Field(default="files", description="files: HF checkpoint dirs on a shared or RAM filesystem; nccl: not built yet.")
-    root: str | None = Field(default=None, description="Directory versions are published into; None means <run_dir>/weights (use /dev/shm/... for same-host workers).")
+    backend: Literal["files", "object_store", "nccl"] = Field(
+        default="files",
+        description="files: HF checkpoint dirs on a shared or RAM filesystem (one machine); object_store: each version travels "
+                    "through Ray's object store to workers on any node, no shared path (a Ray cluster); nccl: not built yet.")
+    root: str | None = Field(default=None, description="Directory versions are published into (files backend); None means <run_dir>/weights (use /dev/shm/... for same-host workers).")
     every_steps: int = Field(default=1, ge=1, description="Publish after every this many optimiser steps.")
     keep_last: int = Field(default=3, ge=1, description="Published versions kept on disk; older ones are deleted.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Dtype of published weights; auto keeps the trainer's (bfloat16 suits a GPU engine).")
@@ -108,6 +111,10 @@ class TrainerConfig(_Config):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in backward (less memory, ~30% slower).")
     keep_checkpoints: int = Field(default=2, ge=1, description="Checkpoints kept on disk (the newest).")
     seed: int = Field(default=0, description="Seed of the trainer's RNGs.")
+    num_workers: int = Field(default=1, ge=1, description="Trainer ranks in a job: Ray actors taking data-parallel steps (gloo on CPU, nccl on GPU); the driver only orchestrates.")
+    num_cpus: float = Field(default=1, ge=0, description="CPUs Ray reserves for each trainer actor (its torch threads are the job's trainer_threads).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs Ray gives each trainer actor (1 on a GPU cluster; 0 trains on the CPU).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each trainer actor needs, to place it on the nodes that offer them (e.g. {trainer: 1}); the driver's node by default.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:

@@ -26,7 +26,13 @@ Why it is built this way:
 
 One publisher per root (trainer rank 0). Versions must increase, also across restarts: a new
 publisher reads the versions already under root. For workers on the same host, put root on
-/dev/shm (a RAM filesystem). The `nccl` backend (broadcast into GPU workers) is not built yet.
+/dev/shm (a RAM filesystem).
+
+For workers on other nodes with no shared path, `ObjectStorePublisher` (`publish.backend:
+object_store`) puts each version into Ray's object store instead and returns a `ShippedWeights`;
+a worker writes it into a directory of its own node (`rollout_workers/weights.py`) and reloads
+that. `ship_model_dir` sends the base model the same way. The `nccl` backend (broadcast into GPU
+workers) is not built yet.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cwm_rl.types import ShippedWeights
 from trainer.config import PublishConfig
 
 logger = logging.getLogger(__name__)
@@ -63,36 +70,90 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 Subscriber = Callable[[int, Path], None]
 
 
-class WeightPublisher:
-    """Publishes policy versions under `root` as complete HF checkpoint dirs (see the module docstring)."""
+class Publisher:
+    """What both backends share: the base model's shapes and static files, and a state dict made into the
+    tensors `save_pretrained` would write (checkpoint names, no tied aliases, the publish dtype)."""
 
-    def __init__(self, root: str | Path, *, base_model_dir: str | Path, keep_last: int = 3, fsync: bool = False,
-                 dtype: torch.dtype | str | None = None):
+    def __init__(self, *, base_model_dir: str | Path, keep_last: int = 3, dtype: torch.dtype | str | None = None):
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least 1 published version")
-        self.root = Path(root)
         self.base_model_dir = Path(base_model_dir)
         if not (self.base_model_dir / "config.json").is_file():
             raise ValueError(f"base_model_dir {self.base_model_dir} has no config.json: pass the HF model dir the trainer loaded")
         self.keep_last = keep_last
-        self.fsync = fsync
         self.dtype = _resolve_dtype(dtype)
+        self.latest_version: int | None = None
+        self._closed = False
+        self._model_config = json.loads((self.base_model_dir / "config.json").read_text())
+        self._tie_word_embeddings = bool(self._model_config.get("tie_word_embeddings", False))
+        self._expected_shapes = _checkpoint_shapes(self.base_model_dir)  # None if the base has no safetensors
+
+    def _check_version(self, version: int, where: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"the weights publisher for {where} is closed; make a new one to publish again")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        if self.latest_version is not None and version <= self.latest_version:
+            raise ValueError(f"cannot publish weights version {version} to {where}: version {self.latest_version} "
+                             f"is already published and versions must increase. Publish {(self.latest_version or 0) + 1} or "
+                             "higher, or use a fresh publish root")
+
+    def static_files(self) -> dict[str, bytes]:
+        """The base dir's non-weight files (config, generation config, tokenizer, chat template), with config.json
+        naming the publish dtype: a fresh vLLM engine takes its dtype from it."""
+        files = {source.name: source.read_bytes() for source in sorted(self.base_model_dir.iterdir())
+                 if source.is_file() and not _is_weight_or_training_state(source.name)}
+        if self.dtype is not None:
+            model_config = dict(self._model_config)
+            dtype_name = str(self.dtype).removeprefix("torch.")
+            model_config["dtype"] = dtype_name
+            if "torch_dtype" in model_config:
+                model_config["torch_dtype"] = dtype_name
+            files["config.json"] = (json.dumps(model_config, indent=2, sort_keys=True) + "\n").encode()
+        return files
+
+    def _checkpoint_tensors(self, state: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors `save_pretrained` would write: checkpoint names, no tied aliases, contiguous CPU copies."""
+        if isinstance(state, torch.nn.Module):
+            state = _module_state_dict(state)
+        state = _strip_wrapper_prefixes(dict(state))
+        expected = self._expected_shapes
+        if self._tie_word_embeddings and "lm_head.weight" in state and (expected is None or "lm_head.weight" not in expected):
+            del state["lm_head.weight"]  # tied to the input embeddings; save_pretrained does not write it
+        if expected is not None:
+            _drop_aliases_not_in(state, expected)
+            mismatch = describe_mismatch({n: t.shape for n, t in state.items()}, expected, "state dict", "base model")
+            if mismatch:
+                raise ValueError(f"the weights to publish do not match the base model {self.base_model_dir}: {mismatch}. "
+                                 "Pass the trained model, or its own state_dict(), of the base model's architecture")
+        out = {}
+        for name, tensor in state.items():
+            tensor = tensor.detach()
+            if self.dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(self.dtype)
+            out[name] = tensor.to("cpu").contiguous()
+        return out
+
+
+class WeightPublisher(Publisher):
+    """Publishes policy versions under `root` as complete HF checkpoint dirs (see the module docstring)."""
+
+    def __init__(self, root: str | Path, *, base_model_dir: str | Path, keep_last: int = 3, fsync: bool = False,
+                 dtype: torch.dtype | str | None = None):
+        super().__init__(base_model_dir=base_model_dir, keep_last=keep_last, dtype=dtype)
+        self.root = Path(root)
+        self.fsync = fsync
         self._subscribers: list[Subscriber] = []
         self._pruner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-prune")
-        self._closed = False
-
-        model_config = json.loads((self.base_model_dir / "config.json").read_text())
-        self._tie_word_embeddings = bool(model_config.get("tie_word_embeddings", False))
-        self._expected_shapes = _checkpoint_shapes(self.base_model_dir)  # None if the base has no safetensors
 
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(TMP_PREFIX + "*"):  # from a publisher that crashed mid-write
             _remove(leftover)
-        self._static_files = self._copy_static_files(model_config)
+        self._static_files = self._copy_static_files()
         existing = [version for version, _ in _version_dirs(self.root)]
         latest = latest_published(self.root)
         known = existing + ([latest[0]] if latest else [])
-        self.latest_version: int | None = max(known) if known else None
+        self.latest_version = max(known) if known else None
 
     def subscribe(self, callback: Subscriber) -> None:
         """Call `callback(version, path)` in this process after each publish (e.g. a local engine reload)."""
@@ -100,15 +161,8 @@ class WeightPublisher:
 
     def publish(self, version: int, state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -> Path:
         """Write `state_dict` (a model's `state_dict()`, or the model) as version `version`; returns its dir."""
-        if self._closed:
-            raise RuntimeError(f"the weights publisher for {self.root} is closed; make a new one to publish again")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        self._check_version(version, str(self.root))
         final = self.root / f"v{version:08d}"
-        if self.latest_version is not None and version <= self.latest_version:
-            raise ValueError(f"cannot publish weights version {version} under {self.root}: version {self.latest_version} "
-                             f"is already published and versions must increase. Publish {(self.latest_version or 0) + 1} or "
-                             "higher, or use a fresh publish root")
         tensors = self._checkpoint_tensors(state_dict)
 
         tmp = self.root / f"{TMP_PREFIX}v{version}-{os.getpid()}"
@@ -141,42 +195,13 @@ class WeightPublisher:
         self._closed = True
         self._pruner.shutdown(wait=True)
 
-    def _checkpoint_tensors(self, state: Mapping[str, torch.Tensor] | torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors `save_pretrained` would write: checkpoint names, no tied aliases, contiguous CPU copies."""
-        if isinstance(state, torch.nn.Module):
-            state = _module_state_dict(state)
-        state = _strip_wrapper_prefixes(dict(state))
-        expected = self._expected_shapes
-        if self._tie_word_embeddings and "lm_head.weight" in state and (expected is None or "lm_head.weight" not in expected):
-            del state["lm_head.weight"]  # tied to the input embeddings; save_pretrained does not write it
-        if expected is not None:
-            _drop_aliases_not_in(state, expected)
-            mismatch = describe_mismatch({n: t.shape for n, t in state.items()}, expected, "state dict", "base model")
-            if mismatch:
-                raise ValueError(f"the weights to publish do not match the base model {self.base_model_dir}: {mismatch}. "
-                                 "Pass the trained model, or its own state_dict(), of the base model's architecture")
-        out = {}
-        for name, tensor in state.items():
-            tensor = tensor.detach()
-            if self.dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(self.dtype)
-            out[name] = tensor.to("cpu").contiguous()
-        return out
-
-    def _copy_static_files(self, model_config: dict) -> list[Path]:
-        """Copy the base dir's non-weight files into root/.static once; every version hard-links them."""
+    def _copy_static_files(self) -> list[Path]:
+        """Write the base dir's non-weight files into root/.static once; every version hard-links them."""
         static = self.root / STATIC_DIR
         _remove(static)
         static.mkdir()
-        for source in sorted(self.base_model_dir.iterdir()):
-            if source.is_file() and not _is_weight_or_training_state(source.name):
-                shutil.copy2(source, static / source.name)
-        if self.dtype is not None:  # a fresh vLLM engine takes its dtype from config.json
-            dtype_name = str(self.dtype).removeprefix("torch.")
-            model_config["dtype"] = dtype_name
-            if "torch_dtype" in model_config:
-                model_config["torch_dtype"] = dtype_name
-            (static / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        for name, data in self.static_files().items():
+            (static / name).write_bytes(data)
         return sorted(static.iterdir())
 
     def _write_latest(self, version: int, path: Path) -> None:
@@ -197,15 +222,62 @@ class WeightPublisher:
             logger.exception("could not delete old weights versions under %s", self.root)
 
 
-def make_publisher(config: PublishConfig, base_model_dir: str | Path, root: str | Path) -> WeightPublisher:
+class ObjectStorePublisher(Publisher):
+    """Publishes each version into Ray's object store, for workers on any node of the cluster (no shared path).
+
+    `publish(version, state_dict)` serialises the weights to safetensors bytes in memory and puts them in the
+    object store once; it returns a `ShippedWeights` that the driver hands to every worker, which fetches it
+    (from another node: Ray's object transfer) and writes it into a directory of its own (`rollout_workers/
+    weights.py`). The config and tokenizer files are put once and shared by every version. This process owns
+    the objects: the newest `keep_last` versions stay referenced here, so a worker that restarts can fetch the
+    current one; older ones are freed. Needs `ray.init` (the trainer's Ray actor has it)."""
+
+    def __init__(self, *, base_model_dir: str | Path, keep_last: int = 2, dtype: torch.dtype | str | None = None):
+        import ray
+
+        super().__init__(base_model_dir=base_model_dir, keep_last=keep_last, dtype=dtype)
+        self._files = ray.put(self.static_files())
+        self._kept: list[ShippedWeights] = []
+
+    def publish(self, version: int, state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -> ShippedWeights:
+        import ray
+        from safetensors.torch import save
+
+        self._check_version(version, "Ray's object store")
+        data = save(self._checkpoint_tensors(state_dict), metadata={"format": "pt"})
+        shipped = ShippedWeights(version=version, files=self._files, weights=ray.put(data), nbytes=len(data))
+        self._kept = [*self._kept, shipped][-self.keep_last:]
+        self.latest_version = version
+        return shipped
+
+    def close(self) -> None:
+        self._closed = True
+        self._kept = []
+
+
+def ship_model_dir(model_dir: str | Path, version: int = 0) -> ShippedWeights:
+    """A whole HF model directory as one object (its weights included), e.g. the base model the workers start from
+    when they share no filesystem with the driver. The caller keeps the result referenced while workers may need it."""
+    import ray
+
+    files = {p.name: p.read_bytes() for p in sorted(Path(model_dir).iterdir())
+             if p.is_file() and not p.name.startswith(TRAINING_STATE_PREFIXES + (".",))}
+    nbytes = sum(len(data) for name, data in files.items() if name.endswith(".safetensors"))
+    return ShippedWeights(version=version, files=ray.put(files), nbytes=nbytes)
+
+
+def make_publisher(config: PublishConfig, base_model_dir: str | Path, root: str | Path) -> WeightPublisher | ObjectStorePublisher:
     """The publisher `config` asks for. `root` is the default location (<run_dir>/weights); `config.root` overrides it."""
     if config.backend == "nccl":
         raise NotImplementedError(
             "publish.backend 'nccl' is not built yet: it needs GPUs and vLLM's weight-transfer engine to broadcast "
             "weights into the workers. Use publish.backend: files with publish.root on /dev/shm (e.g. "
-            "/dev/shm/cwm-rl/<run>/weights) for fast same-host sync, or on a shared filesystem across hosts")
+            "/dev/shm/cwm-rl/<run>/weights) for fast same-host sync, or publish.backend: object_store across hosts")
+    dtype = None if config.dtype == "auto" else config.dtype
+    if config.backend == "object_store":
+        return ObjectStorePublisher(base_model_dir=base_model_dir, keep_last=config.keep_last, dtype=dtype)
     return WeightPublisher(config.root or root, base_model_dir=base_model_dir, keep_last=config.keep_last,
-                           fsync=config.fsync, dtype=None if config.dtype == "auto" else config.dtype)
+                           fsync=config.fsync, dtype=dtype)
 
 
 def latest_published(root: str | Path) -> tuple[int, Path] | None:

@@ -83,6 +83,7 @@ class StepResult:
     trained_ids: list[str] = field(default_factory=list)  # trajectories whose tokens were trained on
     dropped_ids: dict[str, list[str]] = field(default_factory=dict)  # reason (stale, gibberish, ...) -> ids
     records: list[TrainingRecord] = field(default_factory=list)  # per trained trajectory (this rank's share): for the store
+    warnings: list[str] = field(default_factory=list)  # what the trainer logged as warnings during the step (TrainerGroup fills it)
 
     @property
     def skipped(self) -> bool:

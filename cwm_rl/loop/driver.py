@@ -14,8 +14,8 @@ module that owns it:
 | store every trajectory (durable, queryable) | `cwm_rl/store.py` |
 | buffer of finished groups (step budget, backpressure) | `cwm_rl/loop/buffer.py` |
 | groups without a learning signal: warn, log, stop | `cwm_rl/loop/signal_watch.py` |
-| trainer step (filters, advantages, loss, AdamW) | `trainer/train.py` |
-| publish the new version as a HF checkpoint | `trainer/publish.py` |
+| trainer step (filters, advantages, loss, AdamW) on N Ray actors | `trainer/group.py`, `trainer/train.py` |
+| publish the new version (HF checkpoint dir, or Ray's object store) | `trainer/publish.py` |
 | held-out greedy eval | `cwm_rl/loop/evaluation.py` |
 | console, metrics.jsonl, TensorBoard, W&B, summary, plot | `cwm_rl/loop/sinks.py` |
 """
@@ -101,6 +101,8 @@ def after_step(run: Run, batch: list, result: Any) -> None:
     c, trainer, workers = run.config, run.trainer, run.workers
     run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids, result.records)
     _count_step(run, result)
+    for warning in result.warnings:
+        run.sinks.say(f"trainer: {warning}")
     if result.skipped:
         dropped = {k.removeprefix("dropped_"): v for k, v in result.metrics.items() if k.startswith("dropped_") and v}
         run.sinks.say(f"step skipped: none of {len(batch)} trajectories had a learning signal (dropped: {dropped})")
@@ -108,7 +110,7 @@ def after_step(run: Run, batch: list, result: Any) -> None:
     published = time.perf_counter()
     if trainer.step_count % c.publish.every_steps == 0:
         version = trainer.policy_version
-        workers.reload(version, run.publisher.publish(version, trainer.model.state_dict()), wait=c.mode == "sync")
+        workers.reload(version, trainer.publish(version), wait=c.mode == "sync")
     result.metrics["publish_s"] = time.perf_counter() - published
     run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
     last_eval_step = run.sinks.eval_history[-1]["step"]  # the loop evaluates before its first step
@@ -169,6 +171,7 @@ def finish(run: Run) -> dict[str, Any]:
         "policy_versions": run.trainer.policy_version,
         **run.counts.to_dict(),
         "groups_replayed_env_unavailable": run.workers.groups_replayed,
+        "rollout_worker_restarts": run.workers.restarts,
         "env_server_restarts": run.endpoints.restarts(),
         "wall_seconds": round(now - run.started, 1),
         "rl_seconds": round(now - (run.rl_started or now), 1),

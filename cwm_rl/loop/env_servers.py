@@ -105,7 +105,7 @@ class EnvServers:
                  episodes_in_flight: int | None = None, step_timeout_s: float | None = None):
         self.probe_every_s = probe_every_s
         share = -(-episodes_in_flight // spec.servers) if episodes_in_flight and spec.servers else None  # per server
-        self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.token, share,
+        self.local = [LocalEnvServer(spec.id, log_dir / f"{spec.id.replace('/', '_')}-{i}.log", env_modules, spec.bearer_token, share,
                                      step_timeout_s)
                       for i in range(spec.servers)]
         for server in self.local:
@@ -206,7 +206,7 @@ class EnvEndpoints:
             if url is None:
                 return None
         limits = self.limits[env_index].model_dump() if self.limits[env_index] is not None else None
-        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.token, "limits": limits, "max_tokens": spec.max_tokens}, url
+        return {"id": spec.id, "kwargs": spec.kwargs, "url": url, "token": spec.bearer_token, "limits": limits, "max_tokens": spec.max_tokens}, url
 
     def mark_down(self, env_index: int, url: str | None, reason: str) -> None:
         if url is not None and env_index in self.servers:

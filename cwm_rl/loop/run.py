@@ -1,7 +1,7 @@
 """Everything one run holds, and how it is set up and torn down (`setup_run`, `Run.close`).
 
 `check_run_dir(config, resume)` refuses a run dir that holds a run (unless resuming), `Run(...)`
-holds the parts, `setup_run(run, resume)` makes them (model, store, trainer, publisher, tasks,
+holds the parts, `setup_run(run, resume)` makes them (model, store, Ray, the trainer's actors, tasks,
 buffer, env servers, workers, metric files) and `run.close()` stops them; `run_job` in
 `driver.py` does exactly that around the loop.
 
@@ -30,7 +30,7 @@ from cwm_rl.loop.preflight import check_engine_config
 from cwm_rl.loop.signal_watch import SignalWatch
 from cwm_rl.loop.sinks import Counts, Sinks
 from cwm_rl.loop.tasks import TaskMix, job_tasks
-from cwm_rl.loop.workers import RolloutWorkers
+from cwm_rl.loop.workers import RolloutWorkers, start_ray
 from envs.swe_env import EPISODES_IN_FLIGHT_VAR
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class Run:
     stop_reason: str | None = None
     model_dir: Path | None = None
     store: Any = None  # cwm_rl.store.RolloutStore
-    trainer: Any = None  # trainer.train.Trainer
-    publisher: Any = None  # trainer.publish.WeightPublisher
+    trainer: Any = None  # trainer.group.TrainerGroup: the trainer's Ray actors (rank 0 publishes the weights)
+    ray_started: bool = False  # a local Ray started by this run (shut down by close)
+    shipped_model: Any = None  # the base model in Ray's object store (publish.backend: object_store), kept referenced
     tasks: TaskMix | None = None
     buffer: Buffer | None = None
     endpoints: EnvEndpoints | None = None
@@ -72,12 +73,16 @@ class Run:
         """Stop what setup started, whatever stage it reached; each part is closed even if another fails. Then no
         container of the run is left: the workers' and env servers' own are gone with them, and any a crashed
         process left are removed by the run's label."""
-        for part in (self.sinks, self.workers, self.publisher, self.store, self.endpoints, self.tasks):
+        for part in (self.sinks, self.workers, self.trainer, self.store, self.endpoints, self.tasks):
             if part is not None:
                 try:
                     part.close()
                 except Exception:
                     log.exception("closing %s failed", type(part).__name__)
+        if self.ray_started:
+            import ray
+
+            ray.shutdown()
         try:
             reap_run_containers(run_label(self.run_dir))
         except Exception:
@@ -178,22 +183,19 @@ def setup_run(run: Run, resume: bool) -> None:
     run.model_dir = bootstrap_model(c, run_dir, say, check=lambda model_dir: check_engine_config(c, model_dir))
 
     from cwm_rl.store import RolloutStore
-    from trainer.publish import latest_published, make_publisher
-    from trainer.train import Trainer
+    from trainer.group import TrainerGroup
 
     run.store = RolloutStore(run_dir)
-    run.trainer = Trainer(c.trainer, run.model_dir, run_dir=run_dir, resume=run_dir if resume else None)
-    run.publisher = make_publisher(c.publish, base_model_dir=run.model_dir, root=run_dir / "weights")
-    published = latest_published(run.publisher.root)
-    newest = run.publisher.latest_version  # LATEST, or a version dir written just before a kill
-    if resume and newest is not None and newest > run.trainer.policy_version:
-        # The run published past its last checkpoint before it stopped. Versions only grow (workers and
-        # staleness rely on it), so the resumed weights become a new version.
-        run.trainer.skip_to_version(newest + 1)
-        log.warning("resumed from step %d, but weights up to version %d were published after that checkpoint; "
-                    "publishing the resumed weights as version %d", run.trainer.step_count, newest, run.trainer.policy_version)
-        path = run.publisher.publish(run.trainer.policy_version, run.trainer.model.state_dict())
-        published = (run.trainer.policy_version, path)
+    # Ray (local, or the cluster at ray_address) holds the trainer's and the workers' actors.
+    run.sinks.set_status("starting the trainer")
+    t = c.trainer
+    run.ray_started = start_ray(c.ray_address, num_cpus=c.rollout.num_workers + t.num_workers * t.num_cpus)
+    run.trainer = TrainerGroup(t, run.model_dir, run_dir=run_dir, publish=c.publish, resume=resume, num_threads=c.trainer_threads)
+    published = run.trainer.initial_weights(resume)  # a resumed run's workers load its newest weights first
+    if c.publish.backend == "object_store":  # workers on other nodes cannot read model_dir: it travels to them
+        from trainer.publish import ship_model_dir
+
+        run.shipped_model = ship_model_dir(run.model_dir)
 
     saved = run.trainer.data_cursor or {}
     check_held_out(saved.get("held_out"), run.tasks.held_out_ids())
@@ -211,5 +213,5 @@ def setup_run(run: Run, resume: bool) -> None:
                                  limits=[c.env_limits(i) for i in range(len(c.envs))])
     run.sinks.set_status("starting rollout workers")
     run.workers = RolloutWorkers(c, run.model_dir, run.endpoints, say=say, stopping=lambda: run.stop_reason is not None,
-                                 published=(published[0], str(published[1])) if published else None)
+                                 published=published, shipped_model=run.shipped_model)
     run.sinks.open()

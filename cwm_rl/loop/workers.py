@@ -1,7 +1,7 @@
 """The job's rollout workers: Ray actors with one vLLM engine each, kept busy, restarted when they die.
 
-`RolloutWorkers(config, model_dir, endpoints, say=..., stopping=...)` starts the actors (and a
-local Ray); `fill(tasks, budget)` keeps their calls in flight, `collect(timeout)` yields finished
+`RolloutWorkers(config, model_dir, endpoints, say=..., stopping=...)` starts the actors (Ray is
+started by the run, `start_ray`); `fill(tasks, budget)` keeps their calls in flight, `collect(timeout)` yields finished
 calls as (request, trajectories), `requeue_unavailable` splits off the groups that met a dead env
 server, `reload(version, path)` makes every worker reload in flight, `close()` stops them. The
 driver's loop (`driver.py`) is the reference use; `tests/cwm_rl/loop/test_driver.py` kills a
@@ -24,6 +24,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from typing import Any
 from cwm_rl.config import EnvSpec, JobConfig, RolloutConfig
 from cwm_rl.loop.env_servers import EnvEndpoints
 from cwm_rl.loop.tasks import TaskMix
-from cwm_rl.types import Trajectory
+from cwm_rl.types import ShippedWeights, Trajectory
 from rollout_workers.config import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,22 @@ def worker_config(rollout: RolloutConfig, env: EnvSpec, model_dir: str | Path, s
     """The one place a rollout worker's config is made (`cwm-rl train` and `cwm-rl model play`). `env` is the
     worker's default env; `with_server=False` leaves out its env server (a job names one per call)."""
     engine = rollout.engine.model_copy(update={"model": str(model_dir), "seed": seed if rollout.engine.seed is None else rollout.engine.seed})
-    url, token = (env.url, env.token) if with_server else (None, None)
+    url, token = (env.url, env.bearer_token) if with_server else (None, None)
     return WorkerConfig(engine=engine, env_id=env.id, env_kwargs=env.kwargs, env_url=url, env_token=token,
                         env_modules=env_modules, sys_path=[os.getcwd()] if env_modules else [],
                         sampling=rollout.sampling, limits=rollout.limits)
 
 
-def start_ray(address: str | None, num_workers: int) -> bool:
-    """Join `address`, or start a local Ray with a CPU per core (at least one per worker). True if started here."""
+def start_ray(address: str | None, num_cpus: float) -> bool:
+    """Join `address`, or start a local Ray with a CPU per core (at least `num_cpus`, what the actors reserve).
+    True if started here. A local Ray is always a new one: a plain `ray.init()` would join whatever `ray start`
+    left running on the machine (or fail on its stale address)."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             **({} if address else {"num_cpus": max(num_workers, os.cpu_count() or 1)}))
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             **({} if address else {"num_cpus": max(math.ceil(num_cpus), os.cpu_count() or 1)}))
     return True
 
 
@@ -88,33 +91,38 @@ class Request:
     env_index: int
     url: str | None = None
     attempt: int = 0
+    incarnation: int = 0  # how many times the worker had been restarted when the call was made
 
 
 class RolloutWorkers:
     """The worker actors of a job and the calls in flight to them (see the module docstring)."""
 
     def __init__(self, config: JobConfig, model_dir: Path, endpoints: EnvEndpoints, *, say: Callable[[str], None],
-                 stopping: Callable[[], bool], published: tuple[int, str] | None = None):
+                 stopping: Callable[[], bool], published: tuple[int, Any] | None = None, shipped_model: ShippedWeights | None = None):
+        """`published`: the version the workers must load before they play (a resumed run); `shipped_model`: the base
+        model through Ray's object store (publish.backend: object_store), for workers that cannot read `model_dir`."""
         from rollout_workers.actor import rollout_worker_actor
 
         self.config, self.endpoints, self.say, self.stopping = config, endpoints, say, stopping
         self.worker_config = worker_config(config.rollout, config.envs[0], model_dir, config.seed, config.env_modules,
                                            with_server=False).model_dump()
         self.actors: list[Any] = []
-        self.started_ray = start_ray(config.ray_address, config.rollout.num_workers)
         self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
         self.replays: deque[Request] = deque()  # groups to play again: their env server was unreachable
         self.reloads: list[Any] = []  # update_weights calls not yet waited for
-        self.published = published or (0, str(model_dir))  # (version, path) the workers should hold
+        self.published = published or (0, shipped_model or str(model_dir))  # (version, weights) the workers should hold
         self.lost: str | None = None  # why a worker is gone for good (the job stops)
         self.groups_replayed = 0
+        self.restarts = 0  # rollout workers Ray restarted during the job
+        self.incarnations = [0] * config.rollout.num_workers
         try:
             # The run's container label and SWE pool size reach workers on other nodes too (a local Ray inherits them).
             job_env = {k: os.environ[k] for k in ("CWM_RL_RUN_ID", "CWM_RL_EPISODES_IN_FLIGHT") if k in os.environ}
-            worker_class = rollout_worker_actor(num_cpus=1).options(max_restarts=WORKER_RESTARTS,
-                                                                    runtime_env={"env_vars": job_env})
-            self.actors = [worker_class.remote(self.worker_config) for _ in range(config.rollout.num_workers)]
-            self.start_engines(model_dir)
+            r = config.rollout
+            worker_class = rollout_worker_actor(num_cpus=1, num_gpus=r.num_gpus, resources=r.resources).options(
+                max_restarts=WORKER_RESTARTS, runtime_env={"env_vars": job_env})
+            self.actors = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
+            self.start_engines(model_dir, shipped_model)
             if self.published[0] > 0:  # resumed: the workers start from the base model, bring them up to date
                 self.reload(*self.published, wait=True)
         except BaseException:
@@ -173,15 +181,20 @@ class RolloutWorkers:
                 trajectories = [Trajectory.model_validate_json(j) for j in ray.get(ref)]
             except Exception as e:  # the worker died: Ray restarts it; play the same tasks again
                 w = request.worker
-                log.warning("rollout worker %d failed (%s: %s); re-submitting its %d groups", w, type(e).__name__, e, len(request.tasks))
-                self.say(f"worker {w} failed ({type(e).__name__}); waiting for Ray to restart it, then re-submitting "
-                         f"{len(request.tasks)} groups")
-                if not self.wait_for_worker(w, interruptible=True):
-                    if not self.stopping():  # not Ctrl-C: the worker is gone for good
-                        self.lost = (f"rollout worker {w} failed ({type(e).__name__}: {e}) and did not answer again "
-                                     f"within {WORKER_RESTART_TIMEOUT_S} s")
-                    return
-                self.reload(*self.published, only=[w])
+                if request.incarnation == self.incarnations[w]:  # the first lost call of that process: wait for its restart
+                    lost_calls = sum(1 for q in self.pending.values() if q.worker == w) + 1
+                    log.warning("rollout worker %d failed (%s: %s); re-submitting its %d calls once Ray restarted it", w,
+                                type(e).__name__, e, lost_calls)
+                    self.say(f"worker {w} failed ({type(e).__name__}); waiting for Ray to restart it (its node may be "
+                             f"coming back), then re-submitting its {lost_calls} call(s)")
+                    if not self.wait_for_worker(w, interruptible=True):
+                        if not self.stopping():  # not Ctrl-C: the worker is gone for good
+                            self.lost = (f"rollout worker {w} failed ({type(e).__name__}: {e}) and did not answer again "
+                                         f"within {WORKER_RESTART_TIMEOUT_S} s")
+                        return
+                    self.incarnations[w] += 1
+                    self.restarts += 1
+                    self.reload(*self.published, only=[w])
                 if not self._submit(w, request.tasks, request.env_index, request.attempt):
                     self.replays.append(request)
                 continue
@@ -238,12 +251,14 @@ class RolloutWorkers:
 
     # -- weights ------------------------------------------------------------------------------------
 
-    def reload(self, version: int, path: str | Path, *, wait: bool = False, only: list[int] | None = None) -> None:
-        """Every worker (or `only` these) reloads version `version` from `path` in flight; `wait` blocks until done."""
+    def reload(self, version: int, weights: str | Path | ShippedWeights, *, wait: bool = False, only: list[int] | None = None) -> None:
+        """Every worker (or `only` these) reloads version `version` in flight, from a published dir or weights shipped
+        through Ray's object store; `wait` blocks until done."""
         import ray
 
-        self.published = (version, str(path))
-        refs = [self.actors[w].update_weights.remote(version, str(path)) for w in (only or range(len(self.actors)))]
+        weights = str(weights) if isinstance(weights, Path) else weights
+        self.published = (version, weights)
+        refs = [self.actors[w].update_weights.remote(version, weights) for w in (only or range(len(self.actors)))]
         if wait:
             ray.get(refs)
         else:
@@ -262,14 +277,14 @@ class RolloutWorkers:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def start_engines(self, model_dir: Path) -> None:
+    def start_engines(self, model_dir: Path, shipped_model: ShippedWeights | None = None) -> None:
         """Start every worker's engine now. One that fails stops the job in one line (the cause, the key to
         change); every actor is killed without restart first, as a restarted one would fail the same way."""
         import ray
 
         from rollout_workers.actor import EngineStartError, root_cause
 
-        refs = [actor.start_engine.remote() for actor in self.actors]
+        refs = [actor.start_engine.remote(shipped_model) for actor in self.actors]
         for w, ref in enumerate(refs):
             try:
                 ray.get(ref)
@@ -314,11 +329,11 @@ class RolloutWorkers:
         env, url = payload
         ref = self.actors[w].run_groups.remote([s for s, _ in tasks], self.config.rollout.group_size, self.run_id,
                                                env=env, tasks=[t for _, t in tasks])
-        self.pending[ref] = Request(w, tasks, env_index, url, attempt)
+        self.pending[ref] = Request(w, tasks, env_index, url, attempt, self.incarnations[w])
         return True
 
     def close(self) -> None:
-        """Shut the engines down (a dead worker has nothing to shut down), and Ray if it was started here."""
+        """Shut the engines down (a dead worker has nothing to shut down)."""
         import ray
 
         for actor in self.actors:
@@ -326,5 +341,3 @@ class RolloutWorkers:
                 ray.get(actor.shutdown.remote(), timeout=60)
             except Exception:
                 pass
-        if self.started_ray and ray.is_initialized():
-            ray.shutdown()

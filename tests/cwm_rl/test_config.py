@@ -121,3 +121,16 @@ def test_job_engines_hold_1024_tokens_unless_told_otherwise():
     assert load_config(None, ["rollout.engine.kv_cache_gib=1"]).rollout.engine.max_model_len == 1024
     assert load_config(None, ["rollout.engine.max_model_len=300"]).rollout.engine.max_model_len == 300
     assert load_config(None).model.sft.eval_tasks == 100  # the job's warm-start default, not cwm-rl model sft's 200
+
+
+def test_env_server_token_comes_from_the_environment_and_stays_out_of_the_config(monkeypatch):
+    """A job names its env server by URL and takes the bearer token from $CWM_RL_ENV_TOKEN, so the secret is
+    never written into run_dir/config.yaml; a token in the config wins. (tests/cwm_rl/loop/test_cluster.py
+    runs a job against a server that requires it.)"""
+    monkeypatch.setenv("CWM_RL_ENV_TOKEN", "from-the-environment")
+    config = load_config(None, ["envs=[{id: cwm_rl/Math-v0, url: 'http://127.0.0.1:9'}]"])
+    assert config.envs[0].bearer_token == "from-the-environment"
+    assert "from-the-environment" not in str(config.model_dump())
+    assert load_config(None, ["envs=[{id: cwm_rl/Math-v0, token: in-the-config}]"]).envs[0].bearer_token == "in-the-config"
+    monkeypatch.delenv("CWM_RL_ENV_TOKEN")
+    assert config.envs[0].bearer_token is None

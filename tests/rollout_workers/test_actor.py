@@ -18,7 +18,7 @@ def test_actor_plays_groups_and_reloads(tiny_model, perturbed_model):
     from rollout_workers.actor import rollout_worker_actor
     from rollout_workers.config import WorkerConfig
 
-    ray.init(include_dashboard=False, num_cpus=2, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
     try:
         config = WorkerConfig(engine={"model": str(tiny_model), "max_model_len": 512}, env_id="cwm_rl/Echo-v0",
                               env_kwargs={"num_rounds": 2}, sampling={"max_tokens": 16}, limits={"max_total_tokens": 512})

@@ -67,7 +67,10 @@ class FakeTrainer:
 
     def __init__(self):
         self.step_count = self.policy_version = 0
-        self.in_step, self.refilled, self.model = False, threading.Event(), SimpleNamespace(state_dict=dict)
+        self.in_step, self.refilled = False, threading.Event()
+
+    def publish(self, version):
+        return f"v{version}"
 
     def step(self, batch):
         self.workers.fills_during_step.append(0)
@@ -80,7 +83,8 @@ class FakeTrainer:
         metrics = {"step": self.step_count}
         self.step_count += 1
         self.policy_version += 1
-        return SimpleNamespace(metrics=metrics, trained_ids=[t.trajectory_id for t in batch], dropped_ids={}, records=[], skipped=False)
+        return SimpleNamespace(metrics=metrics, trained_ids=[t.trajectory_id for t in batch], dropped_ids={}, records=[], skipped=False,
+                               warnings=[])
 
 
 class FakeBuffer(list):
@@ -107,7 +111,6 @@ def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
     run.trainer, run.workers, run.buffer = trainer, workers, FakeBuffer()
     run.store = SimpleNamespace(add=nothing, mark_dropped=nothing, mark_step=nothing)
     run.endpoints = SimpleNamespace(check=nothing)
-    run.publisher = SimpleNamespace(publish=lambda version, state: f"v{version}")
     run.signal_watch = SimpleNamespace(add=nothing, stop=False, metrics=dict)
     return run, workers, trainer
 
