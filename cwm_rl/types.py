@@ -243,7 +243,8 @@ class ShippedWeights:
 
     `files` is a Ray ObjectRef of `{file name: bytes}`: a Hugging Face model directory (for the base model: all of
     it; for a trained version: its config, tokenizer and chat template, the same object every time). `weights` is
-    the ObjectRef of that version's `model.safetensors` bytes, or None when `files` holds the weights. A worker
+    the ObjectRef of that version's `model.safetensors` as `{"header": bytes, "buffers": [uint8 arrays]}` (the file
+    is the header, then the buffers in order), or None when `files` holds the weights. A worker
     writes both into a directory of its own node (`rollout_workers/weights.py`) and loads it like a published dir.
     """
 

@@ -58,8 +58,13 @@ class LocalWeights:
         for source in files.iterdir():
             if shipped.weights is None or source.name != WEIGHTS_FILE:
                 os.link(source, tmp / source.name)
-        if shipped.weights is not None:
-            (tmp / WEIGHTS_FILE).write_bytes(ray.get(shipped.weights))
+        if shipped.weights is not None:  # the parts of a safetensors file, each written straight from Ray's shared memory
+            parts = ray.get(shipped.weights)
+            with open(tmp / WEIGHTS_FILE, "wb") as f:
+                f.write(parts["header"])
+                for buffer in parts["buffers"]:
+                    f.write(memoryview(buffer))
+            del parts
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         self._prune()

@@ -225,8 +225,9 @@ class WeightPublisher(Publisher):
 class ObjectStorePublisher(Publisher):
     """Publishes each version into Ray's object store, for workers on any node of the cluster (no shared path).
 
-    `publish(version, state_dict)` serialises the weights to safetensors bytes in memory and puts them in the
-    object store once; it returns a `ShippedWeights` that the driver hands to every worker, which fetches it
+    `publish(version, state_dict)` puts the weights into the object store once, as the parts of a safetensors
+    file (`safetensors_parts`: its header, then each tensor's bytes as a numpy view, which Ray copies out of band
+    with no serialisation; a worker writes them one after the other); it returns a `ShippedWeights` that the driver hands to every worker, which fetches it
     (from another node: Ray's object transfer) and writes it into a directory of its own (`rollout_workers/
     weights.py`). The config and tokenizer files are put once and shared by every version. This process owns
     the objects: the newest `keep_last` versions stay referenced here, so a worker that restarts can fetch the
@@ -241,11 +242,11 @@ class ObjectStorePublisher(Publisher):
 
     def publish(self, version: int, state_dict: Mapping[str, torch.Tensor] | torch.nn.Module) -> ShippedWeights:
         import ray
-        from safetensors.torch import save
 
         self._check_version(version, "Ray's object store")
-        data = save(self._checkpoint_tensors(state_dict), metadata={"format": "pt"})
-        shipped = ShippedWeights(version=version, files=self._files, weights=ray.put(data), nbytes=len(data))
+        header, buffers = safetensors_parts(self._checkpoint_tensors(state_dict), metadata={"format": "pt"})
+        shipped = ShippedWeights(version=version, files=self._files, weights=ray.put({"header": header, "buffers": buffers}),
+                                 nbytes=len(header) + sum(b.nbytes for b in buffers))
         self._kept = [*self._kept, shipped][-self.keep_last:]
         self.latest_version = version
         return shipped
@@ -253,6 +254,28 @@ class ObjectStorePublisher(Publisher):
     def close(self) -> None:
         self._closed = True
         self._kept = []
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_parts(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """(header, buffers): a safetensors file is `header` followed by the `buffers` (flat uint8 numpy views of the
+    contiguous CPU tensors, no copy) in order; `safetensors.torch.load` reads it as `tensors`. The layout is the one
+    safetensors writes itself: an 8-byte little-endian header size, the JSON header padded with spaces to 8 bytes,
+    then the data (tensors by item size descending, then by name)."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [tensors[n].reshape(-1).view(torch.uint8).numpy() for n in order]
 
 
 def ship_model_dir(model_dir: str | Path, version: int = 0) -> ShippedWeights:

@@ -238,3 +238,16 @@ def test_make_publisher_and_its_config(tmp_path, tiny_model, perturbed_state):
     with pytest.raises(ValidationError):
         PublishConfig(every_steps=0)
     assert all(field.description for field in PublishConfig.model_fields.values())
+
+
+def test_safetensors_parts_are_the_file_safetensors_writes():
+    """The object-store backend ships a version as a header plus one buffer per tensor (no serialisation); written
+    one after the other they are byte for byte the file safetensors itself writes, in every dtype a model has."""
+    from safetensors.torch import save
+
+    from trainer.publish import safetensors_parts
+
+    tensors = {"b.weight": torch.randn(3, 5), "a.bias": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
+               "d.half": torch.randn(2, 2).to(torch.float16), "mask": torch.tensor([True, False])}
+    header, buffers = safetensors_parts(tensors, metadata={"format": "pt"})
+    assert header + b"".join(bytes(b) for b in buffers) == save(tensors, metadata={"format": "pt"})
