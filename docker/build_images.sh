@@ -83,7 +83,7 @@ else
   kill -0 "$SERVER_PID" 2>/dev/null || { echo "cannot serve the wheelhouse on 127.0.0.1:$PORT (in use? set CWM_RL_WHEELS_PORT):" >&2; cat "$TMP/http.log" >&2; exit 1; }
   for target in env-server train; do
     say "docker build cwm-rl/$target:$TAG"
-    DOCKER_BUILDKIT=0 docker build --network host -f docker/Dockerfile --target "$target" -t "cwm-rl/$target:$TAG" \
+    DOCKER_BUILDKIT=0 docker build --force-rm --network host -f docker/Dockerfile --target "$target" -t "cwm-rl/$target:$TAG" \
       --build-arg "BASE=$BASE" --build-arg "WHEELS=http://127.0.0.1:$PORT" --build-arg "WHEELHOUSE=$WHEELHOUSE" \
       --build-arg "PROJECT_WHEEL=$PROJECT_WHEEL" docker >"$TMP/build.log" 2>&1 \
       || { tail -40 "$TMP/build.log" >&2; echo "docker build of cwm-rl/$target failed (above)" >&2; exit 1; }

@@ -65,6 +65,41 @@ def _log_files() -> list[Path]:
     return files
 
 
+# Runs beside a worker (its own session, so nothing that kills the worker kills it) and, once the worker is gone,
+# kills the engine processes the worker had: a worker killed with -9, or whose raylet died, cannot stop its vLLM
+# engine, and vLLM's engine processes do not notice their parent is gone. Processes are matched by pid and start time.
+_REAPER = """
+import sys, time, psutil
+def gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+worker, children = int(sys.argv[1]), [(int(p), float(t)) for p, t in (a.split(":") for a in sys.argv[2:])]
+while not gone(worker):
+    time.sleep(1)
+for pid, started in children:
+    try:
+        process = psutil.Process(pid)
+        if process.create_time() == started:
+            process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def reap_when_gone(worker_pid: int) -> None:
+    """Start the watchdog that kills the worker's child processes (its vLLM engine) once the worker is gone."""
+    import subprocess
+
+    import psutil
+
+    children = psutil.Process(worker_pid).children(recursive=True)
+    if children:
+        subprocess.Popen([sys.executable, "-c", _REAPER, str(worker_pid), *(f"{c.pid}:{c.create_time()!r}" for c in children)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class RolloutWorker:
     """Plays groups of episodes with one engine. Plain class: `rollout_worker_actor` makes it a Ray actor."""
 
@@ -96,6 +131,7 @@ class RolloutWorker:
                 workers = max(32, 2 * self.config.engine.max_num_seqs)
                 asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="env-step"))
                 self.engine = RolloutEngine(engine_config, version=version)
+                reap_when_gone(os.getpid())
         return self.engine
 
     def _local_weights(self) -> LocalWeights:

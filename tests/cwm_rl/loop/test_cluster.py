@@ -48,9 +48,16 @@ class Cluster:
         self.start("--head", f"--port={self.port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
                    f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}", *args)
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str, retry_for: float = 0) -> None:
+        """`ray start` a node; `retry_for` seconds of retries (a node coming back is refused until the head has
+        noticed that its last raylet is gone)."""
         common = [f"--node-ip-address={IP}", "--num-cpus=1", "--disable-usage-stats"]
-        r = subprocess.run([str(BIN / "ray"), "start", *common, *args], env=self.env, capture_output=True, text=True, timeout=180)
+        deadline = time.monotonic() + retry_for
+        while True:
+            r = subprocess.run([str(BIN / "ray"), "start", *common, *args], env=self.env, capture_output=True, text=True, timeout=180)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
     def raylets(self) -> list[psutil.Process]:
@@ -125,11 +132,11 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path):
              "--set", f'envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 2, operators: "+"}}, url: "http://127.0.0.1:{env_port}"}}]'],
             env=env, stdout=job_log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
-        def wait(condition, what: str, timeout: float = 400) -> None:
+        def wait(condition, what: str, timeout: float = 400, state=lambda: "") -> None:
             deadline = time.monotonic() + timeout
             while not condition():
                 assert job.poll() is None, f"the job ended before {what}:\n" + (tmp_path / "job.log").read_text()[-4000:]
-                assert time.monotonic() < deadline, f"timed out waiting for {what}:\n" + (tmp_path / "job.log").read_text()[-4000:]
+                assert time.monotonic() < deadline, f"timed out waiting for {what} {state()}:\n" + (tmp_path / "job.log").read_text()[-3000:]
                 time.sleep(1)
 
         wait(lambda: trained_steps(run_dir) >= 2, "two trainer steps")
@@ -146,9 +153,10 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path):
         assert not (run_dir / "weights").exists()  # the weights went through the object store, not the run dir
 
         os.kill(raylet.pid, signal.SIGKILL)  # the worker node is gone, with the worker and its engine
-        wait(lambda: not any(alive(p) for p in [worker, *engine]), "the worker and its engine to exit", 60)
+        wait(lambda: not any(alive(p) for p in [worker, *engine]), "the worker and its engine to exit", 60,
+             state=lambda: [(p.pid, p.name(), p.status()) for p in [worker, *engine] if alive(p)])
         time.sleep(3)
-        cluster.start(*worker_node)  # the node comes back; Ray restarts the worker there
+        cluster.start(*worker_node, retry_for=120)  # the node comes back; Ray restarts the worker there
         wait(lambda: actors(cluster.raylet(worker_port), "RolloutWorker"), "the worker to come back on the new node", 300)
 
         assert job.wait(timeout=700) == 0, (tmp_path / "job.log").read_text()[-4000:]
