@@ -206,10 +206,6 @@ class RolloutWorker:
         await (await self._engine()).update_weights(version, weights)
         return version
 
-    def fetch_seconds(self) -> float:
-        """How long the last shipped version took to fetch and write (0 with the files backend)."""
-        return self.local_weights.last_fetch_s if self.local_weights is not None else 0.0
-
     async def version(self) -> int:
         return (await self._engine()).version
 

@@ -4,7 +4,7 @@ With `publish.backend: object_store` the workers share no path with the trainer:
 every published version come as a `ShippedWeights` (`cwm_rl/types.py`). `LocalWeights().materialise(
 shipped)` fetches it (`ray.get`: Ray copies it from the node that holds it) and writes a complete HF
 model directory that vLLM loads as it is (engine start, or `reload_weights` in flight); it returns that
-directory. `tests/rollout_workers/test_weights.py` runs it against a real Ray.
+directory. `tests/trainer/test_group.py` runs it against a real Ray, on weights a trainer actor published.
 
 Why it is built this way:
 - vLLM's engine runs in processes of its own and reloads from a path, so the bytes go to a file once;
@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 from cwm_rl.types import ShippedWeights
@@ -43,13 +42,11 @@ class LocalWeights:
         self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
         self.keep_last = keep_last
         self._files: dict[str, Path] = {}  # files object id -> the dir its files were written into
-        self.last_fetch_s = 0.0  # time of the last materialise: fetch + write (a transfer metric)
 
     def materialise(self, shipped: ShippedWeights) -> Path:
         """Fetch `shipped` and write it as the model dir `root/v{version}`; returns the dir."""
         import ray
 
-        started = time.perf_counter()
         files = self._files_dir(shipped.files)
         target = self.root / f"v{shipped.version:08d}"
         tmp = self.root / f".tmp-v{shipped.version}"
@@ -68,7 +65,6 @@ class LocalWeights:
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         self._prune()
-        self.last_fetch_s = time.perf_counter() - started
         return target
 
     def _files_dir(self, ref) -> Path:

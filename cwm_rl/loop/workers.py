@@ -113,8 +113,7 @@ class RolloutWorkers:
         self.published = published or (0, shipped_model or str(model_dir))  # (version, weights) the workers should hold
         self.lost: str | None = None  # why a worker is gone for good (the job stops)
         self.groups_replayed = 0
-        self.restarts = 0  # rollout workers Ray restarted during the job
-        self.incarnations = [0] * config.rollout.num_workers
+        self.incarnations = [0] * config.rollout.num_workers  # times each worker was restarted (and brought up to date)
         try:
             # The run's container label and SWE pool size reach workers on other nodes too (a local Ray inherits them).
             job_env = {k: os.environ[k] for k in ("CWM_RL_RUN_ID", "CWM_RL_EPISODES_IN_FLIGHT") if k in os.environ}
@@ -131,6 +130,11 @@ class RolloutWorkers:
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    @property
+    def restarts(self) -> int:
+        """Rollout workers Ray restarted during the job."""
+        return sum(self.incarnations)
 
     # -- training rollouts --------------------------------------------------------------------------
 
@@ -193,7 +197,6 @@ class RolloutWorkers:
                                          f"within {WORKER_RESTART_TIMEOUT_S} s")
                         return
                     self.incarnations[w] += 1
-                    self.restarts += 1
                     self.reload(*self.published, only=[w])
                 if not self._submit(w, request.tasks, request.env_index, request.attempt):
                     self.replays.append(request)
