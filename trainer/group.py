@@ -151,8 +151,11 @@ class TrainerGroup:
         try:
             init_method = ray.get(self.ranks[0].meeting_point.remote()) if n > 1 else None
             states = ray.get([r.setup.remote(init_method, resume) for r in self.ranks])
-        except BaseException:
+        except BaseException as e:
             self.close()
+            cause = getattr(e, "cause", None)  # what a rank raised (a bad publish config, a missing checkpoint), not Ray's wrapper
+            if isinstance(cause, Exception):
+                raise cause from None
             raise
         self._take_state(states[0])
 

@@ -102,3 +102,11 @@ def test_object_store_weights_become_a_model_dir_on_the_worker_side(local_ray, t
         group.close()
         local.close()
     assert not local.root.exists()
+
+
+def test_a_rank_that_cannot_start_raises_its_own_error(local_ray, tiny_model, tmp_path):
+    """The job's CLI prints what a rank raised in one line (here a backend not built yet), not Ray's wrapper and traceback."""
+    from trainer.group import TrainerGroup
+
+    with pytest.raises(NotImplementedError, match="publish.backend 'nccl' is not built yet"):
+        TrainerGroup(config(), tiny_model, run_dir=tmp_path / "run", publish=PublishConfig(backend="nccl"))
