@@ -153,3 +153,26 @@ def _no_warnings_allowed() -> Iterator[None]:
 def no_warnings_allowed() -> Callable[[], AbstractContextManager[None]]:
     """`with no_warnings_allowed(): ...` fails on any warning (e.g. a model that loads with complaints)."""
     return _no_warnings_allowed
+
+
+@pytest.fixture
+def fault_report(request) -> Callable[..., dict]:
+    """Report what a fault cost: printed as one `FAULT {json}` line, and appended to the JSON-lines
+    file `$CWM_RL_FAULT_REPORT` names (bench/reliability.py sets it and collects the lines).
+
+    Keys, by the issue's figures: episodes `affected`, `retried`, `lost` (goal 0), `containers_left`
+    (goal 0), `recover_s` (time from the fault until the job or pool works again); add others freely.
+    """
+    import json
+    import os
+
+    def report(fault: str, **figures) -> dict:
+        line = {"fault": fault, "test": request.node.nodeid, **figures}
+        print("FAULT " + json.dumps(line), flush=True)
+        path = os.environ.get("CWM_RL_FAULT_REPORT")
+        if path:
+            with open(path, "a") as out:
+                out.write(json.dumps(line) + "\n")
+        return line
+
+    return report
