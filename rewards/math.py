@@ -8,10 +8,10 @@ model output and can hang in C code) runs in a `VerifierPool` worker under a har
 math-verify's own signal-based timeouts switched off (they fail outside the main thread).
 
 Outcomes (`MathVerdict.status`): "correct", "wrong", "format_error", "timeout" (the verifier was
-killed; no credit), "error" (a verifier failure such as an unparseable gold answer: a dataset
+killed at its time or memory limit; no credit), "error" (a verifier failure such as an unparseable gold answer: a dataset
 bug, not the model's fault, but still no credit). Only "correct" is `.correct`.
 
-math-verify is imported only inside the pool's workers (and preloaded in their forkserver), so
+math-verify is imported only inside the pool's workers (and preloaded in their zygote), so
 importing this module stays cheap for callers that never parse anything themselves.
 """
 
@@ -161,6 +161,8 @@ def _verdict(result: PoolResult, extracted: str, gold: str, timeout_s: float) ->
     if result.status == "timeout":
         reason = f"math-verify took longer than {timeout_s:g} s on {extracted!r}; no credit"
         return MathVerdict("timeout", reason, extracted, gold)
+    if result.status == "memory":  # killed at its other limit: scored like a timeout
+        return MathVerdict("timeout", f"math-verify ran out of memory on {extracted!r}; no credit", extracted, gold)
     if result.status == "error":
         return MathVerdict("error", f"verifier failed: {result.error}", extracted, gold)
     if result.value:

@@ -1,4 +1,4 @@
-"""A process pool whose per-call timeouts are hard: a call that overruns is killed with its worker.
+"""A process pool whose per-call limits are hard: a call that overruns its time or memory is killed with its worker.
 
 Why this exists: verifiers run untrusted model output through libraries that can hang.
 math-verify's own timeout is `signal.alarm`, which only works in the main thread (so not under
@@ -6,28 +6,31 @@ uvicorn, asyncio executors or Ray actors' threads) and cannot interrupt C code a
 evaluating `9^{9^{9^{9^{9}}}}` sits in CPython's integer `pow` and never returns to the
 interpreter. The only bound that always holds is killing the process, so every call runs in one
 of `num_workers` long-lived worker processes and a call past its deadline gets its worker
-SIGKILLed and replaced.
+SIGKILLed and replaced. Memory is bounded the same way: each worker's address space is capped
+(`memory_mb`), a call that runs into the cap gets `status="memory"` and its worker is replaced.
 
-How: each worker has its own `Pipe`; idle workers wait in a queue. `run` takes an idle worker,
-sends the pickled job, and `poll`s the pipe until the deadline. On timeout the worker is killed
+How: each worker has its own socket pair; idle workers wait in a queue. `run` takes an idle
+worker, sends the pickled job, and `poll`s until the deadline. On timeout the worker is killed
 and the caller gets `status="timeout"` at once; a replacement starts on a background thread.
 A worker that dies mid-call (segfault, `os._exit`) gives `status="error"` and is replaced too.
 The deadline covers the call itself, not the wait for a free worker.
 
-Workers come from a "forkserver" context: forking a clean server process is safe from a
-threaded parent (uvicorn, Ray), and `preload` modules are imported once in that server, so a
-respawned worker skips the imports. The forkserver (and its preload list) is shared by the whole
-process: the first pool to start it decides what it preloads. A preload module may also define
-`warm_up_worker()`: each worker calls it once before it takes its first job (math-verify spends
-0.1-0.3 s on the first input of each new shape; a call's deadline should not pay for that), and
-an import error there fails the start loudly instead of every call quietly. Workers ignore SIGINT
-(Ctrl-C reaches the whole process group; the parent decides what to do), are daemons, and on
-Linux get SIGKILL when their parent dies, so even a SIGKILLed trainer leaves no stuck workers.
+Workers are forked from the pool's own "zygote": a fresh interpreter (`python -c`, started with
+`subprocess`) that imports the `preload` modules once and forks a worker on request, so a
+respawned worker skips the imports. Unlike multiprocessing's spawn and forkserver, nothing
+re-imports the caller's `__main__`: a script without an `if __name__ == "__main__":` guard, code
+piped to `python -`, `python -c`, a notebook, a thread or a server can all use the pool. A
+preload module may also define `warm_up_worker()`: each worker calls it once before it takes its
+first job (math-verify spends 0.1-0.3 s on the first input of each new shape; a call's deadline
+should not pay for that), and an import error there fails the start loudly, naming the error,
+instead of every call quietly. Workers ignore SIGINT (Ctrl-C reaches the whole process group;
+the parent decides what to do). The zygote exits, killing its workers, when its pool's process
+ends (its control socket closes, even on SIGKILL), and workers get SIGKILL when the zygote dies.
 
-`fn` must be a module-level function (it is pickled by reference), its arguments and return value
-picklable. Like any spawn/forkserver pool, a script that uses it needs an
-`if __name__ == "__main__":` guard. Not isolated: memory, files, network. Workers bound time,
-they are no sandbox for hostile code.
+`fn` must be a module-level function of an importable module (it is pickled by reference; a
+function defined in a script's `__main__` is not importable in a worker), its arguments and
+return value picklable. Not isolated: files, network. Workers bound time and memory; they are no
+sandbox for hostile code.
 """
 
 from __future__ import annotations
@@ -37,59 +40,76 @@ import atexit
 import ctypes
 import functools
 import importlib
-import multiprocessing
-import multiprocessing.connection
+import json
 import os
 import pickle
 import queue
+import resource
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Literal, Sequence
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _START_TIMEOUT_S = 120.0  # a worker's imports and warm-up; generous for a loaded machine
 _CLOSED = object()  # queue sentinel: wakes callers blocked on a closed pool
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `rewards` imports from
 
 
 @dataclass(frozen=True)
 class PoolResult:
-    """What became of one call: its value, its exception text, or a timeout."""
+    """What became of one call: its value, its exception text, or the limit it ran into."""
 
-    status: Literal["ok", "timeout", "error"]
+    status: Literal["ok", "timeout", "memory", "error"]
     value: Any = None  # fn's return value when ok
-    error: str | None = None  # "ExcType: message" when error; a sentence when timeout
+    error: str | None = None  # "ExcType: message" when error; a sentence when timeout or memory
     elapsed_s: float = 0.0  # from sending the job to the answer (or the kill)
 
 
 @dataclass(eq=False)  # identity-hashed: workers live in a set
 class _Worker:
-    process: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
+    pid: int
+    conn: Connection
+    zygote: _Zygote
+
+    def kill(self) -> None:
+        self.zygote.kill(self.pid)
+
+    def wait(self, timeout_s: float) -> int | None:
+        """Its exit code once it has ended (negative: killed by that signal); None while it runs."""
+        return self.zygote.wait(self.pid, timeout_s)
 
 
 class VerifierPool:
-    """`num_workers` processes running module-level functions under a hard per-call timeout."""
+    """`num_workers` processes running module-level functions under a hard per-call timeout and memory cap."""
 
     def __init__(
         self,
         num_workers: int = 2,
         timeout_s: float = 5.0,
         preload: Sequence[str] = ("rewards.math", "math_verify"),
+        memory_mb: int | None = 4096,
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}; pass num_workers=1 or more")
+        if memory_mb is not None and memory_mb < 64:
+            raise ValueError(f"memory_mb must be >= 64 (a worker's whole address space), got {memory_mb}; "
+                             "pass e.g. 4096, or None for no cap")
         _check_timeout(timeout_s)
         self.num_workers = num_workers
         self.timeout_s = timeout_s
         self.preload = tuple(preload)
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(list(preload))
+        self.memory_mb = memory_mb
         self._lock = threading.Lock()
         self._closed = False
+        self._zygote: _Zygote | None = None  # started with the first worker
         self._live: set[_Worker] = set()  # every started worker not yet killed, busy or idle
         # One slot per worker; None means "not started yet" (workers start on first use). LIFO:
         # the warmest worker goes first, and workers beyond the concurrency in use never start.
@@ -114,7 +134,7 @@ class VerifierPool:
         start = time.monotonic()
         try:
             worker.conn.send_bytes(job)
-            # poll returns early when the worker answers or its end of the pipe closes (it died).
+            # poll returns early when the worker answers or its end of the socket closes (it died).
             reply = worker.conn.recv() if worker.conn.poll(timeout_s) else None
         except (EOFError, OSError):
             message = self._death_message(worker, fn)
@@ -129,8 +149,13 @@ class VerifierPool:
             self._discard(worker)
             message = f"call to {_name(fn)} exceeded its {timeout_s:g} s timeout; its worker was killed"
             return PoolResult("timeout", error=message, elapsed_s=elapsed)
-        self._release(worker)
         status, payload = reply
+        if status == "memory":  # the worker exits after saying so: its heap is not to be trusted
+            self._discard(worker)
+            message = (f"call to {_name(fn)} ran out of its worker's {self.memory_mb} MB memory cap "
+                       f"({payload}); its worker was replaced")
+            return PoolResult("memory", error=message, elapsed_s=elapsed)
+        self._release(worker)
         if status == "ok":
             return PoolResult("ok", value=payload, elapsed_s=elapsed)
         return PoolResult("error", error=payload, elapsed_s=elapsed)
@@ -143,7 +168,7 @@ class VerifierPool:
         return await asyncio.get_running_loop().run_in_executor(self._threads(), call)
 
     def start(self) -> None:
-        """Start every worker now (and the forkserver, which imports `preload`) instead of on first use."""
+        """Start every worker now (and the zygote, which imports `preload`) instead of on first use."""
         workers: list[_Worker] = []
         try:
             for _ in range(self.num_workers):
@@ -153,19 +178,20 @@ class VerifierPool:
                 self._release(worker)
 
     def close(self) -> None:
-        """Kill every worker; calls in flight end with status "error". Idempotent."""
+        """Kill every worker and the zygote; calls in flight end with status "error". Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             live, self._live = list(self._live), set()
             executor, self._executor = self._executor, None
+            zygote, self._zygote = self._zygote, None
         self._idle.put(_CLOSED)
         for worker in live:
-            _kill(worker.process)
-        for worker in live:
-            worker.process.join(timeout=1.0)
-        # Busy workers' pipes are closed by the threads using them; idle ones here.
+            worker.kill()
+        if zygote is not None:
+            zygote.close()  # reaps the workers it forked
+        # Busy workers' sockets are closed by the threads using them; idle ones here.
         while True:
             try:
                 slot = self._idle.get_nowait()
@@ -184,7 +210,7 @@ class VerifierPool:
     def worker_pids(self) -> list[int]:
         """Pids of the workers started and not yet killed (busy or idle): they start lazily, on demand."""
         with self._lock:
-            return [w.process.pid for w in self._live]
+            return [w.pid for w in self._live]
 
     def __enter__(self) -> VerifierPool:
         return self
@@ -199,7 +225,7 @@ class VerifierPool:
         if slot is _CLOSED:
             self._idle.put(_CLOSED)  # wake the next waiter too
             raise RuntimeError("this VerifierPool is closed; create a new one")
-        if slot is None or not slot.process.is_alive():
+        if slot is None or slot.wait(0) is not None:
             if slot is not None:
                 self._forget(slot)
             try:
@@ -216,45 +242,64 @@ class VerifierPool:
                 return
         worker.conn.close()
 
-    def _spawn(self) -> _Worker:
-        """Start a worker and wait until it has warmed up (outside any call's deadline)."""
-        if self._closed:
-            raise RuntimeError("this VerifierPool is closed; create a new one")
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self.preload), daemon=True, name="verifier-worker"
-        )
-        process.start()
-        child_conn.close()
-        worker = _Worker(process, parent_conn)
+    def _zygote_now(self) -> _Zygote:
+        """The running zygote, started (again, if it died) on demand."""
         with self._lock:
             if self._closed:
-                _kill(process)
-                parent_conn.close()
+                raise RuntimeError("this VerifierPool is closed; create a new one")
+            zygote = self._zygote
+        if zygote is not None and zygote.alive():
+            return zygote
+        fresh = _Zygote(self.preload, self.memory_mb)  # raises with the preload error, if any
+        with self._lock:
+            if self._closed or (self._zygote is not None and self._zygote is not zygote):
+                fresh.close()  # closed meanwhile, or another thread won the race
+                if self._closed:
+                    raise RuntimeError("this VerifierPool was closed while a worker was starting")
+                return self._zygote
+            self._zygote = fresh
+            if zygote is not None:  # its workers died with it; their idle slots respawn when taken
+                self._live = {w for w in self._live if w.zygote is not zygote}
+        if zygote is not None:
+            zygote.close()
+        weakref.finalize(self, fresh.close)
+        return fresh
+
+    def _spawn(self) -> _Worker:
+        """Start a worker and wait until it has warmed up (outside any call's deadline)."""
+        zygote = self._zygote_now()
+        try:
+            worker = zygote.fork()
+        except (EOFError, OSError) as exc:
+            raise RuntimeError(f"the verifier pool's zygote process died ({exc}); the next call starts a new one") from exc
+        with self._lock:
+            if self._closed:
+                worker.kill()
+                worker.conn.close()
                 raise RuntimeError("this VerifierPool was closed while a worker was starting")
             self._live.add(worker)
         try:
-            ready = parent_conn.poll(_START_TIMEOUT_S)
-            status, detail = parent_conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
+            ready = worker.conn.poll(_START_TIMEOUT_S)
+            status, detail = worker.conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
         except (EOFError, OSError):
-            process.join(timeout=1.0)
-            status, detail = "error", f"it {_how_it_ended(process.exitcode)}"
+            status, detail = "error", f"it {_how_it_ended(worker.wait(1.0))}"
         if status != "ready":
             with self._lock:
                 self._live.discard(worker)
-            _kill(process)
-            parent_conn.close()
+            worker.kill()
+            worker.wait(1.0)
+            worker.conn.close()
             if self._closed:
                 raise RuntimeError("this VerifierPool was closed while a worker was starting")
             raise RuntimeError(
-                f"a verifier worker failed to start ({detail}); check that the preload modules "
+                f"a verifier worker failed to start: {detail}; check that the preload modules "
                 f"{list(self.preload)} import and warm up in a fresh process"
             )
         return worker
 
     def _discard(self, worker: _Worker) -> None:
         """Kill a worker now; reap it and start its replacement on a background thread."""
-        _kill(worker.process)
+        worker.kill()
         threading.Thread(target=self._replace, args=(worker,), daemon=True, name="verifier-respawn").start()
 
     def _replace(self, old: _Worker) -> None:
@@ -271,14 +316,13 @@ class VerifierPool:
         with self._lock:
             self._live.discard(worker)
         worker.conn.close()
-        worker.process.join(timeout=1.0)
+        worker.wait(1.0)
 
     def _death_message(self, worker: _Worker, fn: Callable) -> str:
         if self._closed:
             worker.conn.close()
             return f"call to {_name(fn)} was cut off: the pool was closed"
-        worker.process.join(timeout=1.0)  # its pipe closed, so it is exiting: learn how
-        code = worker.process.exitcode
+        code = worker.wait(1.0)  # its socket closed, so it is exiting: learn how
         self._discard(worker)
         return f"worker process {_how_it_ended(code)} during the call to {_name(fn)}; it has been replaced"
 
@@ -298,16 +342,9 @@ def _check_timeout(timeout_s: float) -> float:
     return timeout_s
 
 
-def _kill(process: multiprocessing.process.BaseProcess) -> None:
-    try:
-        process.kill()
-    except (ValueError, ProcessLookupError):
-        pass  # already closed or gone
-
-
 def _how_it_ended(exitcode: int | None) -> str:
     if exitcode is None:
-        return "closed its pipe"
+        return "closed its socket"
     if exitcode < 0 and -exitcode in signal.valid_signals():
         return f"was killed by {signal.Signals(-exitcode).name}"
     return f"exited with code {exitcode}"
@@ -317,24 +354,185 @@ def _name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", repr(fn))
 
 
+# ---- the zygote: a clean interpreter that forks workers ---------------------------------------
+
+# Run by `python -c`: the caller's sys.path (so user modules import as they do in the caller),
+# then the zygote loop. Nothing of the caller's __main__ is imported.
+_ZYGOTE_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from rewards.pool import _zygote_main; _zygote_main(int(sys.argv[2]), json.loads(sys.argv[3]))"
+)
+
+
+class _Zygote:
+    """The parent's handle on one zygote process: fork a worker, kill one, learn how one ended.
+
+    Requests go over one Unix socket, one at a time (a lock); a new worker's end of its socket
+    pair travels with the "fork" request as SCM_RIGHTS ancillary data.
+    """
+
+    def __init__(self, preload: Sequence[str], memory_mb: int | None):
+        self._lock = threading.Lock()
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._conn = Connection(os.dup(self._sock.fileno()))
+        path = [p for p in sys.path] + ([_REPO_ROOT] if _REPO_ROOT not in sys.path else [])
+        settings = {"preload": list(preload), "memory_mb": memory_mb}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _ZYGOTE_BOOT, json.dumps(path), str(theirs.fileno()), json.dumps(settings)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        try:
+            ready = self._conn.poll(_START_TIMEOUT_S)
+            status, detail = self._conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
+        except (EOFError, OSError):
+            status, detail = "error", f"its process exited with code {self.process.wait()} (see its stderr above)"
+        if status != "ready":
+            self.close()
+            raise RuntimeError(
+                f"a verifier worker failed to start: {detail}; check that the preload modules "
+                f"{list(preload)} import in a fresh process (python -c 'import ...')"
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self) -> _Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                self._conn.send(("fork",))
+                socket.send_fds(self._sock, [b"F"], [theirs.fileno()])
+                pid = self._conn.recv()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return _Worker(pid, Connection(ours.detach()), self)
+
+    def kill(self, pid: int) -> None:
+        # Safe from pid reuse: the zygote reaps a worker only when asked (`wait`), after this.
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, pid: int, timeout_s: float) -> int | None:
+        try:
+            with self._lock:
+                if self._conn.closed:
+                    return -signal.SIGKILL  # closed by the pool: the zygote killed its workers
+                self._conn.send(("wait", pid, timeout_s))
+                return self._conn.recv()
+        except (EOFError, OSError):
+            return -signal.SIGKILL  # the zygote died; its workers got SIGKILL with it (PR_SET_PDEATHSIG)
+
+    def close(self) -> None:
+        """End the zygote: it kills and reaps its workers when its control socket closes."""
+        locked = self._lock.acquire(timeout=5.0)  # not while a request is half done (a wait takes <= 1 s)
+        try:
+            for closeable in (self._conn, self._sock):
+                try:
+                    closeable.close()
+                except OSError:
+                    pass
+        finally:
+            if locked:
+                self._lock.release()
+        try:
+            self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _zygote_main(fd: int, settings: dict) -> None:
+    """Import the preload modules, say "ready", then fork workers until the parent's socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    conn = Connection(os.dup(fd))
+    preload, memory_mb = settings["preload"], settings["memory_mb"]
+    try:
+        for name in preload:
+            importlib.import_module(name)
+    except BaseException as exc:
+        conn.send(("error", f"importing the preload modules raised {type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    children: set[int] = set()
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            break  # the pool's process closed it, or died
+        if request[0] == "fork":
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+            pid = os.fork()
+            if pid == 0:
+                conn.close()
+                sock.close()
+                code = 0
+                try:
+                    _worker_main(Connection(fds[0]), preload, memory_mb)
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            os.close(fds[0])
+            children.add(pid)
+            conn.send(pid)
+        elif request[0] == "wait":
+            _, pid, timeout_s = request
+            code = _wait_for(pid, timeout_s) if pid in children else None
+            if code is not None:
+                children.discard(pid)
+            conn.send(code)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+
+
+def _wait_for(pid: int, timeout_s: float) -> int | None:
+    """Reap child `pid` if it ends within `timeout_s`: its exit code (negative: the signal), else None."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return -signal.SIGKILL  # already reaped: only our own kill does that race
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.005)
+
+
 # ---- inside the worker process ----------------------------------------------------------
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, preload: Sequence[str]) -> None:
-    """Warm up, say "ready", then serve jobs until the parent closes the pipe.
+def _worker_main(conn: Connection, preload: Sequence[str], memory_mb: int | None) -> None:
+    """Warm up, say "ready", then serve jobs until the parent closes the socket.
 
     Every failure of `fn` becomes an "error" reply; a failed warm-up is reported instead of "ready".
+    A MemoryError (the address-space cap) is reported as "memory", and the worker then exits.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _let_forkserver_exit()
     _die_with_parent()
     try:
+        if memory_mb is not None:
+            cap = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         for name in preload:
             warm_up = getattr(importlib.import_module(name), "warm_up_worker", None)
             if warm_up is not None:
                 warm_up()
     except BaseException as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", f"warming up raised {type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))  # a parent that left already makes this raise: the worker just ends
     while True:
@@ -345,6 +543,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: Sequence[
         try:
             fn, args, kwargs = pickle.loads(job)
             reply = ("ok", fn(*args, **kwargs))
+        except MemoryError as exc:
+            reply = ("memory", f"MemoryError: {exc}" if str(exc) else "MemoryError")
         except BaseException as exc:  # SystemExit too: report it, keep serving
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
@@ -353,32 +553,14 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: Sequence[
             return
         except Exception as exc:  # the return value did not pickle
             conn.send(("error", f"the result could not be sent back ({type(exc).__name__}: {exc})"))
-
-
-def _let_forkserver_exit() -> None:
-    """Drop this worker's copy of the forkserver's keep-alive pipe.
-
-    multiprocessing gives every forkserver child the write end of the pipe whose EOF tells the
-    forkserver that the main process is gone. A stuck worker holding it would keep the forkserver
-    alive after the main process died, and so itself (see `_die_with_parent`). Workers start no
-    processes, so they close it. (`_forkserver_alive_fd` is private; tests catch a change.)
-    """
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if fd is None:
-        return
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-    server._forkserver_alive_fd = None
+        if reply[0] == "memory":
+            return
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when its parent (the forkserver, which exits with the main
-    process) dies, even if the main process was SIGKILLed and ran no exit hooks."""
+    """Linux: SIGKILL this worker when its parent (the zygote, which exits with the pool's
+    process) dies, even if the zygote was SIGKILLed and ran no exit hooks. The zygote is
+    single-threaded, so "parent thread exits" (when PDEATHSIG fires) means "zygote exits"."""
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
@@ -398,7 +580,8 @@ _default_lock = threading.Lock()
 
 def default_pool() -> VerifierPool:
     """The process-wide pool, created on first use, closed at exit: one worker per CPU core (at
-    least 2; `CWM_RL_VERIFIER_WORKERS` overrides), 5 s timeout. Workers start only when used."""
+    least 2; `CWM_RL_VERIFIER_WORKERS` overrides), 5 s timeout, 4 GiB per worker. Workers start
+    only when used."""
     global _default
     with _default_lock:
         if _default is None or _default.closed:
@@ -409,7 +592,7 @@ def default_pool() -> VerifierPool:
 
 
 def _forget_default_after_fork() -> None:
-    # A forked child must not share the parent's workers and pipes: it gets its own pool lazily.
+    # A forked child must not share the parent's workers and sockets: it gets its own pool lazily.
     global _default, _default_lock
     _default, _default_lock = None, threading.Lock()
 

@@ -276,3 +276,109 @@ def test_per_call_overhead_is_small(pool):
         pool.run(operator.add, i, 1)
     per_call_s = (time.perf_counter() - start) / num_calls
     assert per_call_s < 0.02  # measured ~0.15 ms on 2 idle cores; this only catches gross regressions (100x)
+
+
+# ---- any entry point: nothing re-imports the caller's __main__ -------------------------------
+
+# What a Gymnasium user writes: no `if __name__ == "__main__":` guard, the pool used at module
+# level, from a thread that then ends, and again from the main thread.
+NO_GUARD = textwrap.dedent(
+    """
+    import operator, threading
+    from rewards.pool import VerifierPool
+    pool = VerifierPool(num_workers=1, preload=())
+    results = []
+    thread = threading.Thread(target=lambda: results.append(pool.run(operator.add, 20, 1).value))
+    thread.start(); thread.join()
+    results.append(pool.run(operator.mul, 21, 2).value)
+    print("RESULTS", results, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("entry", ["script", "stdin", "python -c", "python -m"])
+def test_a_script_without_a_main_guard_can_use_the_pool(entry, tmp_path):
+    (tmp_path / "user_script.py").write_text(NO_GUARD)
+    argv, stdin = {
+        "script": ([sys.executable, str(tmp_path / "user_script.py")], None),
+        "stdin": ([sys.executable, "-"], NO_GUARD),
+        "python -c": ([sys.executable, "-c", NO_GUARD], None),
+        "python -m": ([sys.executable, "-m", "user_script"], None),
+    }[entry]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), REPO_ROOT])}
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RESULTS [21, 42]" in result.stdout
+    assert result.stdout.count("RESULTS") == 1, "the script ran again in a worker"
+
+
+def test_the_math_env_works_in_a_plain_script(tmp_path):
+    """The reported case: a script that makes and steps cwm_rl/Math-v0 at module level."""
+    script = tmp_path / "play_math.py"
+    script.write_text(textwrap.dedent(
+        """
+        import gymnasium as gym
+        import envs
+        env = gym.make("cwm_rl/Math-v0")
+        env.reset(seed=0)
+        _, reward, *_ , info = env.step("\\\\boxed{4}")
+        print("REWARD", reward, info["reason"])
+        """
+    ))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REWARD" in result.stdout and "gold" in result.stdout  # graded by math-verify, not an error
+
+
+def test_a_notebook_can_use_the_pool(tmp_path):
+    """A real Jupyter kernel (ipykernel, driven by nbclient) runs the cells."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"import sys; sys.path.insert(0, {REPO_ROOT!r})\n" + NO_GUARD),
+        nbformat.v4.new_code_cell("print('AGAIN', pool.run(operator.sub, 50, 8).value); pool.close()"),
+    ])
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(out.get("text", "") for cell in notebook.cells for out in cell.outputs)
+    assert "RESULTS [21, 42]" in printed and "AGAIN 42" in printed, printed
+
+
+def test_a_preload_modules_warm_up_error_is_named(tmp_path, monkeypatch):
+    (tmp_path / "bad_warm_up.py").write_text("def warm_up_worker():\n    raise ValueError('no tables on this disk')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers import it from the caller's sys.path
+    with VerifierPool(num_workers=1, preload=("bad_warm_up",)) as pool:
+        with pytest.raises(RuntimeError, match="ValueError: no tables on this disk"):
+            pool.run(operator.add, 1, 1)
+
+
+# ---- the memory cap, and the zygote's death ---------------------------------------------------
+
+
+def test_a_call_past_the_memory_cap_is_cut_off_and_its_worker_replaced():
+    with VerifierPool(num_workers=1, memory_mb=512, preload=()) as pool:
+        pool.start()
+        [old_pid] = pool.worker_pids()
+        result = pool.run(bytearray, 2 * 1024**3)  # 2 GiB, 4x the cap
+        assert result.status == "memory", result
+        assert "512 MB" in result.error and "MemoryError" in result.error
+        assert _is_gone(old_pid)
+        assert pool.run(len, b"abc").value == 3  # the pool keeps its size
+        assert len(pool.worker_pids()) == 1
+
+
+def test_memory_mb_is_checked():
+    with pytest.raises(ValueError, match="memory_mb must be >= 64"):
+        VerifierPool(memory_mb=8, preload=())
+
+
+def test_the_pool_recovers_when_its_zygote_is_killed():
+    with VerifierPool(num_workers=2, preload=()) as pool:
+        pool.start()
+        pids = pool.worker_pids()
+        os.kill(pool._zygote.process.pid, signal.SIGKILL)
+        assert all(_is_gone(pid, within_s=5.0) for pid in pids), "workers outlived their zygote"
+        result = pool.run(operator.add, 2, 3)
+        assert result.value == 5, result  # a new zygote, new workers
+        assert not set(pool.worker_pids()) & set(pids)
