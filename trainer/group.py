@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 Published = tuple[int, "str | ShippedWeights"]  # (version, where the workers get it)
 
 
+class TrainerLost(RuntimeError):
+    """A trainer rank died (kill -9, OOM killer, its node lost): the group cannot go on; the job stops and a
+    resume continues from the last checkpoint."""
+
+
 class TrainerRank:
     """One data-parallel rank: a Trainer, and on rank 0 the weights publisher. A plain class; `TrainerGroup`
     makes it a Ray actor."""
@@ -170,7 +175,7 @@ class TrainerGroup:
         import ray
 
         batch = ray.put(list(trajectories))
-        results = ray.get([r.step.remote(batch) for r in self.ranks])
+        results = self._get([r.step.remote(batch) for r in self.ranks], f"step {self.step_count + 1}")
         (result, state), others = results[0], results[1:]
         for other, _ in others:
             result.records += other.records
@@ -181,7 +186,7 @@ class TrainerGroup:
         """Rank 0 publishes its weights as `version`: a version dir (files) or a `ShippedWeights` (object store)."""
         import ray
 
-        where = ray.get(self.ranks[0].publish.remote(version))
+        where = self._get(self.ranks[0].publish.remote(version), f"publishing version {version}")
         self.published_version = version
         return where
 
@@ -207,7 +212,20 @@ class TrainerGroup:
         import ray
 
         self.data_cursor = data_cursor
-        return ray.get(self.ranks[0].save_checkpoint.remote(data_cursor))
+        return self._get(self.ranks[0].save_checkpoint.remote(data_cursor), f"the checkpoint of step {self.step_count}")
+
+    def _get(self, refs: Any, doing: str) -> Any:
+        """`ray.get`, with a rank's death raised as `TrainerLost` naming the rank and what it was doing."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(refs)
+        except RayActorError as e:
+            dead = [i for i, r in enumerate(self.ranks) if getattr(e, "actor_id", None) == r._actor_id.hex()]
+            who = f"trainer rank {dead[0]}" if dead else "a trainer rank"
+            detail = str(e).split("Worker exit detail:")[-1].split(". Some common causes")[0].strip()
+            raise TrainerLost(f"{who} died during {doing} ({detail[:300]})") from e
 
     def state_dict(self, rank: int = 0) -> dict[str, Any]:
         import ray

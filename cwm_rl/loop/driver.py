@@ -22,7 +22,9 @@ module that owns it:
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +34,7 @@ from cwm_rl.config import JobConfig
 from cwm_rl.loop.evaluation import evaluate
 from cwm_rl.loop.run import Run, check_run_dir, setup_run
 from cwm_rl.loop.sinks import Sinks
+from trainer.group import TrainerLost
 
 
 def train_loop(run: Run) -> None:
@@ -70,7 +73,7 @@ def train_loop(run: Run) -> None:
                 if not future.done():
                     continue
                 stepping = None
-                after_step(run, batch, future.result())
+                finish_step(run, batch, future)
             if run.stop_reason is None:
                 run.stop_reason = _limit_reached(run)  # steps or max_minutes
             if run.stop_reason is not None or not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) \
@@ -81,7 +84,7 @@ def train_loop(run: Run) -> None:
             workers.wait_reloads()
             future = trainer_thread.submit(trainer.step, batch)
             if c.mode == "sync":  # the next round is played with the new weights
-                after_step(run, batch, future.result())
+                finish_step(run, batch, future)
             else:
                 stepping = (future, batch)
 
@@ -93,6 +96,15 @@ def fill(run: Run) -> None:
         workers.fill(run.tasks, budget=c.buffer_groups - len(run.buffer) - workers.in_flight_groups())
     else:
         workers.fill(run.tasks, budget=c.rollout.groups_per_request * len(workers), one_round=True)
+
+
+def finish_step(run: Run, batch: list, step: Future) -> None:
+    """`after_step` once the trainer step is done; a trainer rank that died stops the job (its batch stays
+    stored as buffered: a resume trains on it)."""
+    try:
+        after_step(run, batch, step.result())
+    except TrainerLost as e:
+        run.stop_reason, run.trainer_lost = "trainer_lost", str(e)
 
 
 def after_step(run: Run, batch: list, result: Any) -> None:
@@ -159,9 +171,10 @@ def finish(run: Run) -> dict[str, Any]:
     run.sinks.set_status(f"finishing ({run.stop_reason})")
     history = run.sinks.eval_history
     evaluated = history and history[-1]["step"] == run.trainer.step_count
-    if run.stop_reason != "rollout_workers_lost" and not evaluated:  # lost workers cannot evaluate
+    if run.stop_reason not in ("rollout_workers_lost", "trainer_lost") and not evaluated:  # lost workers cannot evaluate
         evaluate_and_log(run)
-    run.checkpoint()
+    if run.stop_reason != "trainer_lost":  # a dead trainer has nothing to save: its last checkpoint stands
+        run.checkpoint()
     now = time.time()
     summary = {
         "stop_reason": run.stop_reason,
@@ -199,12 +212,20 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
 
     signal.signal(signal.SIGINT, on_interrupt)
     try:
-        setup_run(run, resume)
-        train_loop(run)
-        summary = finish(run)
+        try:
+            setup_run(run, resume)
+            train_loop(run)
+            summary = finish(run)
+        except Exception as e:
+            if disk_full(e):  # what stands on disk is whole (atomic checkpoints, transactional store): say so
+                raise RuntimeError(disk_full_message(run, e)) from e
+            raise
         if run.stop_reason == "rollout_workers_lost":
             raise RuntimeError(f"{run.workers.lost}. The run is checkpointed at step {summary['steps']}; once the cause is fixed, "
                                f"continue it with: cwm-rl train --resume {run.run_dir}")
+        if run.stop_reason == "trainer_lost":
+            raise RuntimeError(f"{run.trainer_lost}. Every trajectory stored is kept; the run is checkpointed at step "
+                               f"{last_checkpoint_step(run)}, continue it with: cwm-rl train --resume {run.run_dir}")
         if run.stop_reason == "no_learning_signal":
             raise RuntimeError(f"{run.signal_watch.report()}\nThe run is checkpointed at step {summary['steps']}; once the cause "
                                f"is fixed, continue it with: cwm-rl train --resume {run.run_dir} (what to try: an SFT warm start, "
@@ -214,3 +235,36 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGINT, previous)
         run.close()
+
+
+def last_checkpoint_step(run: Run) -> int | None:
+    from trainer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run.run_dir / "checkpoints")
+    return int(latest.name.removeprefix("step_")) if latest is not None else None
+
+
+def disk_full(error: BaseException) -> bool:
+    """Is `error` (or what it wraps: a Ray task error's cause, an exception's __cause__) a full disk?"""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "disk is full" in str(e) or "No space left on device" in str(e):  # sqlite3; a rank's OSError via Ray
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return False
+
+
+def disk_full_message(run: Run, error: BaseException) -> str:
+    free = shutil.disk_usage(run.run_dir).free if run.run_dir.exists() else 0
+    stored = run.counts.trajectories_stored
+    return (f"the disk holding {run.run_dir} is full ({free / 2**20:.0f} MiB free; {type(error).__name__}: {error}). "
+            f"The job stopped at step {run.trainer.step_count if run.trainer else 0}; its last checkpoint (step "
+            f"{last_checkpoint_step(run)}) and every trajectory stored ({stored} this start) are intact. Free some space "
+            f"or move the run dir, then continue it with: cwm-rl train --resume {run.run_dir}")

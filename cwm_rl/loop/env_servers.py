@@ -21,12 +21,19 @@ with that reason, marks the server down and plays the same tasks again on anothe
 server this job started is restarted when its process is gone; a remote one is probed on its
 /health every `probe_every_s`, in a thread of its own (a server that does not answer must not
 stall the job's loop), and used again at the first `check()` after it answered.
+
+What a dead server held goes with it: its sandboxes (bubblewrap, started with a parent-death
+signal) die with its process; its Docker containers (SWE episodes, Docker sandboxes: labelled with
+its pid) are removed by `reap_containers_of` when the job restarts it, in a thread. Without that
+they would stay until the restarted server's first pool (which reaps dead owners' containers) or the
+job's end. `tests/faults/test_env_faults.py` kills servers mid-episode and counts what is left.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +48,27 @@ from envs.sandbox.process import die_with_parent
 from envs.server.local import free_port
 
 log = logging.getLogger(__name__)
+
+
+def reap_containers_of(pid: int) -> int:
+    """Remove the sandbox and SWE containers that process `pid` of this host (a dead env server) made; how many.
+    0 when there is no Docker daemon; a failure is logged, never raised (the job goes on without it)."""
+    if not (os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
+        return 0
+    try:
+        import docker
+
+        from envs.sandbox.docker import owner_label, reap
+
+        client = docker.from_env(timeout=30)
+        try:
+            return reap(client, owner=owner_label(pid))
+        finally:
+            client.close()
+    except Exception as e:  # no daemon (nothing of the dead server can run in it), or it failed: say so
+        log.warning("could not remove the containers of dead env server %d: %s: %s "
+                    "(`cwm-rl sandbox reap` removes them, the job's end does too)", pid, type(e).__name__, e)
+        return 0
 
 
 class LocalEnvServer:
@@ -63,7 +91,10 @@ class LocalEnvServer:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """(Re)start the server and wait for its /health; a port taken meanwhile gets a new one."""
+        """(Re)start the server and wait for its /health; a port taken meanwhile gets a new one. The containers
+        a dead predecessor left are removed meanwhile, in a thread."""
+        if self.proc is not None and self.proc.poll() is not None:
+            threading.Thread(target=reap_containers_of, args=(self.proc.pid,), name="env-server-reap", daemon=True).start()
         for attempt in range(3):
             cmd = [sys.executable, "-m", "cwm_rl.cli", "env", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--env", self.env_id, *(a for m in self.env_modules for a in ("--import", m))]

@@ -46,6 +46,7 @@ class Run:
     started: float
     rl_started: float | None = None
     stop_reason: str | None = None
+    trainer_lost: str | None = None  # why the trainer died, when stop_reason is "trainer_lost"
     model_dir: Path | None = None
     store: Any = None  # cwm_rl.store.RolloutStore
     trainer: Any = None  # trainer.group.TrainerGroup: the trainer's Ray actors (rank 0 publishes the weights)
