@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -109,7 +110,8 @@ def stored_ids(run_dir: Path) -> set[str]:
         return {row[0] for row in db.execute("SELECT trajectory_id FROM trajectories")}
 
 
-def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path):
+@pytest.mark.fault
+def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report):
     cluster = Cluster(tmp_path)
     worker_port = free_port()
     worker_node = ["--address", cluster.address, '--resources={"rollout": 1}', f"--node-manager-port={worker_port}"]
@@ -153,11 +155,13 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path):
         assert not (run_dir / "weights").exists()  # the weights went through the object store, not the run dir
 
         os.kill(raylet.pid, signal.SIGKILL)  # the worker node is gone, with the worker and its engine
+        killed_at = time.monotonic()
         wait(lambda: not any(alive(p) for p in [worker, *engine]), "the worker and its engine to exit", 60,
              state=lambda: [(p.pid, p.name(), p.status()) for p in [worker, *engine] if alive(p)])
         time.sleep(3)
         cluster.start(*worker_node, retry_for=120)  # the node comes back; Ray restarts the worker there
         wait(lambda: actors(cluster.raylet(worker_port), "RolloutWorker"), "the worker to come back on the new node", 300)
+        recover_s = time.monotonic() - killed_at  # includes the 3 s the node stays down
 
         assert job.wait(timeout=700) == 0, (tmp_path / "job.log").read_text()[-4000:]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -166,6 +170,9 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path):
         after = stored_ids(run_dir)
         assert before <= after and len(after) > len(before)  # nothing stored before the loss went missing
         assert not list(Path("/dev/shm").glob("cwm-rl-weights-*"))  # the restarted worker removed what the dead one left
+        resubmitted = re.findall(r"re-submitting its (\d+) call", (tmp_path / "job.log").read_text())
+        fault_report("rollout_node_lost_raylet_kill_9", affected=sum(map(int, resubmitted)), retried=sum(map(int, resubmitted)),
+                     lost=len(before - after), recover_s=round(recover_s, 1), worker_restarts=summary["rollout_worker_restarts"])
     finally:
         for process in (job, server):
             if process is not None and process.poll() is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from cwm_rl.store import RolloutStore
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path):
+def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path, fault_report):
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
     settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=50", "eval.num_tasks=8", "eval.every_steps=2",
@@ -31,14 +34,18 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     deadline = time.time() + 500
-    killed = False
+    killed, recover_s = False, None
     for line in process.stdout:
         output.append(line)
         if "step    2" in line and not killed:  # kill the rollout worker: Ray restarts it, the job goes on
             pids = _worker_pids(process.pid)
             assert len(pids) == 1, pids
             os.kill(pids[0], signal.SIGKILL)
-            killed = True
+            killed, killed_at = True, time.time()
+            with RolloutStore(run_dir, create=False, readonly=True) as store:
+                stored_at_kill = {row.trajectory_id for row in store.query(limit=None)}
+        if killed and "step    3" in line and recover_s is None:
+            recover_s = time.time() - killed_at
         if killed and "step    4" in line:  # then Ctrl-C
             process.send_signal(signal.SIGINT)
             break
@@ -61,12 +68,16 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
     assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "checkpoints").is_dir() and (run_dir / "weights" / "LATEST").is_file()
 
-    from cwm_rl.store import RolloutStore
-
     with RolloutStore(run_dir, create=False) as store:
         trained = store.count(status="trained")
         assert trained == summary["trajectories_trained"]
         assert store.count(status="eval") == 8 * len(summary["eval_history"])
+        lost = stored_at_kill - {row.trajectory_id for row in store.query(limit=None)}
+        assert not lost
+    # The worker's groups in flight at the kill were never stored: they are played again (lost: stored ones missing).
+    resubmitted = sum(int(n) for n in re.findall(r"re-submitting its (\d+) call", text))
+    fault_report("rollout_worker_kill_9", affected=resubmitted, retried=resubmitted, lost=len(lost),
+                 recover_s=round(recover_s, 1) if recover_s else None, worker_restarts=summary["rollout_worker_restarts"])
 
     # Resume, then kill -9 the whole job (driver) once it has checkpointed again, and resume once more.
     process = subprocess.Popen([cli, "train", "--resume", str(run_dir), "--set", f"steps={first_steps + 40}"],
@@ -115,11 +126,12 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
     assert {r["env_id"] for r in reports} == {"cwm_rl/Math-v0"} and all(r["identical"] for r in reports)
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
+def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path, fault_report):
     """Env servers the job starts, plus one named by URL that never answers: groups sent there fail with
     a reason and are played again elsewhere; a started server killed with -9 is restarted; nothing
     the job trains on came from an unreachable server; no server outlives the job."""
@@ -134,12 +146,17 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
                 "trainer.batch.step_tokens=32", "checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false"]
     args = [cli, "train", str(Path(__file__).parents[3] / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, killed, deadline = [], None, time.time() + 400
+    output, killed, deadline, recover_s = [], None, time.time() + 400, None
     for line in process.stdout:
         output.append(line)
         if "step    2" in line and killed is None:
             (killed,) = _env_server_pids(process.pid)
             os.kill(killed, signal.SIGKILL)
+            killed_at = time.time()
+            with RolloutStore(run_dir, create=False, readonly=True) as store:
+                stored_at_kill = {row.trajectory_id for row in store.query(limit=None)}
+        if killed is not None and "is up again" in line and recover_s is None:
+            recover_s = time.time() - killed_at
         assert time.time() < deadline, "".join(output[-40:])
     process.wait(timeout=60)
     text = "".join(output)
@@ -159,8 +176,6 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
     reports = json.loads(replayed.stdout)
     assert reports and all(r["identical"] and r["turns"][0]["diffs"][0]["field"] == "reset.step_error" for r in reports)
 
-    from cwm_rl.store import RolloutStore
-
     with RolloutStore(run_dir, create=False) as store:
         failed = store.query(finish_reason="env_unavailable")
         assert failed and all(r.status == "dropped_other" and r.drop_reason == "env_unavailable" for r in failed)
@@ -169,7 +184,14 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path):
         for row in store.query(status="trained", limit=None):  # whole groups are dropped, never a part of one
             assert all(r.finish_reason != "env_unavailable" for r in store.query(group=row.group_id))
         assert store.count(status="eval") == 8 * len(summary["eval_history"])
+        rows = store.query(limit=None)
+        lost = stored_at_kill - {r.trajectory_id for r in rows}
+        assert not lost, f"{len(lost)} trajectories stored before the kill went missing"
+        # (a group failed near the end may still be in flight when the job reaches its steps: not counted as lost)
+        not_played_again = {r.task_id for r in failed} - {r.task_id for r in rows if r.finish_reason != "env_unavailable"}
     assert not _env_server_pids(None), "an env server outlived the job"
+    fault_report("math_env_server_kill_9_in_a_job", affected=len(failed), retried=summary["groups_replayed_env_unavailable"],
+                 lost=len(lost), tasks_not_played_again_by_the_end=len(not_played_again), recover_s=round(recover_s, 1) if recover_s else None, server_restarts=summary["env_server_restarts"])
 
 
 def _env_server_pids(root: int | None) -> list[int]:
