@@ -20,8 +20,8 @@ class EchoEnv(TextEnv):
     blocking = False
 
     def __init__(self, num_rounds: int = 3, **kwargs: Any):
-        if num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        if not 1 <= num_rounds <= 10_000:  # an episode of 10**9 rounds would ask numpy for gigabytes at reset
+            raise ValueError(f"num_rounds must be between 1 and 10000, got {num_rounds}")
         super().__init__(**kwargs)
         self.num_rounds = num_rounds
         self.words: list[str] = []

@@ -49,6 +49,8 @@ class MathEnv(PythonToolMixin, SingleTurnEnv):
             raise ValueError(f"difficulty must be one of {sorted(DIFFICULTY_LEVELS)}, got {difficulty}")
         if correct_reward <= wrong_reward:
             raise ValueError(f"correct_reward ({correct_reward}) must exceed wrong_reward ({wrong_reward})")
+        if not verify_timeout_s > 0:
+            raise ValueError(f"verify_timeout_s must be > 0 seconds, got {verify_timeout_s}; pass e.g. 5.0")
         check_operators(difficulty, operators)
         super().__init__(**kwargs)
         self.difficulty = difficulty

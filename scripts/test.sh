@@ -36,9 +36,16 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 /tmp/cwm-rl-dockerd.log >&2; exit 1; }
 fi
 
+# The fault tests append what each fault cost here (tests/conftest.py: fault_report); printed at the end.
+export CWM_RL_FAULT_REPORT="${CWM_RL_FAULT_REPORT:-/tmp/cwm-rl-faults.jsonl}"
+rm -f "$CWM_RL_FAULT_REPORT"
 set +e
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"
 rc=$?
 set -e
+if [ -s "$CWM_RL_FAULT_REPORT" ]; then
+  echo "==> what each fault cost (affected, retried, lost, containers_left, recover_s):"
+  cat "$CWM_RL_FAULT_REPORT"
+fi
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; fi
 exit "$rc"

@@ -22,11 +22,13 @@ server this job started is restarted when its process is gone; a remote one is p
 /health every `probe_every_s`, in a thread of its own (a server that does not answer must not
 stall the job's loop), and used again at the first `check()` after it answered.
 
-What a dead server held goes with it: its sandboxes (bubblewrap, started with a parent-death
-signal) die with its process; its Docker containers (SWE episodes, Docker sandboxes: labelled with
-its pid) are removed by `reap_containers_of` when the job restarts it, in a thread. Without that
-they would stay until the restarted server's first pool (which reaps dead owners' containers) or the
-job's end. `tests/faults/test_env_faults.py` kills servers mid-episode and counts what is left.
+What a server held goes with it: its sandboxes (bubblewrap, started with a parent-death signal)
+die with its process; its Docker containers (SWE episodes, warm pools, Docker sandboxes: labelled
+with its pid) are removed by `reap_containers_of` once it is gone: in a thread when the job restarts
+a dead one, at once when the job stops one (uvicorn ends the process with the SIGTERM it caught, so
+exit handlers such as the pools' never run). Otherwise they would stay until the next pool on the
+machine (it reaps dead owners' containers) or the job's end. `tests/faults/test_env_faults.py` kills
+servers mid-episode and counts what is left.
 """
 
 from __future__ import annotations
@@ -50,22 +52,26 @@ from envs.server.local import free_port
 log = logging.getLogger(__name__)
 
 
-def reap_containers_of(pid: int) -> int:
-    """Remove the sandbox and SWE containers that process `pid` of this host (a dead env server) made; how many.
-    0 when there is no Docker daemon; a failure is logged, never raised (the job goes on without it)."""
-    if not (os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
+def reap_containers_of(pid: int, docker_env: dict[str, str] | None = None) -> int:
+    """Remove the sandbox and SWE containers that process `pid` of this host (a dead env server) made, in the daemon
+    its `DOCKER_*` environment named; how many. 0 without a daemon; a failure is logged, never raised."""
+    docker_env = os.environ if docker_env is None else docker_env
+    if not (docker_env.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
         return 0
     try:
         import docker
+        import requests
 
         from envs.sandbox.docker import owner_label, reap
 
-        client = docker.from_env(timeout=30)
+        client = docker.from_env(timeout=30, environment=docker_env)
         try:
             return reap(client, owner=owner_label(pid))
         finally:
             client.close()
-    except Exception as e:  # no daemon (nothing of the dead server can run in it), or it failed: say so
+    except requests.exceptions.ConnectionError:  # no daemon runs: no container of the server can either
+        return 0
+    except Exception as e:
         log.warning("could not remove the containers of dead env server %d: %s: %s "
                     "(`cwm-rl sandbox reap` removes them, the job's end does too)", pid, type(e).__name__, e)
         return 0
@@ -82,6 +88,8 @@ class LocalEnvServer:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.restarts = -1  # the first start is not a restart
+        self.reaped: set[int] = set()  # pids of its dead processes whose containers were removed
+        self.docker_env: dict[str, str] = {}  # the DOCKER_* variables its process got: the daemon its containers are in
 
     @property
     def url(self) -> str:
@@ -93,8 +101,10 @@ class LocalEnvServer:
     def start(self, timeout_s: float = 60.0) -> None:
         """(Re)start the server and wait for its /health; a port taken meanwhile gets a new one. The containers
         a dead predecessor left are removed meanwhile, in a thread."""
-        if self.proc is not None and self.proc.poll() is not None:
-            threading.Thread(target=reap_containers_of, args=(self.proc.pid,), name="env-server-reap", daemon=True).start()
+        if self.proc is not None and self.proc.poll() is not None and self.proc.pid not in self.reaped:
+            self.reaped.add(self.proc.pid)
+            threading.Thread(target=reap_containers_of, args=(self.proc.pid, self.docker_env), name="env-server-reap",
+                             daemon=True).start()
         for attempt in range(3):
             cmd = [sys.executable, "-m", "cwm_rl.cli", "env", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--env", self.env_id, *(a for m in self.env_modules for a in ("--import", m))]
@@ -106,6 +116,7 @@ class LocalEnvServer:
                 cmd += ["--max-sessions", str(max(256, 2 * self.episodes_in_flight))]
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, **({"CWM_RL_EPISODES_IN_FLIGHT": str(self.episodes_in_flight)} if self.episodes_in_flight else {})}
+            self.docker_env = {k: v for k, v in env.items() if k.startswith("DOCKER_")}
             with self.log_path.open("a") as out:
                 self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                              preexec_fn=die_with_parent if sys.platform == "linux" else None)
@@ -120,13 +131,19 @@ class LocalEnvServer:
         raise RuntimeError(f"env server for {self.env_id} did not start (3 tries); its output is in {self.log_path}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Stop the process (SIGTERM; SIGKILL 10 s later) and remove the containers it leaves."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.pid not in self.reaped:
+            self.reaped.add(self.proc.pid)
+            reap_containers_of(self.proc.pid, self.docker_env)
 
 
 class EnvServers:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError
+from envs.sandbox.base import WORK_DIR, ExecResult, Limits, Sandbox, SandboxError, SandboxUnavailable
 
 BACKENDS = ("bwrap", "docker")
 _shared: dict[str, Sandbox] = {}
@@ -61,4 +61,4 @@ def close_shared_sandboxes() -> None:
         sandbox.close()
 
 
-__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "check_backend", "close_shared_sandboxes", "make_sandbox", "shared_sandbox"]
+__all__ = ["BACKENDS", "WORK_DIR", "ExecResult", "Limits", "Sandbox", "SandboxError", "SandboxUnavailable", "check_backend", "close_shared_sandboxes", "make_sandbox", "shared_sandbox"]

@@ -61,6 +61,16 @@ class SandboxError(RuntimeError):
     """The sandbox itself could not run (missing bwrap or Docker, no root filesystem): not the program's fault."""
 
 
+class SandboxUnavailable(RuntimeError):
+    """The sandbox went away under a running episode: the Docker daemon does not answer (it stopped or is
+    restarting), or it stopped or removed the episode's container. Nothing the program did; the episode
+    cannot go on and should be played again once Docker is back.
+
+    Not a SandboxError on purpose: an env may read a SandboxError from a step as the end of the agent's own
+    container and score the episode (SWE-v0 does: its agent can stop a prebuilt image's container); this
+    error must reach the env server, which ends the session with an error naming it instead."""
+
+
 class Sandbox(abc.ABC):
     """Runs commands in isolation. One instance may serve many concurrent `run` calls (threads)."""
 

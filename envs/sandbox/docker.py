@@ -41,9 +41,10 @@ UNPACK_THEN_RUN = (f'tar -x --no-same-owner -C / || exit 125; if [ -e {STDIN_FIL
                    'else exec </dev/null; fi; printf "\\000" >&2; ' + KILL_LEFTOVERS)
 
 
-def owner_label() -> str:
-    """The owner label of the containers this process makes: host and pid (the reaper checks the pid is alive)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def owner_label(pid: int | None = None) -> str:
+    """The owner label of the containers this process (or process `pid` of this host) makes: host and pid
+    (the reaper checks the pid is alive)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def _owner_alive(owner: str) -> bool:
@@ -59,15 +60,16 @@ def _owner_alive(owner: str) -> bool:
         return True
 
 
-def reap(client=None, everything: bool = False, run_id: str | None = None) -> int:
-    """Remove sandbox containers whose owning process is gone (all of them with `everything`, or one run's)."""
+def reap(client=None, everything: bool = False, run_id: str | None = None, owner: str | None = None) -> int:
+    """Remove sandbox containers whose owning process is gone (all of them with `everything`, one run's with
+    `run_id`, or those of `owner`, an `owner_label` whose process the caller saw die: its pid may be reused)."""
     import docker
 
     client = client or docker.from_env(timeout=60)
-    filters = {"label": [LABEL] + ([f"{LABEL_RUN}={run_id}"] if run_id else [])}
+    filters = {"label": [LABEL] + ([f"{LABEL_RUN}={run_id}"] if run_id else []) + ([f"{LABEL_OWNER}={owner}"] if owner else [])}
     removed = 0
     for container in client.containers.list(all=True, filters=filters):
-        if everything or run_id or not _owner_alive(container.labels.get(LABEL_OWNER, "")):
+        if everything or run_id or owner or not _owner_alive(container.labels.get(LABEL_OWNER, "")):
             try:
                 container.remove(force=True)
                 removed += 1

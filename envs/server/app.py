@@ -8,10 +8,15 @@ Run it with `cwm-rl env serve` (or `serve(EnvServerConfig(...))`). Routes, all J
     GET    /v1/envs                  the envs served
     GET    /health                   liveness (no auth)
     GET    /metrics                  Prometheus text
-Every error is `{"error": {"code", "message"}}`: 401 bad token, 403 env_kwargs not accepted,
-404 unknown session or env, 409 step after the episode ended, 413 action or body too large,
-422 malformed body, bad task or bad env kwargs, 429 too many sessions; 5xx only when the env
-itself failed (502), timed out (504), or stuck calls hold the env threads (503).
+Every error is `{"error": {"code", "message"}}`: 400 a body that cannot be read, 401 bad token,
+403 env_kwargs not accepted, 404 unknown session or env, 405 wrong method, 409 step after the
+episode ended, 413 action or body too large, 422 malformed body (not strict JSON, wrong types or
+ranges, wrong content type), an action outside the env's action space, or a task or env kwargs
+the env rejects, 429 too many sessions. A client's mistake is never a 5xx: 5xx only when the env
+itself failed (502, logged with its traceback), timed out (504), stuck calls hold the env
+threads (503), or the server has a bug (500, logged with its traceback). The OpenAPI schema
+(GET /openapi.json) documents these answers and links a created session to its step, state and
+delete routes; tests/envs/server/test_fuzz.py fuzzes the live server from it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import gc
 import hmac
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,13 +35,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from envs.registry import describe_env, list_text_envs
 from envs.server.config import EnvServerConfig
-from envs.server.schemas import CreateSessionRequest, CreateSessionResponse, EnvDescription, SessionState, StepRequest, StepResponse
-from envs.server.sessions import ApiError, SessionManager
+from envs.server.schemas import (CreateSessionRequest, CreateSessionResponse, EnvDescription, ErrorResponse, SessionDeleted,
+                                 SessionState, StepRequest, StepResponse)
+from envs.server.sessions import ApiError, SessionManager, log
 
 BODY_SLACK_BYTES = 64 * 1024  # JSON overhead allowed on top of max_action_bytes
 
@@ -124,17 +132,117 @@ def _jsonable(value: Any) -> Any:
 
 
 class StepJSONResponse(JSONResponse):
-    """The step result, serialised as it is (the hot path skips pydantic's response validation)."""
+    """The step result, serialised as it is (the hot path skips pydantic's response validation).
+    Strict JSON: NaN or a lone surrogate in an env's data is an error, never an invalid answer."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=_jsonable).encode("utf-8")
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_jsonable).encode("utf-8")
 
 
 def _render(content: dict[str, Any]) -> Response:
     try:
         return StepJSONResponse(content)
-    except (TypeError, ValueError) as e:  # e.g. an info dict with non-string keys, or NaN inside it
+    except (TypeError, ValueError, RecursionError) as e:  # e.g. an info dict with non-string keys, or NaN inside it
+        log.error("the env returned data that is not JSON-serialisable: %s: %s", type(e).__name__, e, exc_info=e)
         raise ApiError(502, "env_error", f"the env returned data that is not JSON-serialisable: {e}") from None
+
+
+# ----- strict JSON request bodies -----
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_json(message: str, pos: int = 0) -> json.JSONDecodeError:
+    return json.JSONDecodeError(message, "", pos)
+
+
+def _no_constant(name: str) -> None:
+    raise _not_json(f"{name} is not a JSON number; send a finite number (or null)")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Parse a request body as strict JSON (RFC 8259): UTF-8, no NaN/Infinity, no lone surrogate
+    escapes (not Unicode: no env could return them as UTF-8), nesting within Python's limit.
+    Anything else raises JSONDecodeError, which FastAPI turns into our 422."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_json(f"the body is not UTF-8 (byte {e.start}: {e.reason}); send JSON encoded as UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _not_json("the body is nested too deeply to parse; flatten it") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise _not_json(f"{e}; send smaller numbers") from None
+    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(value):  # only escapes can make lone surrogates
+        raise _not_json("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not a Unicode "
+                        "character; send valid Unicode (escape characters past U+FFFF as a surrogate pair)")
+    return value
+
+
+class StrictJSONRequest(Request):
+    """A request whose `json()` is `parse_json_body`: FastAPI parses JSON bodies with it."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """Routes whose JSON bodies are parsed by `parse_json_body` (FastAPI's documented way to
+    customise the request: a route class whose handler gets a Request subclass)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
+# ----- the OpenAPI description of errors and links -----
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers a route documents (all in the `ErrorResponse` shape)."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "The request body could not be read.",
+    401: "Missing or wrong bearer token.",
+    403: "This server does not accept env_kwargs from clients.",
+    404: "Unknown session or env.",
+    409: "The episode has ended.",
+    413: "The action or request body is too large.",
+    422: "Malformed body, an action outside the env's action space, or a task or env kwargs the env rejects.",
+    429: "Too many sessions; retry after Retry-After.",
+    502: "The env failed or returned data JSON cannot hold (an env bug).",
+    503: "Env calls past their deadline hold the env threads, the server is stopping, or the env's sandbox went away "
+         "(the Docker daemon restarting): retry after Retry-After, or play the episode again.",
+    504: "The env call ran past its deadline; the session was closed.",
+}
+# A created session's id feeds its step, state and delete routes (schemathesis follows these links).
+SESSION_LINKS = {
+    name: {"operationId": operation, "parameters": {"session_id": "$response.body#/session_id"}}
+    for name, operation in (("Step", "step"), ("GetState", "get_session"), ("Delete", "delete_session"))
+}
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -159,6 +267,8 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         await sessions.close_all()
 
     app = FastAPI(title="cwm-rl env server", lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
+    auth = (401,) if config.token else ()
     app.state.sessions = sessions
     app.state.config = config
 
@@ -170,9 +280,8 @@ def create_app(config: EnvServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         metrics.errors.labels(code="malformed_request").inc()
-        return _error(422, "malformed_request", f"the request body is not valid: {problems}")
+        return _error(422, "malformed_request", _describe_invalid_body(request, e.errors()))
 
     @app.exception_handler(BodyTooLarge)
     async def on_body_too_large(request: Request, e: BodyTooLarge) -> JSONResponse:
@@ -182,6 +291,7 @@ def create_app(config: EnvServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_bug(request: Request, e: Exception) -> JSONResponse:
+        # Starlette re-raises `e` after this answer, and uvicorn logs it with its traceback.
         return _error(500, "internal_error", f"the env server failed: {type(e).__name__}: {e}; please report this")
 
     @app.exception_handler(StarletteHTTPException)
@@ -190,40 +300,65 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         return _error(e.status_code, "http_error", f"{e.detail}{hint}")
 
     # The step route first: routes are matched in order and this one carries nearly all traffic.
-    @app.post("/v1/sessions/{session_id}/step", response_model=StepResponse)
+    @app.post("/v1/sessions/{session_id}/step", response_model=StepResponse, operation_id="step",
+              responses=_errors(400, *auth, 404, 409, 413, 422, 502, 503, 504))
     async def step(session_id: str, req: StepRequest) -> Response:
         return _render(await sessions.step(session_id, req.action, req.request_id))
 
-    @app.get("/health")
+    @app.get("/health", operation_id="health")
     async def health() -> dict:
         # "degraded": env calls past their deadline still hold threads (see sessions.py).
         return {"status": "degraded" if sessions.abandoned else "ok", "sessions": len(sessions.sessions),
                 "max_sessions": config.max_sessions, "abandoned_env_calls": sessions.abandoned}
 
-    @app.get("/metrics")
+    @app.get("/metrics", operation_id="metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_errors(*auth)})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/envs")
+    @app.get("/v1/envs", operation_id="list_envs", responses=_errors(*auth))
     async def envs() -> list[EnvDescription]:
         ids = config.env_ids if config.env_ids is not None else list_text_envs()
         return [EnvDescription(id=env_id, description=describe_env(env_id)) for env_id in ids]
 
-    @app.post("/v1/sessions")
-    async def create_session(req: CreateSessionRequest) -> CreateSessionResponse:
-        return await sessions.create(req)
+    @app.post("/v1/sessions", response_model=CreateSessionResponse, operation_id="create_session",
+              responses={200: {"description": "The new session and its first observation", "links": SESSION_LINKS},
+                         **_errors(400, *auth, 403, 404, 413, 422, 429, 502, 503, 504)})
+    async def create_session(req: CreateSessionRequest) -> Response:
+        # Rendered like a step: the env's info may hold numpy values, and data JSON cannot hold is a 502.
+        return _render((await sessions.create(req)).model_dump())
 
-    @app.get("/v1/sessions/{session_id}", response_model=SessionState)
+    @app.get("/v1/sessions/{session_id}", response_model=SessionState, operation_id="get_session",
+             responses=_errors(*auth, 404, 502))
     async def state(session_id: str) -> Response:
         return _render(sessions.state(session_id))
 
-    @app.delete("/v1/sessions/{session_id}")
-    async def delete(session_id: str) -> dict:
+    @app.delete("/v1/sessions/{session_id}", operation_id="delete_session", responses=_errors(*auth, 404))
+    async def delete(session_id: str) -> SessionDeleted:
         if not await sessions.delete(session_id):
             sessions.get(session_id)  # raises the 404 with its explanation
-        return {"deleted": session_id}
+        return SessionDeleted(deleted=session_id)
 
     return app
+
+
+def _describe_invalid_body(request: Request, errors: list[dict[str, Any]]) -> str:
+    """One message for a body FastAPI refused: what was wrong where, and what to send instead."""
+    problems = []
+    for err in errors:
+        loc = err["loc"]
+        if err["type"] == "json_invalid":
+            at = f" (at character {loc[-1]})" if isinstance(loc[-1], int) and loc[-1] > 0 else ""
+            problems.append(f"not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}{at}")
+        elif tuple(loc) == ("body",) and err["type"] in ("model_attributes_type", "dict_type", "missing"):
+            sent = request.headers.get("content-type")
+            problems.append("the body must be a JSON object" + (" and is missing" if err["type"] == "missing" else "")
+                            + ("" if sent is None or "json" in sent else f"; it was sent as {sent!r}")
+                            + ": send it with 'Content-Type: application/json'")
+        else:
+            problems.append(f"{'.'.join(str(p) for p in loc)}: {err['msg']}")
+    return "the request body is not valid: " + "; ".join(problems)
 
 
 def serve(config: EnvServerConfig) -> None:

@@ -49,13 +49,25 @@ class EnvServerError(RuntimeError):
 
 
 class EnvServerUnavailable(EnvServerError):
-    """The env server could not be reached, or kept answering 503, through every retry.
+    """The env server could not be reached, kept answering 503 through every retry, or lost a session this
+    client opened (404 after a restart): not the episode's doing, so the job plays it again elsewhere.
 
-    `status` is 0 when no HTTP answer came at all; the transport error is the `__cause__`."""
+    `status` is 0 when no HTTP answer came at all; the last transport error is the `__cause__`, and the
+    message names the first one too (a server killed mid-request: "Server disconnected", then "Connection refused")."""
 
-    def __init__(self, base_url: str, what: str, cause: Exception, tries: int):
+    def __init__(self, base_url: str, what: str, cause: Exception, tries: int, first: Exception | None = None):
         status = cause.status if isinstance(cause, EnvServerError) else 0
-        super().__init__(status, "unavailable", f"{base_url} did not serve {what} after {tries} tries: {type(cause).__name__}: {cause}")
+        seen = f"{type(cause).__name__}: {cause}"
+        if first is not None and str(first) != str(cause):
+            seen = f"first {type(first).__name__}: {first}; last {seen}"
+        if status == 0:
+            why = ("the server is down or restarting, and the sessions it held are gone with it: create a new session "
+                   "(on another server while this one is down)")
+        elif status == 404:
+            why = "the server no longer holds this session (it restarted, or closed it as idle): create a new session"
+        else:
+            why = "the server is overloaded or degraded (see its /health)"
+        super().__init__(status, "unavailable", f"{base_url} did not serve {what} after {tries} tries ({seen}): {why}")
 
 
 def _raise_for_error(response: httpx.Response) -> dict[str, Any]:
@@ -136,31 +148,37 @@ class RemoteEnv(gym.Env[Messages, str]):
             return min(error.retry_after or self.retry_backoff_s, 30.0)
         return self.retry_backoff_s * 2**attempt
 
-    def _give_up(self, method: str, path: str, error: Exception, attempt: int) -> None:
+    def _give_up(self, method: str, path: str, error: Exception, attempt: int, first: Exception | None = None) -> None:
         """Raise `error`, as `EnvServerUnavailable` when the server never answered or stayed at 503."""
-        if isinstance(error, httpx.TransportError) or (isinstance(error, EnvServerError) and error.status == 503):
-            raise EnvServerUnavailable(self.base_url, f"{method} {path}", error, attempt + 1) from error
+        lost_session = (isinstance(error, EnvServerError) and error.code == "unknown_session" and self.session_id is not None
+                        and f"/sessions/{self.session_id}" in path)
+        if isinstance(error, httpx.TransportError) or (isinstance(error, EnvServerError) and error.status == 503) or lost_session:
+            raise EnvServerUnavailable(self.base_url, f"{method} {path}", error, attempt + 1, first) from error
         raise error
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        first = None
         for attempt in range(self.max_retries + 1):
             try:
                 return _raise_for_error(self._sync().request(method, path, json=body))
             except (*RETRYABLE, EnvServerError) as e:
+                first = first or e
                 delay = self._retry_delay(attempt, e)
                 if delay is None:
-                    self._give_up(method, path, e, attempt)
+                    self._give_up(method, path, e, attempt, first)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _arequest(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        first = None
         for attempt in range(self.max_retries + 1):
             try:
                 return _raise_for_error(await self._async().request(method, path, json=body))
             except (*RETRYABLE, EnvServerError) as e:
+                first = first or e
                 delay = self._retry_delay(attempt, e)
                 if delay is None:
-                    self._give_up(method, path, e, attempt)
+                    self._give_up(method, path, e, attempt, first)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 

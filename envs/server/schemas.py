@@ -14,8 +14,8 @@ class _Body(BaseModel):
 
 
 class CreateSessionRequest(_Body):
-    env_id: str = Field(description="Registered env id, e.g. 'cwm_rl/Math-v0'.")
-    seed: int | None = Field(default=None, description="Seed for env.reset.")
+    env_id: str = Field(max_length=256, description="Registered env id, e.g. 'cwm_rl/Math-v0' (GET /v1/envs lists them).")
+    seed: int | None = Field(default=None, ge=0, description="Seed for env.reset (a non-negative integer, as Gymnasium requires).")
     task: Task | None = Field(default=None, description="Task to reset to; None lets the env sample one.")
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Constructor kwargs for the env.")
     request_id: str | None = Field(default=None, max_length=128, description="Client id of this request; a retry with the same id returns the same session.")
@@ -49,6 +49,10 @@ class SessionState(_Body):
     num_steps: int
     done: bool
     state: dict[str, Any]
+
+
+class SessionDeleted(_Body):
+    deleted: str
 
 
 class EnvDescription(_Body):

@@ -12,12 +12,19 @@ Abandoned calls still hold env threads, so they are counted; `/health` reports t
 sessions are refused (503) while they hold all but one thread.
 
 Errors are `ApiError`s carrying the HTTP status and a message a person can act on; `app.py`
-renders them.
+renders them. Whose fault an env's exception is decides its status: an exception while creating,
+resetting or stepping an env the client configured (a `task` or `env_kwargs`) that is one of
+`REJECTED_INPUT` (what Python and envs raise for arguments they refuse) is the client's (422:
+the env rejects that task or those kwargs); any other env exception, or one from an env the
+client did not configure, is the env's (502, logged with its traceback). An action outside the
+env's action space is refused (422) before the env sees it; any text inside it is the model's
+turn, which an env must score, never raise on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -26,11 +33,15 @@ from typing import Any
 
 from cwm_rl.types import new_id
 from envs.base import TextEnv
+from envs.sandbox.base import SandboxUnavailable
 from envs.registry import make_env
 from envs.server.config import EnvServerConfig
 from envs.server.schemas import CreateSessionRequest, CreateSessionResponse
 
 REMEMBERED_REQUESTS = 16  # step results kept per session for retries
+REJECTED_INPUT = (ValueError, TypeError, OverflowError)
+
+log = logging.getLogger("envs.server")
 
 
 class ApiError(Exception):
@@ -48,6 +59,7 @@ class Session:
     env: TextEnv
     created: CreateSessionResponse
     step_seconds: Any  # this env's step-time histogram child (looked up once, not per step)
+    client_config: str | None = None  # "task" / "env_kwargs" the client chose, for blaming env errors
     created_at: float = field(default_factory=time.monotonic)
     last_active: float = field(default_factory=time.monotonic)
     num_steps: int = 0
@@ -61,6 +73,16 @@ def _retrieve(future: asyncio.Future) -> None:
     """Done callback: mark a background future's exception as seen (no "never retrieved" log)."""
     if not future.cancelled():
         future.exception()
+
+
+def _client_config(req: CreateSessionRequest) -> str | None:
+    """What of the env's setup the client chose: "task", "env_kwargs", both, or None."""
+    chosen = [name for name, given in (("task", req.task is not None), ("env_kwargs", bool(req.env_kwargs))) if given]
+    return " and ".join(chosen) or None
+
+
+def _config_code(config: str) -> str:
+    return "bad_task" if config.startswith("task") else "bad_env_kwargs"
 
 
 class SessionManager:
@@ -113,7 +135,8 @@ class SessionManager:
         session_id = new_id()
         created = CreateSessionResponse(session_id=session_id, env_id=req.env_id, observation=observation, info=info)
         self.sessions[session_id] = Session(session_id, req.env_id, env, created,
-                                            step_seconds=self.metrics.step_seconds.labels(env_id=req.env_id))
+                                            step_seconds=self.metrics.step_seconds.labels(env_id=req.env_id),
+                                            client_config=_client_config(req))
         self.metrics.sessions_created.labels(env_id=req.env_id).inc()
         self.metrics.sessions_active.set(len(self.sessions))
         return created
@@ -134,10 +157,13 @@ class SessionManager:
         except ValueError as e:
             code = 404 if str(e).startswith("unknown env id") else 422
             raise ApiError(code, "unknown_env" if code == 404 else "bad_env_kwargs", str(e)) from None
-        except OSError as e:  # e.g. a task file that does not exist: the client's kwargs are wrong
-            raise ApiError(422, "bad_env_kwargs", f"creating {req.env_id} failed: {type(e).__name__}: {e}") from None
+        except (OSError, *REJECTED_INPUT) as e:  # OSError: e.g. a task file that does not exist
+            if isinstance(e, OSError) or req.env_kwargs:
+                raise ApiError(422, "bad_env_kwargs", f"creating {req.env_id} failed: {type(e).__name__}: {e}; "
+                               "fix env_kwargs") from None
+            raise self._env_failed(e, f"creating {req.env_id} failed") from None
         except Exception as e:
-            raise ApiError(502, "env_error", f"creating {req.env_id} failed: {type(e).__name__}: {e}") from None
+            raise self._env_failed(e, f"creating {req.env_id} failed") from None
         options = {"task": req.task} if req.task is not None else None
         try:
             observation, info = await self._with_deadline(env.areset(seed=req.seed, options=options), "the env reset", on_abandon=lambda: self._close_env(env))
@@ -145,10 +171,24 @@ class SessionManager:
             raise
         except Exception as e:
             await self._close_env(env)
-            if isinstance(e, ValueError):
-                raise ApiError(422, "bad_task", f"{req.env_id} rejected the reset: {e}") from None
-            raise ApiError(502, "env_error", f"{req.env_id} reset failed: {type(e).__name__}: {e}") from None
+            config = _client_config(req)
+            if isinstance(e, REJECTED_INPUT) and config:
+                raise ApiError(422, _config_code(config), f"{req.env_id} rejected the reset with the {config} given: "
+                               f"{type(e).__name__}: {e}; fix the {config} and create the session again") from None
+            raise self._env_failed(e, f"{req.env_id} reset failed") from None
         return env, observation, info
+
+    def _env_failed(self, e: Exception, what: str) -> ApiError:
+        """The 502 for an env's own failure, logged with its traceback (a bug to fix in the env). A sandbox that went
+        away under the env (the Docker daemon restarting) is a 503 instead: nobody's bug, and the client should play
+        the episode again once it is back (RemoteEnv gives up with EnvServerUnavailable; the job replays the group)."""
+        if isinstance(e, SandboxUnavailable):
+            log.warning("%s: %s: %s", what, type(e).__name__, e)
+            self.metrics.errors.labels(code="sandbox_unavailable").inc()
+            return ApiError(503, "sandbox_unavailable", f"{what}: {type(e).__name__}: {e}", headers={"Retry-After": "2"})
+        log.error("%s: %s: %s", what, type(e).__name__, e, exc_info=e)
+        self.metrics.errors.labels(code="env_error").inc()
+        return ApiError(502, "env_error", f"{what}: {type(e).__name__}: {e}")
 
     async def _with_deadline(self, call, what: str, on_abandon=None):
         """Await `call` for at most `step_timeout_s`; past it, abandon it (counted) and answer 504.
@@ -186,10 +226,15 @@ class SessionManager:
     async def step(self, session_id: str, action: str, request_id: str) -> dict[str, Any]:
         """The step result as a `StepResponse`-shaped dict (plain dicts: this is the hot path)."""
         session = self.get(session_id)
-        size = len(action.encode("utf-8"))
+        size = len(action.encode("utf-8", "surrogatepass"))  # never raises (app.py refuses lone surrogates anyway)
         if size > self.config.max_action_bytes:
             self.metrics.errors.labels(code="action_too_large").inc()
             raise ApiError(413, "action_too_large", f"the action is {size} bytes; this server accepts at most {self.config.max_action_bytes}")
+        space = session.env.action_space
+        if not space.contains(action):
+            self.metrics.errors.labels(code="bad_action").inc()
+            raise ApiError(422, "bad_action", f"the action ({len(action)} characters) is not in {session.env_id}'s action "
+                           f"space {space!r}; nothing was stepped: send an action the space contains")
         future = session.results.get(request_id)
         if future is not None:  # a retry: the first attempt's answer, once it has one
             return await asyncio.shield(future)
@@ -238,13 +283,23 @@ class SessionManager:
             except Exception as e:
                 self._remove(session)
                 await self._close_env(session.env)
-                self.metrics.errors.labels(code="env_error").inc()
-                raise ApiError(502, "env_error", f"the env raised {type(e).__name__}: {e}; the session was closed") from None
+                config = session.client_config
+                if isinstance(e, REJECTED_INPUT) and config:
+                    # Logged all the same: an env should refuse a bad task or kwargs at reset, not mid-episode.
+                    log.warning("session %s (%s): the env rejected its %s while stepping", session.session_id,
+                                session.env_id, config, exc_info=e)
+                    self.metrics.errors.labels(code=_config_code(config)).inc()
+                    raise ApiError(422, _config_code(config), f"the env raised {type(e).__name__}: {e}; an env must accept "
+                                   f"any text as an action, so the cause is the {config} this session was created with: "
+                                   "fix it and create a new session (this one was closed)") from None
+                raise self._env_failed(e, f"the env raised while stepping session {session.session_id} "
+                                          "(the session was closed)") from None
             session.step_seconds.observe(time.perf_counter() - started)
             session.num_steps += 1
             session.done = bool(terminated or truncated)
             session.last_active = time.monotonic()
             if not math.isfinite(reward):
+                log.error("session %s (%s): the env returned a non-finite reward %r", session.session_id, session.env_id, reward)
                 self._remove(session)
                 await self._close_env(session.env)
                 raise ApiError(502, "env_error", f"the env returned a non-finite reward ({reward}); the session was closed")
@@ -257,7 +312,7 @@ class SessionManager:
         try:
             env_state = session.env.state()
         except Exception as e:
-            raise ApiError(502, "env_error", f"the env's state() raised {type(e).__name__}: {e}") from None
+            raise self._env_failed(e, "the env's state() raised") from None
         return {
             "session_id": session.session_id,
             "env_id": session.env_id,

@@ -11,6 +11,12 @@ image (SWE-bench's) runs as its own user with a writable root, its repository wh
 Labels: `cwm-rl.sandbox`, `cwm-rl.owner` (HOST:PID), `cwm-rl.run` and `cwm-rl.session` (one id per
 container, which is the episode's session id). Containers whose owner died are reaped when the
 next pool starts, by `cwm-rl sandbox reap`, and a pool removes its own on close and at exit.
+
+When the Docker daemon stops or restarts (it stops every container), an episode's next command
+raises `SandboxUnavailable` saying so, rather than a SandboxError its env would read as the agent's
+doing. The pool outlives the outage: warm containers that died are dropped (and the image warmed
+again once the daemon answers), and removals that failed meanwhile are retried, so nothing leaks
+(`tests/faults/test_env_faults.py` restarts a daemon under a running env server).
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ import atexit
 import collections
 import os
 import queue
+import re
 import subprocess
 import threading
 import time
 import uuid
 
-from envs.sandbox.base import ENV, SANDBOX_UID, Limits, SandboxError
+from envs.sandbox.base import ENV, SANDBOX_UID, Limits, SandboxError, SandboxUnavailable
 from envs.sandbox.docker import LABEL, LABEL_OWNER, LABEL_RUN, connect, owner_label, container_options, reap
 from envs.sandbox.process import Finished, run_limited
 from envs.swe.images import REPO_COPY, TASK_REPOSITORY
@@ -35,6 +42,8 @@ LABEL_SWE = "cwm-rl.swe"
 SWE_LIMITS = Limits(timeout_s=60, cpu_s=900, memory_mb=2048, processes=256, file_size_mb=256, disk_mb=512,
                     open_files=1024, output_bytes=1 << 20)
 USER = f"{SANDBOX_UID}:{SANDBOX_UID}"
+# What the docker CLI prints when it failed rather than the command it ran (the daemon or the container is gone).
+DOCKER_FAILED = re.compile(rb"Cannot connect to the Docker daemon|error during connect|Error response from daemon|No such container")
 
 
 class SWEContainer:
@@ -54,9 +63,51 @@ class SWEContainer:
         argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
         user = ["-u", self.user] if self.user else []
         inside = ["timeout", "-s", "KILL", f"{max(timeout_s, 0.01):.2f}", *argv]
-        return run_limited([self.pool.docker_cli, "exec", *(["-i"] if stdin is not None else []), *user,
+        done = run_limited([self.pool.docker_cli, "exec", *(["-i"] if stdin is not None else []), *user,
                             "-w", self.workdir, self.id, *inside],
                            stdin=stdin, timeout_s=timeout_s + 15, output_bytes=output_bytes)
+        cli_hung = done.exit_code is None and "timeout" in done.killed_for  # `timeout` inside would have ended it sooner
+        if cli_hung or (done.exit_code and DOCKER_FAILED.search(done.stderr)):
+            self.raise_if_lost("docker exec")
+        return done
+
+    def lost(self, settle_s: float = 3.0) -> str | None:
+        """Why this container can no longer serve its episode for a reason outside the agent's reach, or None:
+        the daemon does not answer, the container was removed, or it stopped although its agent cannot stop
+        it (in a cwm-rl image the agent is uid 1000 without capabilities; a prebuilt image's agent runs as
+        root and may have stopped it itself: that is the episode's own doing). Asked after a failure: a
+        container still running is asked about again for `settle_s` (a daemon that is shutting down
+        reports its containers running a moment after their processes died)."""
+        import docker
+
+        deadline = time.monotonic() + settle_s
+        while True:
+            try:
+                state = self.pool.client.api.inspect_container(self.id)["State"]
+            except docker.errors.NotFound:
+                return f"container {self.id[:12]} was removed"
+            except Exception as e:
+                return f"the Docker daemon does not answer ({type(e).__name__}: {e}): it stopped or is restarting"
+            if not state.get("Running"):
+                break
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.5)
+        if self.user is None:
+            return None
+        return (f"container {self.id[:12]} stopped (exit {state.get('ExitCode')} at {state.get('FinishedAt')}), which its agent "
+                "cannot do: the Docker daemon restarted, or something outside the episode stopped it")
+
+    def raise_if_lost(self, what: str, error: BaseException | None = None) -> None:
+        """Raise SandboxUnavailable when `lost()` says why the container is gone."""
+        why = self.lost()
+        if why is not None:
+            raise SandboxUnavailable(f"{what} failed: {why}. The episode cannot go on (nothing the agent did): play it again") from error
+
+    def usable(self) -> bool:
+        """False once the bash session started for it while it waited has ended: the container stopped (a daemon
+        restart stops them all)."""
+        return self.spare_shell is None or self.spare_shell.alive()
 
     def write_file(self, path: str, data: bytes) -> Finished:
         """Write a file (making its folder) as the agent's user."""
@@ -86,6 +137,8 @@ class ContainerPool:
     """Containers of task images for episodes: `acquire(image)` takes a started, prepared one from
     the warm pool (or starts one when none is ready), at most `max_containers` at a time."""
 
+    HOUSEKEEPING_S = 2.0  # how often an idle filler retries failed removals and drops dead warm containers
+
     def __init__(self, limits: Limits = SWE_LIMITS, pool_size: int = 2, max_containers: int = 16, pool_images: int = 4,
                  run_id: str | None = None, acquire_timeout_s: float = 600.0):
         if pool_size < 0 or max_containers < 1:
@@ -101,6 +154,9 @@ class ContainerPool:
         self._mine: dict[str, object] = {}
         self._wanted: queue.Queue = queue.Queue()
         self._pending: collections.Counter = collections.Counter()  # starts queued or under way, per (image, workdir)
+        self._unremoved: dict[str, object] = {}  # containers whose removal failed (the daemon was away): retried
+        self._unremoved_sessions: set[str] = set()  # sessions whose failed start may have left a container: retried
+        self._short: set[tuple[str, str]] = set()  # (image, workdir) short of warm containers after daemon trouble
         self._closed = threading.Event()
         self._filler = threading.Thread(target=self._fill, name="swe-container-pool", daemon=True)
         self._filler.start()
@@ -122,19 +178,21 @@ class ContainerPool:
             container = self.client.containers.run(
                 image, ["sleep", "infinity"], **container_options(limits, labels, read_only=managed), tmpfs=tmpfs,
                 working_dir=workdir, environment={**ENV, "HOME": "/tmp", "TZ": "UTC"})
-        except Exception as e:  # the daemon refused, or timed out after creating it: remove it by its label
-            try:
-                for leftover in self.client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"}):
-                    leftover.remove(force=True)
-            except Exception:
-                pass
+        except Exception as e:  # the daemon refused, or timed out (or went away) after creating it: remove it by its label
+            if not self._remove_session(session):
+                with self._lock:
+                    self._unremoved_sessions.add(session)
             self._slots.release()
             raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
         with self._lock:
             self._mine[container.id] = container  # from here on, removing it gives the slot back
         started = SWEContainer(self, container, workdir, managed)
         if managed:
-            copied = started.exec(["cp", "-R", "--preserve=mode,timestamps", f"{REPO_COPY}/.", workdir + "/"], timeout_s=120)
+            try:
+                copied = started.exec(["cp", "-R", "--preserve=mode,timestamps", f"{REPO_COPY}/.", workdir + "/"], timeout_s=120)
+            except BaseException:  # SandboxUnavailable: the daemon went away meanwhile
+                started.release()
+                raise
             if copied.exit_code != 0:
                 started.release()
                 raise SandboxError(f"copying the repository into a container of {image} failed: "
@@ -142,19 +200,73 @@ class ContainerPool:
         return started
 
     def remove(self, container) -> None:
-        """Remove a container this pool made (warm or in use) and give its slot back; idempotent."""
-        try:
-            container.remove(force=True)
-        except Exception:  # already gone (or the daemon is): the reaper gets it later
-            pass
+        """Remove a container this pool made (warm or in use) and give its slot back; idempotent. While the daemon
+        does not answer, the removal is retried (by the idle filler, at the next acquire and at close)."""
+        if not self._try_remove(container):
+            with self._lock:
+                self._unremoved[container.id] = container
         with self._lock:
             known = self._mine.pop(container.id, None)
         if known is not None:
             self._slots.release()
 
+    @staticmethod
+    def _try_remove(container) -> bool:
+        import docker
+
+        try:
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except Exception:  # the daemon does not answer (or the removal is already under way): try again later
+            return False
+        return True
+
+    def _remove_session(self, session: str) -> bool:
+        """Remove the containers labelled with `session` (a start that failed half-way); False if the daemon did not answer."""
+        try:
+            leftovers = self.client.containers.list(all=True, filters={"label": f"{LABEL_SESSION}={session}"})
+        except Exception:
+            return False
+        return all([self._try_remove(c) for c in leftovers])
+
+    def _retry_removals(self) -> None:
+        with self._lock:
+            pending, sessions = list(self._unremoved.values()), list(self._unremoved_sessions)
+        for container in pending:
+            if not self._try_remove(container):
+                return  # the daemon is still away: the next round tries again
+            with self._lock:
+                self._unremoved.pop(container.id, None)
+        for session in sessions:
+            if not self._remove_session(session):
+                return
+            with self._lock:
+                self._unremoved_sessions.discard(session)
+
+    def _housekeeping(self) -> None:
+        """Recover from daemon trouble: remove what could not be removed, drop warm containers that died while they
+        waited, and warm again the images left short of containers (this runs again until the daemon answers)."""
+        self._retry_removals()
+        with self._lock:
+            dead = [(key, c) for key, ready in self._ready.items() for c in ready if not c.usable()]
+            for key, container in dead:
+                self._ready[key].remove(container)
+                self._short.add(key)
+            short, self._short = [k for k in self._short if k in self._ready], set()
+        for _, container in dead:
+            container.release()
+        for key in short:
+            if not self._closed.is_set():
+                self.warm(*key)
+
     def _fill(self) -> None:
         while not self._closed.is_set():
-            key = self._wanted.get()
+            try:
+                key = self._wanted.get(timeout=self.HOUSEKEEPING_S)
+            except queue.Empty:
+                self._housekeeping()
+                continue
             if key is None:
                 return
             if not self._slots.acquire(blocking=False):  # at the cap: episodes come first
@@ -165,12 +277,14 @@ class ContainerPool:
                 started = self._start(*key)
                 try:  # its bash session too, so that an episode's reset waits for neither
                     started.spare_shell = BashSession(started)
-                except SandboxError:
+                except BaseException:
                     started.release()
                     raise
-            except Exception:  # daemon trouble: acquire starts containers itself and reports the error
+            except Exception as e:  # daemon trouble: acquire starts containers itself and reports the error
                 with self._lock:
                     self._pending[key] -= 1
+                    if _daemon_away(e):
+                        self._short.add(key)  # the housekeeping warms it again, until the daemon answers
                 time.sleep(0.5)
                 continue
             with self._lock:
@@ -210,6 +324,8 @@ class ContainerPool:
         """A started container of `image` with the repository in `workdir`, for one episode; `release()` it."""
         if self._closed.is_set():
             raise SandboxError("the SWE container pool is closed")
+        if self._unremoved or self._unremoved_sessions:
+            self._retry_removals()
         key = (image, workdir)
         deadline = time.monotonic() + self.acquire_timeout_s
         while True:
@@ -217,6 +333,9 @@ class ContainerPool:
                 ready = self._ready.get(key)
                 started = ready.popleft() if ready else None
             if started is not None:
+                if not started.usable():  # it died while it waited (the daemon restarted): the next one
+                    started.release()
+                    continue
                 if self.pool_size:
                     self.warm(image, workdir)  # refill behind this episode
                 return started
@@ -264,7 +383,19 @@ class ContainerPool:
             in_use = list(self._mine.values())
         for container in in_use:
             self.remove(container)
+        self._retry_removals()  # what the daemon could not remove before; if it still cannot, the reaper will
         atexit.unregister(self.close)
+
+
+def _daemon_away(error: BaseException | None) -> bool:
+    """Whether `error`, or what caused it, says that the Docker daemon did not answer."""
+    import requests
+
+    while error is not None:
+        if isinstance(error, (SandboxUnavailable, requests.exceptions.ConnectionError)):
+            return True
+        error = error.__cause__
+    return False
 
 
 _shared: dict[tuple, ContainerPool] = {}
@@ -369,8 +500,18 @@ class BashSession:
 
     def run(self, command: str, timeout_s: float | None = None) -> tuple[str, int | None, list[str]]:
         """Run one command: (output, exit status or None when it was killed, notes such as "timeout").
-        Raises SandboxError when no shell can be started any more (the container is gone)."""
-        return self._exchange(command, timeout_s or self.default_timeout_s, may_restart=True)
+        Raises SandboxError when no shell can be started any more (the container is gone), SandboxUnavailable
+        when that is not the agent's doing (the Docker daemon stopped or restarted)."""
+        try:
+            return self._exchange(command, timeout_s or self.default_timeout_s, may_restart=True)
+        except SandboxError as e:
+            self.container.raise_if_lost("the bash session", e)
+            raise
+
+    def alive(self) -> bool:
+        """Whether the shell still runs (its `docker exec` ends when the container stops)."""
+        with self._changed:
+            return self.proc is not None and not self._eof and self.proc.poll() is None
 
     def _exchange(self, command: str, timeout_s: float, may_restart: bool) -> tuple[str, int | None, list[str]]:
         nonce = uuid.uuid4().hex

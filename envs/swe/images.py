@@ -20,7 +20,7 @@ import tarfile
 import threading
 from pathlib import Path
 
-from envs.sandbox.base import SandboxError
+from envs.sandbox.base import SandboxError, SandboxUnavailable
 from envs.swe.tasks import SWEInstance
 
 REPO_COPY = "/opt/cwm-rl/repo"
@@ -82,11 +82,21 @@ def image_tag(instance_id: str, digest: str) -> str:
 
 def task_image(instance: SWEInstance, client=None, base_image: str | None = None, log=None) -> str:
     """The image an instance runs in: its prebuilt `image`, or one built here from `repo_dir` (cached
-    by content: a second call costs one image lookup)."""
-    import docker
+    by content: a second call costs one image lookup). SandboxUnavailable while the daemon does not answer."""
+    import requests
 
     if instance.image:
         return instance.image
+    try:
+        return _built_image(instance, client, base_image, log)
+    except requests.exceptions.ConnectionError as e:
+        raise SandboxUnavailable(f"the image of {instance.instance_id} cannot be looked up or built: the Docker daemon does "
+                                 f"not answer ({e}); it stopped or is restarting") from e
+
+
+def _built_image(instance: SWEInstance, client, base_image: str | None, log) -> str:
+    import docker
+
     source = instance.source_dir()
     if source is None or not source.is_dir():
         raise SandboxError(f"instance {instance.instance_id!r}: repo_dir {source} is not a folder; "

@@ -53,18 +53,35 @@ class SlowEnv(TextEnv):
 
 
 class NumpyEnv(TextEnv):
-    """Returns numpy values in its reward and info, and a NaN reward for the action 'nan'."""
+    """Returns numpy values in its reset info, reward and info, a NaN reward for the action 'nan'
+    and a NaN inside its info for 'nan-info'."""
 
     def sample_task(self, rng):
         return Task(id="np", prompt="go")
 
+    def reset(self, *, seed=None, options=None):
+        observation, info = super().reset(seed=seed, options=options)
+        return observation, {**info, "level": np.int64(2)}
+
     def respond(self, action):
         reward = np.float32("nan") if action == "nan" else np.float32(0.5)
-        return [], reward, False, False, {"score": np.float64(0.25), "counts": np.arange(3), "obj": object}
+        score = float("nan") if action == "nan-info" else np.float64(0.25)
+        return [], reward, False, False, {"score": score, "counts": np.arange(3), "obj": object}
+
+
+class PickyEnv(TextEnv):
+    """Raises ValueError on every step: the client's fault when it chose the task, the env's otherwise."""
+
+    def sample_task(self, rng):
+        return Task(id="picky", prompt="go")
+
+    def respond(self, action):
+        raise ValueError(f"task {self.task.id!r} is not one I can grade")
 
 
 gym.register(id="test_server/Crash-v0", entry_point=CrashEnv)
 gym.register(id="test_server/Numpy-v0", entry_point=NumpyEnv)
+gym.register(id="test_server/Picky-v0", entry_point=PickyEnv)
 gym.register(id="test_server/Slow-v0", entry_point=SlowEnv)
 
 
@@ -135,7 +152,7 @@ def test_error_statuses(start_server):
         assert_error(c.delete("/v1/sessions/nope"), 404, "unknown_session", "nope")
         assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Nope-v0"}), 404, "unknown_env", "cwm_rl/Echo-v0")
         assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "env_kwargs": {"num_rounds": 0}}),
-                     422, "bad_env_kwargs", "num_rounds must be >= 1")
+                     422, "bad_env_kwargs", "num_rounds must be between 1 and 10000")
         assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "task": {"id": "t", "prompt": "p", "answer": 3}}),
                      422, "bad_task", "non-empty list")
         # Malformed bodies: missing field, wrong type, unknown field, not JSON at all.
@@ -161,13 +178,15 @@ def test_error_statuses(start_server):
         assert_error(c.get("/v2/whatever"), 404, "http_error", "/docs")
 
 
-def test_env_failures_end_the_session_not_the_server(start_server):
+def test_env_failures_end_the_session_not_the_server(start_server, caplog):
     server = start_server(step_timeout_s=0.3)
     with httpx.Client(base_url=server.url) as c:
         sid = create(c, "test_server/Crash-v0")["session_id"]
         assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
                      502, "env_error", "ZeroDivisionError: boom")
         assert "crash" in CLOSED
+        logged = [r for r in caplog.records if r.name == "envs.server" and r.exc_info]
+        assert [r.exc_info[0] for r in logged] == [ZeroDivisionError]  # the env's traceback, for its author
         assert_error(c.get(f"/v1/sessions/{sid}"), 404, "unknown_session", sid)
 
         sid = create(c, "test_server/Slow-v0", env_kwargs={"delay_s": 10.0})["session_id"]
@@ -241,12 +260,17 @@ def test_reaper_closes_idle_sessions(start_server):
 
 def test_numpy_infos_are_served_and_nan_rewards_are_env_errors(server):
     with httpx.Client(base_url=server.url) as c:
-        sid = create(c, "test_server/Numpy-v0")["session_id"]
+        created = create(c, "test_server/Numpy-v0")
+        assert created["info"] == {"task_id": "np", "level": 2}
+        sid = created["session_id"]
         step = c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"})
         assert step.status_code == 200
         assert step.json()["reward"] == 0.5
         assert step.json()["info"] == {"score": 0.25, "counts": [0, 1, 2], "obj": "<class 'object'>"}
-        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "nan", "request_id": "2"}),
+        # NaN is no JSON: never sent as the invalid token `NaN`, but reported as the env's bug.
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "nan-info", "request_id": "2"}),
+                     502, "env_error", "not JSON-serialisable: Out of range float values")
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "nan", "request_id": "3"}),
                      502, "env_error", "non-finite reward")
 
 
@@ -322,3 +346,71 @@ def test_unserialisable_env_data_is_a_clear_502(server):
         sid = create(c, "test_server/BadData-v0")["session_id"]
         assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}), 502, "env_error", "JSON")
         assert_error(c.get(f"/v1/sessions/{sid}"), 502, "env_error", "state is broken")
+
+
+def test_bodies_that_are_not_strict_json_are_422(server):
+    """Whatever the bytes, a client's malformed body is a 422 that says what to fix, never a 5xx."""
+    with httpx.Client(base_url=server.url) as c:
+        sid = create(c, seed=0)["session_id"]
+        step = f"/v1/sessions/{sid}/step"
+
+        def post(path: str, body: bytes, content_type: str | None = "application/json") -> httpx.Response:
+            return c.post(path, content=body, headers={"content-type": content_type} if content_type else {})
+
+        for body, words in [
+            (b'{"action": "\\ud800", "request_id": "1"}', "lone UTF-16 surrogate"),  # cannot be UTF-8 (was a 500)
+            (b'{"action": "\xff\xfe", "request_id": "1"}', "not UTF-8 (byte 12"),
+            (b'{"action": NaN, "request_id": "1"}', "NaN is not a JSON number"),
+            (b'{"action": "x", "request_id": "1", "n": -Infinity}', "-Infinity is not a JSON number"),
+            (b'{"action": "x", "request_id": "1", "n": ' + b"9" * 5000 + b"}", "4300 digits"),
+            (b'{"action": "x", "request_id": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+            (b'{"action": "x", "request_id": "1",}', "Expecting property name"),
+            (b"[1, 2]", "must be a JSON object"),
+            (b"", "must be a JSON object and is missing"),
+        ]:
+            assert_error(post(step, body), 422, "malformed_request", words)
+        assert_error(post(step, b'{"action": "x", "request_id": "1"}', "text/plain"), 422, "malformed_request",
+                     "it was sent as 'text/plain': send it with 'Content-Type: application/json'")
+        # Astral characters escaped as a surrogate pair are valid JSON, and a NUL is just a character.
+        assert post(step, b'{"action": "\\ud83d\\ude00 \\u0000", "request_id": "1"}').status_code == 200
+        assert c.get(f"/v1/sessions/{sid}").json()["state"]["transcript"][1]["content"] == "\U0001F600 \x00"
+        # The same rules for a create: a task whose prompt no env could ever send back (was a 500).
+        assert_error(post("/v1/sessions", b'{"env_id": "cwm_rl/Math-v0", "task": {"id": "t", "prompt": "\\udfff"}}'),
+                     422, "malformed_request", "surrogate")
+        assert_error(post("/v1/sessions", b'{"env_id": "cwm_rl/Math-v0", "env_kwargs": {"correct_reward": Infinity}}'),
+                     422, "malformed_request", "Infinity is not a JSON number")
+
+
+def test_what_the_client_chose_is_blamed_on_the_client(server):
+    """An env's refusal of the client's seed, kwargs, task or action is a 4xx; the same exception
+    from an env the client did not configure is the env's bug, a 502."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "seed": -1}),  # was a 502
+                     422, "malformed_request", "body.seed: Input should be greater than or equal to 0")
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Echo-v0", "env_kwargs": {"num_rounds": 1.5}}),  # was a 502
+                     422, "bad_env_kwargs", "rejected the reset with the env_kwargs given: TypeError")
+        assert c.get("/health").json()["sessions"] == 0  # the env that failed to reset was not kept
+
+        # Kwargs and tasks the env accepts at creation but refuses at the first step (were 502s).
+        assert_error(c.post("/v1/sessions", json={"env_id": "cwm_rl/Math-v0", "env_kwargs": {"verify_timeout_s": -1}}),
+                     422, "bad_env_kwargs", "verify_timeout_s must be > 0")  # refused up front since; was a 502 at the first step
+        sid = create(c, "test_server/Picky-v0", env_kwargs={"max_action_chars": 100})["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
+                     422, "bad_env_kwargs", "the env_kwargs this session was created with")
+        assert_error(c.get(f"/v1/sessions/{sid}"), 404, "unknown_session", sid)  # closed: its env may be half-stepped
+        sid = create(c, "cwm_rl/Math-v0", task={"id": "t", "prompt": "1+1?", "answer": [2]})["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "\\boxed{2}", "request_id": "1"}),
+                     422, "bad_task", "needs a scalar answer")
+        sid = create(c, "test_server/Picky-v0", task={"id": "mine", "prompt": "go"})["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
+                     422, "bad_task", "'mine' is not one I can grade")
+        sid = create(c, "test_server/Picky-v0")["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "x", "request_id": "1"}),
+                     502, "env_error", "'picky' is not one I can grade")
+
+        # An action outside the env's action space never reaches the env, and the session goes on.
+        sid = create(c, seed=0, env_kwargs={"max_action_chars": 3})["session_id"]
+        assert_error(c.post(f"/v1/sessions/{sid}/step", json={"action": "apple", "request_id": "1"}),
+                     422, "bad_action", "TextSpace(max_length=3)")
+        assert c.post(f"/v1/sessions/{sid}/step", json={"action": "abc", "request_id": "2"}).status_code == 200
+        assert c.get(f"/v1/sessions/{sid}").json()["num_steps"] == 1

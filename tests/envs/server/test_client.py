@@ -149,3 +149,17 @@ async def test_sync_close_after_async_use_releases_everything(server):
     assert not env.connected and env.session_id is None
     async with httpx.AsyncClient(base_url=server.url) as c:
         assert (await c.get("/health")).json()["sessions"] == 0
+
+
+def test_a_session_the_server_lost_is_unavailable_not_an_env_error(server):
+    """A server restarted on the same address (or one that closed the session as idle) answers 404 for a
+    session this client opened: that is the server's doing, so the job must play the episode again."""
+    env = RemoteEnv(server.url, "cwm_rl/Echo-v0")
+    env.reset(seed=0)
+    assert httpx.delete(f"{server.url}/v1/sessions/{env.session_id}").status_code == 200  # what a restart does
+    with pytest.raises(EnvServerUnavailable, match="no longer holds this session") as lost:
+        env.step("hello")
+    assert lost.value.status == 404
+    env.reset(seed=1)  # a new session works
+    assert env.step("hello")[0]
+    env.close()
