@@ -110,6 +110,8 @@ class VerifierPool:
         self._lock = threading.Lock()
         self._closed = False
         self._zygote: _Zygote | None = None  # started with the first worker
+        self._zygote_start = threading.Lock()  # one start at a time: threads that find it dead wait for the new one
+        self._finalizer: weakref.finalize | None = None  # ends the zygote if the pool is dropped unclosed
         self._live: set[_Worker] = set()  # every started worker not yet killed, busy or idle
         # One slot per worker; None means "not started yet" (workers start on first use). LIFO:
         # the warmest worker goes first, and workers beyond the concurrency in use never start.
@@ -152,8 +154,8 @@ class VerifierPool:
         status, payload = reply
         if status == "memory":  # the worker exits after saying so: its heap is not to be trusted
             self._discard(worker)
-            message = (f"call to {_name(fn)} ran out of its worker's {self.memory_mb} MB memory cap "
-                       f"({payload}); its worker was replaced")
+            cap = f"its worker's {self.memory_mb} MB memory cap" if self.memory_mb else "memory"
+            message = f"call to {_name(fn)} ran out of {cap} ({payload}); its worker was replaced"
             return PoolResult("memory", error=message, elapsed_s=elapsed)
         self._release(worker)
         if status == "ok":
@@ -225,7 +227,7 @@ class VerifierPool:
         if slot is _CLOSED:
             self._idle.put(_CLOSED)  # wake the next waiter too
             raise RuntimeError("this VerifierPool is closed; create a new one")
-        if slot is None or slot.wait(0) is not None:
+        if slot is None or slot.conn.poll(0):  # an idle worker sends nothing: readable means its socket closed (it died)
             if slot is not None:
                 self._forget(slot)
             try:
@@ -244,26 +246,27 @@ class VerifierPool:
 
     def _zygote_now(self) -> _Zygote:
         """The running zygote, started (again, if it died) on demand."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this VerifierPool is closed; create a new one")
-            zygote = self._zygote
-        if zygote is not None and zygote.alive():
-            return zygote
-        fresh = _Zygote(self.preload, self.memory_mb)  # raises with the preload error, if any
-        with self._lock:
-            if self._closed or (self._zygote is not None and self._zygote is not zygote):
-                fresh.close()  # closed meanwhile, or another thread won the race
+        with self._zygote_start:
+            with self._lock:
                 if self._closed:
+                    raise RuntimeError("this VerifierPool is closed; create a new one")
+                zygote = self._zygote
+            if zygote is not None and zygote.alive():
+                return zygote
+            fresh = _Zygote(self.preload, self.memory_mb)  # raises with the preload error, if any
+            with self._lock:
+                if self._closed:
+                    fresh.close()
                     raise RuntimeError("this VerifierPool was closed while a worker was starting")
-                return self._zygote
-            self._zygote = fresh
-            if zygote is not None:  # its workers died with it; their idle slots respawn when taken
-                self._live = {w for w in self._live if w.zygote is not zygote}
-        if zygote is not None:
-            zygote.close()
-        weakref.finalize(self, fresh.close)
-        return fresh
+                self._zygote = fresh
+                if zygote is not None:  # its workers died with it; their idle slots respawn when taken
+                    self._live = {w for w in self._live if w.zygote is not zygote}
+            if zygote is not None:
+                zygote.close()
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, fresh.close)
+            return fresh
 
     def _spawn(self) -> _Worker:
         """Start a worker and wait until it has warmed up (outside any call's deadline)."""
@@ -359,8 +362,8 @@ def _name(fn: Callable) -> str:
 # Run by `python -c`: the caller's sys.path (so user modules import as they do in the caller),
 # then the zygote loop. Nothing of the caller's __main__ is imported.
 _ZYGOTE_BOOT = (
-    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from rewards.pool import _zygote_main; _zygote_main(int(sys.argv[2]), json.loads(sys.argv[3]))"
+    "import json, sys; sys.path.insert(0, sys.argv[4]); from rewards.pool import _zygote_main; "
+    "sys.path[:] = json.loads(sys.argv[1]); _zygote_main(int(sys.argv[2]), json.loads(sys.argv[3]))"
 )
 
 
@@ -379,11 +382,16 @@ class _Zygote:
         settings = {"preload": list(preload), "memory_mb": memory_mb}
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _ZYGOTE_BOOT, json.dumps(path), str(theirs.fileno()), json.dumps(settings)],
+                [sys.executable, "-c", _ZYGOTE_BOOT, json.dumps(path), str(theirs.fileno()), json.dumps(settings), _REPO_ROOT],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            self._conn.close()
+            self._sock.close()
+            raise
         finally:
             theirs.close()
+        _zygotes.add(self)
         try:
             ready = self._conn.poll(_START_TIMEOUT_S)
             status, detail = self._conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
@@ -411,21 +419,31 @@ class _Zygote:
             raise
         finally:
             theirs.close()
+        if isinstance(pid, str):  # the fork failed (EAGAIN, ENOMEM): the zygote says why and goes on
+            ours.close()
+            raise RuntimeError(f"the verifier pool could not start a worker: {pid}")
         return _Worker(pid, Connection(ours.detach()), self)
 
     def kill(self, pid: int) -> None:
-        # Safe from pid reuse: the zygote reaps a worker only when asked (`wait`), after this.
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL worker `pid`, unless the zygote already reaped it (its pid may be another process's now)."""
+        self._ask(("kill", pid))
 
     def wait(self, pid: int, timeout_s: float) -> int | None:
+        """Worker `pid`'s exit code once it has ended (it is reaped then), else None after `timeout_s`. Polls
+        without holding the lock between tries, so other threads' requests go on meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self._ask(("wait", pid))
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(0.005)
+
+    def _ask(self, request: tuple) -> Any:
         try:
             with self._lock:
                 if self._conn.closed:
                     return -signal.SIGKILL  # closed by the pool: the zygote killed its workers
-                self._conn.send(("wait", pid, timeout_s))
+                self._conn.send(request)
                 return self._conn.recv()
         except (EOFError, OSError):
             return -signal.SIGKILL  # the zygote died; its workers got SIGKILL with it (PR_SET_PDEATHSIG)
@@ -470,7 +488,12 @@ def _zygote_main(fd: int, settings: dict) -> None:
             break  # the pool's process closed it, or died
         if request[0] == "fork":
             _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                os.close(fds[0])
+                conn.send(f"fork() failed: {exc}")
+                continue
             if pid == 0:
                 conn.close()
                 sock.close()
@@ -483,12 +506,19 @@ def _zygote_main(fd: int, settings: dict) -> None:
             os.close(fds[0])
             children.add(pid)
             conn.send(pid)
-        elif request[0] == "wait":
-            _, pid, timeout_s = request
-            code = _wait_for(pid, timeout_s) if pid in children else None
+        elif request[0] == "wait":  # never blocks: the parent polls
+            pid = request[1]
+            code = _reap(pid) if pid in children else -signal.SIGKILL
             if code is not None:
                 children.discard(pid)
             conn.send(code)
+        elif request[0] == "kill":  # only a child not reaped yet: its pid cannot have been reused
+            if request[1] in children:
+                try:
+                    os.kill(request[1], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            conn.send(None)
     for pid in children:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -497,19 +527,13 @@ def _zygote_main(fd: int, settings: dict) -> None:
             pass
 
 
-def _wait_for(pid: int, timeout_s: float) -> int | None:
-    """Reap child `pid` if it ends within `timeout_s`: its exit code (negative: the signal), else None."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return -signal.SIGKILL  # already reaped: only our own kill does that race
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.005)
+def _reap(pid: int) -> int | None:
+    """Reap child `pid` if it has ended: its exit code (negative: the signal), else None."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return -signal.SIGKILL
+    return os.waitstatus_to_exitcode(status) if done else None
 
 
 # ---- inside the worker process ----------------------------------------------------------
@@ -591,10 +615,20 @@ def default_pool() -> VerifierPool:
         return _default
 
 
+_zygotes: weakref.WeakSet = weakref.WeakSet()  # every live zygote handle of this process
+
+
 def _forget_default_after_fork() -> None:
-    # A forked child must not share the parent's workers and sockets: it gets its own pool lazily.
+    # A forked child must not share the parent's workers and sockets: it gets its own pool lazily. Its copies of
+    # the zygotes' control sockets are closed, or a zygote would outlive its parent as long as the child lives.
     global _default, _default_lock
     _default, _default_lock = None, threading.Lock()
+    for zygote in list(_zygotes):
+        for closeable in (zygote._conn, zygote._sock):
+            try:
+                closeable.close()
+            except OSError:
+                pass
 
 
 os.register_at_fork(after_in_child=_forget_default_after_fork)

@@ -148,6 +148,7 @@ class TrainerGroup:
         import ray
 
         self.config, self.publish_config = config, publish
+        self.lost = False  # a rank died (TrainerLost): nothing left to close gracefully
         actor = ray.remote(TrainerRank).options(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                                                 resources=config.resources or None, max_restarts=0)
         n = config.num_workers
@@ -220,11 +221,16 @@ class TrainerGroup:
         from ray.exceptions import RayActorError
 
         try:
+            pending = list(refs) if isinstance(refs, list) else [refs]
+            while pending:  # one at a time: a dead rank raises now, while the others may wait for it in a collective
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
             return ray.get(refs)
         except RayActorError as e:
             dead = [i for i, r in enumerate(self.ranks) if getattr(e, "actor_id", None) == r._actor_id.hex()]
             who = f"trainer rank {dead[0]}" if dead else "a trainer rank"
             detail = str(e).split("Worker exit detail:")[-1].split(". Some common causes")[0].strip()
+            self.lost = True  # the other ranks may sit in a collective waiting for it: close kills them at once
             raise TrainerLost(f"{who} died during {doing} ({detail[:300]})") from e
 
     def state_dict(self, rank: int = 0) -> dict[str, Any]:
@@ -237,10 +243,11 @@ class TrainerGroup:
         import ray
 
         for r in self.ranks:
-            try:
-                ray.get(r.close.remote(), timeout=60)
-            except Exception:
-                pass
+            if not self.lost:
+                try:
+                    ray.get(r.close.remote(), timeout=60)
+                except Exception:
+                    pass
             ray.kill(r)
         self.ranks = []
 

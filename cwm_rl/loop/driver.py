@@ -216,6 +216,9 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
             setup_run(run, resume)
             train_loop(run)
             summary = finish(run)
+        except TrainerLost as e:  # outside a step (the final checkpoint): the same stop
+            run.trainer_lost = str(e)
+            raise RuntimeError(trainer_lost_message(run)) from e
         except Exception as e:
             if disk_full(e):  # what stands on disk is whole (atomic checkpoints, transactional store): say so
                 raise RuntimeError(disk_full_message(run, e)) from e
@@ -224,8 +227,7 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
             raise RuntimeError(f"{run.workers.lost}. The run is checkpointed at step {summary['steps']}; once the cause is fixed, "
                                f"continue it with: cwm-rl train --resume {run.run_dir}")
         if run.stop_reason == "trainer_lost":
-            raise RuntimeError(f"{run.trainer_lost}. Every trajectory stored is kept; the run is checkpointed at step "
-                               f"{last_checkpoint_step(run)}, continue it with: cwm-rl train --resume {run.run_dir}")
+            raise RuntimeError(trainer_lost_message(run))
         if run.stop_reason == "no_learning_signal":
             raise RuntimeError(f"{run.signal_watch.report()}\nThe run is checkpointed at step {summary['steps']}; once the cause "
                                f"is fixed, continue it with: cwm-rl train --resume {run.run_dir} (what to try: an SFT warm start, "
@@ -235,6 +237,18 @@ def run_job(config: JobConfig, resume: bool = False) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGINT, previous)
         run.close()
+
+
+def trainer_lost_message(run: Run) -> str:
+    return f"{run.trainer_lost}. Every trajectory stored is kept; {resume_hint(run)}"
+
+
+def resume_hint(run: Run) -> str:
+    step = last_checkpoint_step(run)
+    if step is None:
+        return (f"the run has no checkpoint yet (checkpoint_every), so it cannot be resumed: start it again with a new "
+                f"run_dir (its trajectories stay readable in {run.run_dir})")
+    return f"the run is checkpointed at step {step}; continue it with: cwm-rl train --resume {run.run_dir}"
 
 
 def last_checkpoint_step(run: Run) -> int | None:
@@ -265,6 +279,5 @@ def disk_full_message(run: Run, error: BaseException) -> str:
     free = shutil.disk_usage(run.run_dir).free if run.run_dir.exists() else 0
     stored = run.counts.trajectories_stored
     return (f"the disk holding {run.run_dir} is full ({free / 2**20:.0f} MiB free; {type(error).__name__}: {error}). "
-            f"The job stopped at step {run.trainer.step_count if run.trainer else 0}; its last checkpoint (step "
-            f"{last_checkpoint_step(run)}) and every trajectory stored ({stored} this start) are intact. Free some space "
-            f"or move the run dir, then continue it with: cwm-rl train --resume {run.run_dir}")
+            f"The job stopped at step {run.trainer.step_count if run.trainer else 0}; every trajectory stored ({stored} "
+            f"this start) and the checkpoints are intact. Free some space or move the run dir; {resume_hint(run)}")

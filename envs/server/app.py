@@ -230,6 +230,7 @@ ERROR_DESCRIPTIONS = {
     403: "This server does not accept env_kwargs from clients.",
     404: "Unknown session or env.",
     409: "The episode has ended.",
+    410: "The session was closed after the server's idle timeout.",
     413: "The action or request body is too large.",
     422: "Malformed body, an action outside the env's action space, or a task or env kwargs the env rejects.",
     429: "Too many sessions; retry after Retry-After.",
@@ -301,7 +302,7 @@ def create_app(config: EnvServerConfig) -> FastAPI:
 
     # The step route first: routes are matched in order and this one carries nearly all traffic.
     @app.post("/v1/sessions/{session_id}/step", response_model=StepResponse, operation_id="step",
-              responses=_errors(400, *auth, 404, 409, 413, 422, 502, 503, 504))
+              responses=_errors(400, *auth, 404, 409, 410, 413, 422, 502, 503, 504))
     async def step(session_id: str, req: StepRequest) -> Response:
         return _render(await sessions.step(session_id, req.action, req.request_id))
 
@@ -330,7 +331,7 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         return _render((await sessions.create(req)).model_dump())
 
     @app.get("/v1/sessions/{session_id}", response_model=SessionState, operation_id="get_session",
-             responses=_errors(*auth, 404, 502))
+             responses=_errors(*auth, 404, 410, 502))
     async def state(session_id: str) -> Response:
         return _render(sessions.state(session_id))
 

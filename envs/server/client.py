@@ -64,7 +64,9 @@ class EnvServerUnavailable(EnvServerError):
             why = ("the server is down or restarting, and the sessions it held are gone with it: create a new session "
                    "(on another server while this one is down)")
         elif status == 404:
-            why = "the server no longer holds this session (it restarted, or closed it as idle): create a new session"
+            why = "the server no longer holds this session (it restarted): create a new session"
+        elif getattr(cause, "code", None) == "sandbox_unavailable":
+            why = "the env's sandbox went away under the episode (nothing it did): play it again"
         else:
             why = "the server is overloaded or degraded (see its /health)"
         super().__init__(status, "unavailable", f"{base_url} did not serve {what} after {tries} tries ({seen}): {why}")
@@ -135,15 +137,16 @@ class RemoteEnv(gym.Env[Messages, str]):
             self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
         return self._aclient
 
-    def _retry_delay(self, attempt: int, error: Exception) -> float | None:
+    def _retry_delay(self, attempt: int, error: Exception, path: str) -> float | None:
         """Seconds to wait before retrying after `error`, or None to give up and raise it.
 
         Dropped connections and timeouts are retried (the request id makes that safe), and so
-        are 429 and 503 answers, after the server's Retry-After."""
+        are 429 and 503 answers, after the server's Retry-After; not a step's 503 for a sandbox
+        that went away (the server closed that session: the episode must start again)."""
         if attempt >= self.max_retries:
             return None
         if isinstance(error, EnvServerError):
-            if error.status not in (429, 503):
+            if error.status not in (429, 503) or (error.code == "sandbox_unavailable" and path.endswith("/step")):
                 return None
             return min(error.retry_after or self.retry_backoff_s, 30.0)
         return self.retry_backoff_s * 2**attempt
@@ -163,7 +166,7 @@ class RemoteEnv(gym.Env[Messages, str]):
                 return _raise_for_error(self._sync().request(method, path, json=body))
             except (*RETRYABLE, EnvServerError) as e:
                 first = first or e
-                delay = self._retry_delay(attempt, e)
+                delay = self._retry_delay(attempt, e, path)
                 if delay is None:
                     self._give_up(method, path, e, attempt, first)
                 time.sleep(delay)
@@ -176,7 +179,7 @@ class RemoteEnv(gym.Env[Messages, str]):
                 return _raise_for_error(await self._async().request(method, path, json=body))
             except (*RETRYABLE, EnvServerError) as e:
                 first = first or e
-                delay = self._retry_delay(attempt, e)
+                delay = self._retry_delay(attempt, e, path)
                 if delay is None:
                     self._give_up(method, path, e, attempt, first)
                 await asyncio.sleep(delay)

@@ -91,6 +91,9 @@ class SessionManager:
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.creations: OrderedDict[str, asyncio.Future] = OrderedDict()  # create request id -> its result
+        # Ids the reaper closed (the newest 10,000): their client gets 410, not 404, so it can tell "idle too long"
+        # (raise the idle timeout) from "this server does not know it" (it restarted: play the episode again).
+        self.expired: OrderedDict[str, None] = OrderedDict()
         self.reserved = 0  # sessions being created: they count against max_sessions
         self.abandoned = 0  # env calls past their deadline that still hold a thread
 
@@ -213,6 +216,10 @@ class SessionManager:
     # ----- step -----
     def get(self, session_id: str, touch: bool = True) -> Session:
         session = self.sessions.get(session_id)
+        if session is None and session_id in self.expired:
+            raise ApiError(410, "session_expired", f"session {session_id!r} was closed after {self.config.idle_timeout_s:g} s "
+                           "idle (the server's --idle-timeout); create a new session, and keep the time between steps "
+                           "below the idle timeout (or raise it)")
         if session is None:
             raise ApiError(
                 404, "unknown_session",
@@ -350,6 +357,9 @@ class SessionManager:
         stale = [s for s in self.sessions.values() if now - s.last_active > self.config.idle_timeout_s and not s.lock.locked()]
         for session in stale:  # removed before the first await: no step can slip in between
             self._remove(session)
+            self.expired[session.session_id] = None
+        while len(self.expired) > 10_000:
+            self.expired.popitem(last=False)
         for session in stale:
             async with session.lock:
                 await self._close_env(session.env)

@@ -183,6 +183,9 @@ class ContainerPool:
                 with self._lock:
                     self._unremoved_sessions.add(session)
             self._slots.release()
+            if _daemon_away(e):  # an outage, not a broken image: the episode is played again once Docker is back
+                raise SandboxUnavailable(f"could not start a container of {image}: the Docker daemon does not answer "
+                                         f"({type(e).__name__}: {e}); play the episode again once it is back") from e
             raise SandboxError(f"could not start a container of {image} ({type(e).__name__}: {e}); is dockerd running?") from e
         with self._lock:
             self._mine[container.id] = container  # from here on, removing it gives the slot back

@@ -5,7 +5,8 @@ left behind, and reports what the fault cost (`fault_report`: one `FAULT {json}`
 - kill -9 of an env server (Math, Code, SWE) with one step in flight in its sandbox or container and one
   episode waiting between steps: both clients fail fast naming the server; the job's restart brings up a
   server that serves a fresh episode; no process the dead server started and none of its containers remains
-  (the job reaps its containers when it restarts it, before any new episode).
+  (the job reaps its containers in the background as it restarts the server; the test checks none is left
+  within 30 s, before it plays a new episode).
 - the Docker daemon restarts under a SWE env server: the episodes in flight end with an error that says so
   (not a hang, not a score), the server stays up and serves new episodes once the daemon is back, and no
   container of its pool is left. The daemon is a private one (own data root and socket, the task image
@@ -224,7 +225,7 @@ def test_env_server_kill_9_mid_episode(name, prepared, tmp_path, fault_report):
         back = wait_for(servers.check, 60)
         assert back == servers.urls and servers.urls[0] != url and servers.restarts() == 1
         restarted_s = time.monotonic() - killed
-        # Before any new episode (the restarted server has made no pool yet): nothing of the dead server remains.
+        # Within seconds of the restart (the reap runs beside it) and before a new episode: nothing of the dead server remains.
         def leftovers() -> tuple[list[str], list[str]]:
             return still_running(held), containers(owner(server_pid))
 
@@ -240,7 +241,10 @@ def test_env_server_kill_9_mid_episode(name, prepared, tmp_path, fault_report):
         observation, reward, terminated, truncated, _ = fresh.step(case.quick)
         assert observation and not (terminated or truncated)
         recover_s = time.monotonic() - killed
-        fault_report(f"env_server_kill_9_{name}", affected=2, in_flight=1, retried=0, lost=2,
+        # At this level an episode of a dead server ends "unavailable" (the session dies with it); playing it again
+        # is the job's part (tests/cwm_rl/loop/test_driver.py reports what a job loses: nothing stored).
+        fault_report(f"env_server_kill_9_{name}", affected=len(failed),
+                     ended_unavailable=sum(isinstance(e, EnvServerUnavailable) for e in failed),
                      containers_left=len(containers_left), sandbox_processes_left=len(processes_left),
                      containers_held=len(held_containers), processes_held=len(held), client_error_s=round(client_error_s, 2),
                      restart_s=round(restarted_s, 2), clean_s=round(clean_s, 2), recover_s=round(recover_s, 2))
@@ -365,14 +369,16 @@ def test_docker_daemon_restart_under_a_swe_env_server(private_dockerd, minicalc_
         # The episode that waited between steps: its container was stopped with the daemon; its next step says so.
         with pytest.raises(EnvServerUnavailable, match=r"container \w+ stopped .*the Docker daemon restarted") as stale:
             waiting.step(case.quick)
-        assert "SandboxUnavailable" in stale.value.message
+        assert "SandboxUnavailable" in stale.value.message and stale.value.status == 503  # not retried: it would get a 404
+        unavailable = [error, stale.value]  # the two episodes under way
         # The same server process serves new episodes: the pool dropped its dead warm container and starts new ones.
         fresh = remote(url, case)
         clients.append(fresh)
         fresh.reset(seed=2)
         assert fresh.step(case.quick)[0][0]["content"].startswith("quick")
         recover_s = time.monotonic() - restarted
-        assert servers.local[0].proc.pid == server_pid and servers.local[0].alive() and health(url) and servers.restarts() == 0
+        restarts = servers.restarts()
+        assert servers.local[0].proc.pid == server_pid and servers.local[0].alive() and health(url) and restarts == 0
         fresh.close()
         # What the daemon could not remove while it was away is removed now: only running (warm) containers remain.
         def stopped_containers() -> list[str]:
@@ -388,6 +394,7 @@ def test_docker_daemon_restart_under_a_swe_env_server(private_dockerd, minicalc_
         servers.close()
     left = containers("cwm-rl.swe", docker=dockerd.cli)
     assert left == [], f"containers of the pool remain after its server stopped: {described(left, dockerd.cli)}"
-    fault_report("docker_daemon_restart_swe", affected=2, in_flight=1, retried=0, lost=2, containers_left=len(leaked) + len(left),
+    fault_report("docker_daemon_restart_swe", affected=len(unavailable), ended_unavailable=len(unavailable),
+                 containers_left=len(leaked) + len(left),
                  in_flight_error_s=round(in_flight_error_s, 2), daemon_stop_s=round(down_s, 2), recover_s=round(recover_s, 2),
-                 clean_s=round(clean_s, 2), server_restarts=0)
+                 clean_s=round(clean_s, 2), server_restarts=restarts)

@@ -32,9 +32,10 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def _play(run_dir: Path, model: Path, steps: int, resume: bool, at_line: str | None, fault) -> tuple[int, str, float | None]:
+def _play(run_dir: Path, model: Path, steps: int, resume: bool, at_line: str | None, fault) -> tuple[int, str, float | None, float | None]:
     """Run `cwm-rl train` (or `--resume`) until it exits; call `fault()` once a line contains `at_line`.
-    Returns the exit code, the output, and when the first step after the start was printed (time.time())."""
+    Returns the exit code, the output, when the first step of this start was printed and when the fault
+    was made (time.time())."""
     cli = str(Path(sys.executable).with_name("cwm-rl"))
     if resume:
         args = [cli, "train", "--resume", str(run_dir), "--set", f"steps={steps}"]
@@ -44,20 +45,21 @@ def _play(run_dir: Path, model: Path, steps: int, resume: bool, at_line: str | N
                     "trainer.batch.step_tokens=32", "checkpoint_every=2", "trainer.filters.drop_zero_advantage_groups=false"]
         args = [cli, "train", str(REPO_ROOT / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, first_step, done = [], None, False
+    output, first_step, fault_at = [], None, None
     for line in process.stdout:
         output.append(line)
         if first_step is None and "] step " in line:
             first_step = time.time()
-        if not done and at_line is not None and at_line in line:
+        if fault_at is None and at_line is not None and at_line in line:
             fault(process.pid)
-            done = True
+            fault_at = time.time()
     process.wait(timeout=120)
-    return process.returncode, "".join(output), first_step
+    return process.returncode, "".join(output), first_step, fault_at
 
 
 def _kill_trainer(job_pid: int) -> None:
-    ranks = [p for p in psutil.Process(job_pid).children(recursive=True) if p.cmdline()[:1] == ["ray::TrainerRank"]]
+    # Ray titles an actor's process `ray::TrainerRank` when idle and `ray::TrainerRank.step` while it steps.
+    ranks = [p for p in psutil.Process(job_pid).children(recursive=True) if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::TrainerRank")]
     assert len(ranks) == 1, ranks
     ranks[0].kill()
 
@@ -77,8 +79,7 @@ def test_a_killed_trainer_and_a_full_disk_stop_the_job_and_resumes_keep_every_st
     run_dir = small_disk / "run"
 
     # 1. kill -9 the trainer rank while it steps.
-    code, text, _ = _play(run_dir, tiny_model, 30, False, "step    3", _kill_trainer)
-    killed_at = time.time()
+    code, text, _, killed_at = _play(run_dir, tiny_model, 30, False, "step    3", _kill_trainer)
     assert code != 0, text[-3000:]
     assert "trainer rank 0 died during" in text and f"cwm-rl train --resume {run_dir}" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
@@ -92,9 +93,9 @@ def test_a_killed_trainer_and_a_full_disk_stop_the_job_and_resumes_keep_every_st
     def fill(_pid: int) -> None:
         subprocess.run(["dd", "if=/dev/zero", f"of={small_disk / 'ballast'}", "bs=1M"], capture_output=True)
 
-    code, text, first_step = _play(run_dir, tiny_model, 60, True, f"step {summary['steps'] + 2:>4}", fill)
-    recover_kill_s = first_step - killed_at
-    filled_at = time.time()
+    code, text, first_step, filled_at = _play(run_dir, tiny_model, 60, True, f"step {summary['steps'] + 2:>4}", fill)
+    assert first_step is not None and filled_at is not None, text[-3000:]
+    recover_kill_s = first_step - killed_at  # the job's exit, the resume's start-up, its first step
     assert code != 0, text[-3000:]
     assert f"the disk holding {run_dir} is full" in text and f"cwm-rl train --resume {run_dir}" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
@@ -104,7 +105,8 @@ def test_a_killed_trainer_and_a_full_disk_stop_the_job_and_resumes_keep_every_st
 
     # 3. free the space, resume again: it finishes, with everything stored before still there.
     (small_disk / "ballast").unlink()
-    code, text, first_step = _play(run_dir, tiny_model, _steps(run_dir) + 12, True, None, None)
+    code, text, first_step, _ = _play(run_dir, tiny_model, _steps(run_dir) + 12, True, None, None)
+    assert first_step is not None, text[-3000:]
     recover_full_s = first_step - filled_at
     assert code == 0, text[-3000:]
     final = _statuses(run_dir)

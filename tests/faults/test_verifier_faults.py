@@ -8,7 +8,7 @@ import pytest
 
 import envs  # noqa: F401  (registers the built-in envs)
 from rewards.math import _verdict
-from rewards.pool import PoolResult, VerifierPool, default_pool
+from rewards.pool import VerifierPool, default_pool
 
 POWER_TOWER = "9^{9^{9^{9^{9}}}}"  # sympy evaluates it in C: it never finishes
 
@@ -35,12 +35,8 @@ def test_a_hanging_verifier_is_killed_the_episode_scored_and_the_pool_keeps_its_
     while len(pool.worker_pids()) < size and time.monotonic() < deadline:
         time.sleep(0.05)  # the replacement starts on a background thread
     assert len(pool.worker_pids()) == size
-    fault_report("verifier_hang", affected=1, scored_as="timeout", lost=0, scored_s=round(scored_s, 2),
+    fault_report("verifier_hang", affected=1, scored_as=info["verdict"], scored_s=round(scored_s, 2),
                  recover_s=round(recover_s, 2), pool_size_before=size, pool_size_after=len(pool.worker_pids()))
-
-
-def hungry_verifier_check(pool: VerifierPool) -> PoolResult:
-    return pool.run(bytearray, 4 * 1024**3)  # 4 GiB of zeros: far past the cap
 
 
 @pytest.mark.fault
@@ -48,7 +44,7 @@ def test_a_verifier_that_eats_memory_is_cut_off_and_scored_as_a_timeout(fault_re
     with VerifierPool(num_workers=2, memory_mb=768, preload=()) as pool:
         pool.start()
         start = time.monotonic()
-        result = hungry_verifier_check(pool)
+        result = pool.run(bytearray, 4 * 1024**3)  # a verifier asking for 4 GiB: far past the cap
         cut_s = time.monotonic() - start
         assert result.status == "memory", result
         verdict = _verdict(result, "x", "72", timeout_s=5.0)
@@ -59,5 +55,5 @@ def test_a_verifier_that_eats_memory_is_cut_off_and_scored_as_a_timeout(fault_re
         while len(pool.worker_pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(pool.worker_pids()) == 2
-        fault_report("verifier_memory", affected=1, scored_as="timeout", lost=0, cut_s=round(cut_s, 2),
+        fault_report("verifier_memory", affected=1, scored_as=verdict.status, cut_s=round(cut_s, 2),
                      recover_s=round(recover_s, 2), pool_size_after=len(pool.worker_pids()))

@@ -382,3 +382,12 @@ def test_the_pool_recovers_when_its_zygote_is_killed():
         result = pool.run(operator.add, 2, 3)
         assert result.value == 5, result  # a new zygote, new workers
         assert not set(pool.worker_pids()) & set(pids)
+
+
+def test_a_users_own_rewards_package_does_not_break_the_pool(tmp_path, monkeypatch):
+    """The zygote boots from this repository's `rewards`, whatever the caller's sys.path puts first."""
+    (tmp_path / "rewards").mkdir()
+    (tmp_path / "rewards" / "__init__.py").write_text("raise ImportError('the user project rewards package')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with VerifierPool(num_workers=1, preload=()) as pool:
+        assert pool.run(operator.add, 2, 2).value == 4

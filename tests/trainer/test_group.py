@@ -4,6 +4,8 @@ worker-side `LocalWeights` writes into a loadable model dir."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -64,8 +66,19 @@ def test_two_ranks_train_like_one_and_resume(local_ray, tiny_model, sample_group
         for name, tensor in resumed.state_dict(rank=1).items():
             torch.testing.assert_close(tensor, weights[2][name], msg=name)
         assert not resumed.step(data[0]).skipped and resumed.step_count == 3
+        # A rank that dies: the step raises TrainerLost at once (rank 0 would wait for it in the all-reduce), and
+        # close does not wait on the survivors.
+        import ray
+
+        from trainer.group import TrainerLost
+
+        ray.kill(resumed.ranks[1])
+        started = time.monotonic()
+        with pytest.raises(TrainerLost, match="trainer rank 1 died during step 4"):
+            resumed.step(data[1])
     finally:
         resumed.close()
+    assert time.monotonic() - started < 60
 
 
 def test_object_store_weights_become_a_model_dir_on_the_worker_side(local_ray, tiny_model, sample_groups, tmp_path):

@@ -253,7 +253,7 @@ def test_reaper_closes_idle_sessions(start_server):
         for i in range(15):  # keep `busy` active (a step every 0.1 s, far within its 1 s) while `idle` sits
             time.sleep(0.1)
             assert c.post(f"/v1/sessions/{busy}/step", json={"action": "x", "request_id": str(i)}).status_code in (200, 409)
-        assert_error(c.get(f"/v1/sessions/{idle}"), 404, "unknown_session", "reaped after 1 s idle")
+        assert_error(c.get(f"/v1/sessions/{idle}"), 410, "session_expired", "closed after 1 s idle")
         assert CLOSED == ["slow"]
         assert "cwm_rl_env_sessions_reaped_total 1.0" in c.get("/metrics").text
 

@@ -152,8 +152,8 @@ async def test_sync_close_after_async_use_releases_everything(server):
 
 
 def test_a_session_the_server_lost_is_unavailable_not_an_env_error(server):
-    """A server restarted on the same address (or one that closed the session as idle) answers 404 for a
-    session this client opened: that is the server's doing, so the job must play the episode again."""
+    """A server restarted on the same address answers 404 for a session this client opened: that is the
+    server's doing, so the job must play the episode again. (One closed as idle is a 410: a visible error.)"""
     env = RemoteEnv(server.url, "cwm_rl/Echo-v0")
     env.reset(seed=0)
     assert httpx.delete(f"{server.url}/v1/sessions/{env.session_id}").status_code == 200  # what a restart does
