@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cwm_rl.types import ShippedWeights, Trajectory
 from trainer.config import PublishConfig, TrainerConfig
-from trainer.train import StepResult
+
+if TYPE_CHECKING:  # torch comes with it: the driver imports this module (TrainerLost) and must stay light
+    from trainer.train import StepResult
 
 log = logging.getLogger(__name__)
 

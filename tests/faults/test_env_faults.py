@@ -257,14 +257,16 @@ def test_env_server_kill_9_mid_episode(name, prepared, tmp_path, fault_report):
 # -- the Docker daemon restarts under a SWE env server -------------------------------------------------
 class PrivateDockerd:
     """A Docker daemon of this test's own: its data root, exec root, pid file and socket under `root`, no
-    bridge and no iptables rules (SWE containers have no network). Stopping it stops its containers, as
-    stopping the machine's daemon would; nothing else uses it."""
+    bridge and no iptables rules (SWE containers have no network), in a network namespace of its own: a
+    daemon started with --bridge=none deletes the host's docker0, which the machine's daemon needs for
+    `docker run` on its default network. Stopping it stops its containers, as stopping the machine's daemon
+    would; nothing else uses it."""
 
     def __init__(self, root: Path):
         self.root = root
         self.host = f"unix://{root}/docker.sock"
         self.cli = ["docker", "-H", self.host]
-        self.argv = ["dockerd", "--data-root", f"{root}/data", "--exec-root", f"{root}/exec", "--pidfile", f"{root}/docker.pid",
+        self.argv = ["unshare", "--net", "dockerd", "--data-root", f"{root}/data", "--exec-root", f"{root}/exec", "--pidfile", f"{root}/docker.pid",
                      "-H", self.host, "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false"]
         self.proc: subprocess.Popen | None = None
 
