@@ -245,6 +245,7 @@ class RolloutWorkers:
                 if not self.wait_for_worker(w):
                     raise RuntimeError(f"rollout worker {w} failed during eval and did not answer again within "
                                        f"{WORKER_RESTART_TIMEOUT_S} s: {e}") from e
+                self.incarnations[w] += 1  # a restart like any other: its training calls lost with it need no second wait
                 try:
                     self.reload(*self.published, only=[w], wait=True)
                 except Exception as reload_error:  # it died again: the next try tells
