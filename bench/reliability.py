@@ -58,9 +58,9 @@ def main() -> None:
     faults, passed = run_faults(["-k", args.k] if args.k else [])
     soak = run_soak(args.soak_seconds) if args.soak_seconds > 0 else None
 
-    print(f"\n{'fault':28} {'affected':>8} {'retried':>8} {'lost':>5} {'left':>5} {'recover_s':>9}")
+    print(f"\n{'fault':34} {'affected':>8} {'retried':>8} {'lost':>5} {'left':>5} {'recover_s':>9}")
     for f in faults:
-        print(f"{f['fault']:28} {f.get('affected', '-')!s:>8} {f.get('retried', '-')!s:>8} {f.get('lost', '-')!s:>5} "
+        print(f"{f['fault']:34} {f.get('affected', '-')!s:>8} {f.get('retried', '-')!s:>8} {f.get('lost', '-')!s:>5} "
               f"{f.get('containers_left', '-')!s:>5} {f.get('recover_s', '-')!s:>9}")
     figures = {
         "bench": "reliability",
