@@ -281,11 +281,7 @@ class VerifierPool:
                 worker.conn.close()
                 raise RuntimeError("this VerifierPool was closed while a worker was starting")
             self._live.add(worker)
-        try:
-            ready = worker.conn.poll(_START_TIMEOUT_S)
-            status, detail = worker.conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
-        except (EOFError, OSError):
-            status, detail = "error", f"it {_how_it_ended(worker.wait(1.0))}"
+        status, detail = _handshake(worker.conn, lambda: f"it {_how_it_ended(worker.wait(1.0))}")
         if status != "ready":
             with self._lock:
                 self._live.discard(worker)
@@ -345,6 +341,16 @@ def _check_timeout(timeout_s: float) -> float:
     return timeout_s
 
 
+def _handshake(conn: Connection, if_closed: Callable[[], str]) -> tuple[str, Any]:
+    """A starting process's first message: ("ready", None) or ("error", why); why is `if_closed()` if it died first."""
+    try:
+        if conn.poll(_START_TIMEOUT_S):
+            return conn.recv()
+        return "error", f"not ready in {_START_TIMEOUT_S:g} s"
+    except (EOFError, OSError):
+        return "error", if_closed()
+
+
 def _how_it_ended(exitcode: int | None) -> str:
     if exitcode is None:
         return "closed its socket"
@@ -392,11 +398,7 @@ class _Zygote:
         finally:
             theirs.close()
         _zygotes.add(self)
-        try:
-            ready = self._conn.poll(_START_TIMEOUT_S)
-            status, detail = self._conn.recv() if ready else ("error", f"not ready in {_START_TIMEOUT_S:g} s")
-        except (EOFError, OSError):
-            status, detail = "error", f"its process exited with code {self.process.wait()} (see its stderr above)"
+        status, detail = _handshake(self._conn, lambda: f"its process exited with code {self.process.wait()} (see its stderr above)")
         if status != "ready":
             self.close()
             raise RuntimeError(
