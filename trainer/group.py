@@ -187,8 +187,6 @@ class TrainerGroup:
 
     def publish(self, version: int) -> str | ShippedWeights:
         """Rank 0 publishes its weights as `version`: a version dir (files) or a `ShippedWeights` (object store)."""
-        import ray
-
         where = self._get(self.ranks[0].publish.remote(version), f"publishing version {version}")
         self.published_version = version
         return where
@@ -212,8 +210,6 @@ class TrainerGroup:
 
     def save_checkpoint(self, data_cursor: Any = None) -> str | None:
         """Rank 0 saves model, optimiser, RNGs and `data_cursor` under run_dir/checkpoints."""
-        import ray
-
         self.data_cursor = data_cursor
         return self._get(self.ranks[0].save_checkpoint.remote(data_cursor), f"the checkpoint of step {self.step_count}")
 

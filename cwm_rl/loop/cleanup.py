@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 RUN_LABEL_VAR = "CWM_RL_RUN_ID"  # read by the sandbox and SWE pools when they label their containers
@@ -23,12 +24,29 @@ def run_label(run_dir: str | Path) -> str:
 
 def reap_run_containers(label: str) -> int:
     """Remove every sandbox and SWE container labelled with the run `label`; 0 when there is no Docker daemon."""
-    if not (os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
+    return reap_containers(run=label)
+
+
+def reap_containers(*, run: str | None = None, owner: str | None = None, docker_env: Mapping[str, str] | None = None,
+                    timeout_s: float = 10.0) -> int:
+    """Remove the sandbox and SWE containers labelled with the run `run`, or made by `owner` (an `owner_label`), in the
+    daemon the `DOCKER_*` variables of `docker_env` name (default: this process's); how many. 0 when no daemon answers
+    there: nothing can be running in it."""
+    if (run is None) == (owner is None):
+        raise ValueError("pass run= or owner=, one of them")
+    docker_env = os.environ if docker_env is None else docker_env
+    if not (docker_env.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
         return 0
-    from envs.sandbox.docker import connect, reap
+    import docker
+
+    from envs.sandbox.docker import reap
 
     try:
-        _, client = connect("", timeout_s=10)
-    except Exception:  # no daemon: nothing of this run can be running in it
+        client = docker.from_env(timeout=timeout_s, environment=dict(docker_env))
+        client.ping()
+    except Exception:
         return 0
-    return reap(client, run_id=label)
+    try:
+        return reap(client, run_id=run, owner=owner)
+    finally:
+        client.close()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from cwm_rl.config import EnvSpec
+from cwm_rl.loop.cleanup import reap_containers
 from envs.server.client import health
 from envs.sandbox.process import die_with_parent
 from envs.server.local import free_port
@@ -55,22 +55,10 @@ log = logging.getLogger(__name__)
 def reap_containers_of(pid: int, docker_env: dict[str, str] | None = None) -> int:
     """Remove the sandbox and SWE containers that process `pid` of this host (a dead env server) made, in the daemon
     its `DOCKER_*` environment named; how many. 0 without a daemon; a failure is logged, never raised."""
-    docker_env = os.environ if docker_env is None else docker_env
-    if not (docker_env.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists()) or shutil.which("docker") is None:
-        return 0
+    from envs.sandbox.docker import owner_label
+
     try:
-        import docker
-        import requests
-
-        from envs.sandbox.docker import owner_label, reap
-
-        client = docker.from_env(timeout=30, environment=docker_env)
-        try:
-            return reap(client, owner=owner_label(pid))
-        finally:
-            client.close()
-    except requests.exceptions.ConnectionError:  # no daemon runs: no container of the server can either
-        return 0
+        return reap_containers(owner=owner_label(pid), docker_env=docker_env, timeout_s=30)
     except Exception as e:
         log.warning("could not remove the containers of dead env server %d: %s: %s "
                     "(`cwm-rl sandbox reap` removes them, the job's end does too)", pid, type(e).__name__, e)
