@@ -170,12 +170,17 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path, 
     assert summary["groups_replayed_env_unavailable"] >= 1 and summary["env_server_restarts"] >= 1
     assert summary["eval_accuracy_final"] is not None
 
-    # Episodes cut short by the unreachable server replay without error: their failure was not the env's.
+    # Episodes cut short by an unreachable server (at reset: the URL that never answers; at the step: the killed
+    # server) replay without error, their one difference the recorded failure, which was not the env's.
     replayed = subprocess.run([cli, "rollouts", "replay", str(run_dir), "--finish-reason", "env_unavailable", "--json"],
                               capture_output=True, text=True, timeout=300)
     assert replayed.returncode == 0, (replayed.stdout[-2000:], replayed.stderr[-2000:])
     reports = json.loads(replayed.stdout)
-    assert reports and all(r["identical"] and r["turns"][0]["diffs"][0]["field"] == "reset.step_error" for r in reports)
+    assert reports and all(r["identical"] for r in reports), replayed.stdout[-2000:]
+    for r in reports:
+        (diff,) = [d for turn in r["turns"] for d in turn["diffs"]]
+        assert diff["field"] in ("reset.step_error", "step_error") and diff["replayed"] is None and diff["expected"], r
+    assert any(r["turns"][0]["diffs"] for r in reports)  # the never-answering URL fails every episode at reset
 
     with RolloutStore(run_dir, create=False) as store:
         failed = store.query(finish_reason="env_unavailable")
