@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_serializer, model_validator
 
-Role = Literal["system", "user", "assistant", "tool"]
+Role = Literal["system", "user", "assistant", "tool", "raw"]
 
 FinishReason = Literal[
     "terminated",  # the env said the episode is over (Gymnasium `terminated`)
@@ -45,11 +45,55 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Message(_Model):
-    """One chat message, as an env emits it and a chat template renders it."""
+class Part(_Model):
+    """One piece of a raw message: text, tokenised as text (a special token's name in it stays text), or one
+    special token given by its name, which goes in as its id."""
 
-    role: Role = Field(description="Who speaks: system, user, assistant or tool.")
+    text: str | None = Field(default=None, description="Plain text.")
+    token: str | None = Field(default=None, description="A special token's name, e.g. '<|frame_sep|>'.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Part:
+        if (self.text is None) == (self.token is None):
+            raise ValueError("a raw message part is either {'text': ...} or {'token': NAME}, exactly one of them")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _one_key(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Message(_Model):
+    """One chat message, as an env emits it and a chat template renders it.
+
+    Role `raw` is a prompt in a token format of its own, given as `parts` and tokenised as they are, with no
+    chat template (CWM's execution-trace format: `envs.trace.cwm_format`); `content` is then the parts' text
+    with each special token's name in place, for people to read. `stop` names the special tokens that end the
+    model's turn after it. `name` is the tool's name of a `tool` message (CWM's chat template writes the
+    header `tool: NAME`)."""
+
+    role: Role = Field(description="Who speaks: system, user, assistant, tool, or raw (a prompt given as token parts).")
     content: str = Field(description="The message text.")
+    name: str | None = Field(default=None, description="role tool: the tool's name (e.g. bash).")
+    parts: list[Part] | None = Field(default=None, description="role raw: the prompt as text and special-token parts.")
+    stop: list[str] = Field(default_factory=list, description="role raw: special tokens that end the model's turn.")
+
+    @model_validator(mode="after")
+    def _raw(self) -> Message:
+        if (self.role == "raw") != (self.parts is not None):
+            raise ValueError("a raw message needs parts, and only a raw message has them")
+        if self.stop and self.role != "raw":
+            raise ValueError("only a raw message names stop tokens")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        """A plain chat message stays {role, content} (stored trajectories and replays compare them so)."""
+        data = handler(self)
+        for key, empty in (("name", None), ("parts", None), ("stop", [])):
+            if data.get(key) == empty:
+                data.pop(key, None)
+        return data
 
 
 class Task(_Model):
