@@ -92,6 +92,7 @@ class ModelConfig(_Config):
     init_preset: Literal["tiny", "small"] = Field(default="tiny", description="Preset of the model made here when `path` is None.")
     init_arch: Literal["cwm", "qwen2"] = Field(default="cwm", description="Architecture of the model made here.")
     init_seed: int = Field(default=0, description="Seed of the model made here.")
+    init_tokenizer: Literal["default", "cwm"] = Field(default="default", description="Tokenizer and chat template of the model made here: cwm-rl's own, or CWM's (its special tokens and chat template: envs in CWM's formats need it).")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Supervised warm start before RL.")
 
 

@@ -167,19 +167,33 @@ class SampleMaker:
         self.end_of_turn_ids = tokenizer.encode(self.end_of_turn, add_special_tokens=False)
         self._cache: dict[str, tuple[list[int], list[int]]] = {}
 
-    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt as a rollout worker tokenises it (chat template + generation prompt)."""
+    def prompt_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """The prompt as a rollout worker tokenises it (chat template + generation prompt, or a raw prompt's parts)."""
         from cwm_rl.models.chat_template import render
+        from cwm_rl.models.raw_prompt import encode_raw, is_raw
 
+        if is_raw(messages):
+            return encode_raw(self.tokenizer, messages)[0]
         return self.tokenizer.encode(render(self.tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
 
+    def stop_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """A raw prompt's stop tokens, which end the answer and are part of it (none for chat prompts)."""
+        from cwm_rl.models.raw_prompt import encode_raw, is_raw
+
+        return encode_raw(self.tokenizer, messages)[1] if is_raw(messages) else []
+
     def __call__(self, example: Example) -> Any:
+        from cwm_rl.models.raw_prompt import is_raw
         from trainer.batching import Sample
 
-        if example.task_id not in self._cache:
-            answer_ids = self.tokenizer.encode(example.answer, add_special_tokens=False) + self.end_of_turn_ids
-            self._cache[example.task_id] = (self.prompt_ids(example.messages), answer_ids)
-        prompt, answer = self._cache[example.task_id]
+        key = example.task.model_dump_json()  # not the id alone: Trace-v0 next_frame asks for several frames of one program
+        if key not in self._cache:
+            # A raw prompt's answer ends with its own stop token (written in the answer); a chat answer with end-of-turn.
+            # The answer is the model's output in text form, so special tokens are read by name in it.
+            closing = [] if is_raw(example.messages) else self.end_of_turn_ids
+            answer_ids = self.tokenizer.encode(example.answer, add_special_tokens=False) + closing
+            self._cache[key] = (self.prompt_ids(example.messages), answer_ids)
+        prompt, answer = self._cache[key]
         n = len(prompt) + len(answer)
         return Sample(token_ids=prompt + answer, loss_mask=[0] * len(prompt) + [1] * len(answer), behaviour_logprobs=[0.0] * n)
 
@@ -187,9 +201,10 @@ class SampleMaker:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, end_of_turn_id: int,
-                    max_new_tokens: int, batch_size: int) -> list[str]:
+                    max_new_tokens: int, batch_size: int, stop_ids: Sequence[int] = ()) -> list[str]:
     """Greedy completions of token-id prompts, decoded as the agent loop does (the closing end-of-turn
-    token dropped, special tokens kept). Prompts of equal length share a batch, so little is padded."""
+    token dropped, special tokens kept; a raw prompt's stop token, from `stop_ids`, kept). Prompts of
+    equal length share a batch, so little is padded."""
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id
@@ -209,12 +224,14 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *,
             device = next(model.parameters()).device
             with torch.no_grad():
                 generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                           do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_id,
+                                           do_sample=False, max_new_tokens=max_new_tokens,
+                                           eos_token_id=[end_of_turn_id, *stop_ids],
                                            pad_token_id=pad_id)[:, width:].tolist()  # [B, <= max_new_tokens]
             for r, i in enumerate(rows):
                 ids = generated[r]
-                if end_of_turn_id in ids:  # everything after the first end-of-turn is padding
-                    ids = ids[:ids.index(end_of_turn_id)]
+                end = next((k for k, t in enumerate(ids) if t == end_of_turn_id or t in stop_ids), None)
+                if end is not None:  # everything after the first end is padding
+                    ids = ids[:end + 1] if ids[end] in stop_ids else ids[:end]
                 out[i] = tokenizer.decode(ids)
     finally:
         model.train(was_training)
@@ -240,7 +257,8 @@ def evaluate(model: Any, maker: SampleMaker, env: Any, examples: Sequence[Exampl
     """Greedy accuracy of `model` on `examples`."""
     (end_of_turn_id,) = maker.end_of_turn_ids
     prompts = [maker.prompt_ids(e.messages) for e in examples]
-    completions = generate_greedy(model, maker.tokenizer, prompts, end_of_turn_id=end_of_turn_id,
+    stop_ids = sorted({t for e in examples for t in maker.stop_ids(e.messages)})
+    completions = generate_greedy(model, maker.tokenizer, prompts, end_of_turn_id=end_of_turn_id, stop_ids=stop_ids,
                                   max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size)
     return score_completions(env, examples, completions)
 

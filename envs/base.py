@@ -44,14 +44,15 @@ StepResult = tuple[Messages, float, bool, bool, dict[str, Any]]
 
 
 def as_messages(messages: list[Message | dict[str, str]]) -> Messages:
-    """Normalise Message models or dicts into fresh `{"role", "content"}` dicts (validated)."""
+    """Normalise Message models or dicts into fresh `{"role", "content"}` dicts, plus `name`, `parts` and `stop`
+    where set (validated)."""
     out = []
     for m in messages:
         if isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str):
             out.append({"role": m["role"], "content": m["content"]})  # the common case, without pydantic's cost
         else:
             msg = m if isinstance(m, Message) else Message.model_validate(m)
-            out.append({"role": msg.role, "content": msg.content})
+            out.append(msg.model_dump())  # role and content, and a tool's name or a raw prompt's parts when set
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "raw")
 _PRINTABLE = np.array(list(string.printable))
 
 
@@ -43,8 +43,26 @@ class TextSpace(spaces.Space[str]):
         return isinstance(other, TextSpace) and other.max_length == self.max_length
 
 
+def _plain(m: dict) -> bool:
+    return set(m) == {"role", "content"} and m["role"] in ROLES and m["role"] != "raw" and isinstance(m["content"], str)
+
+
+def _valid_message(m: dict) -> bool:
+    """A message with a tool's name or a raw prompt's parts (`cwm_rl.types.Message` checks those)."""
+    from pydantic import ValidationError
+
+    from cwm_rl.types import Message
+
+    try:
+        Message.model_validate(m)
+    except ValidationError:
+        return False
+    return True
+
+
 class MessagesSpace(spaces.Space[list]):
-    """A list of chat messages `{"role": ..., "content": ...}`: the new messages of one observation."""
+    """A list of chat messages `{"role": ..., "content": ...}` (and `name`, `parts`, `stop` where a message has
+    them: `cwm_rl.types.Message`): the new messages of one observation."""
 
     def __init__(self, max_messages: int = 1024, seed: int | np.random.Generator | None = None):
         self.max_messages = max_messages
@@ -58,13 +76,7 @@ class MessagesSpace(spaces.Space[list]):
         return (
             isinstance(x, list)
             and len(x) <= self.max_messages
-            and all(
-                isinstance(m, dict)
-                and set(m) == {"role", "content"}
-                and m["role"] in ROLES
-                and isinstance(m["content"], str)
-                for m in x
-            )
+            and all(isinstance(m, dict) and (_plain(m) or _valid_message(m)) for m in x)
         )
 
     @property

@@ -2,17 +2,30 @@
 
 An episode gets its own container of the task's image (from a warm pool, `envs.swe.containers`)
 with the repository at its base commit in /testbed. Each turn the model uses one tool
-(`envs.swe.tools`: bash in a persistent shell, edit, create, submit); every observation is a
-`tool` message ending with a budget notice (turns left, and about how many tokens: the env
-counts 4 characters of text as a token, the worker's `max_total_tokens` is the exact bound).
+(`envs.swe.tools`: bash in a persistent shell, edit, create, submit); every observation the model
+answers ends with a budget notice: the turns left, and the tokens left of `token_budget`. The env sees
+text, not the worker's tokens: it counts the tokens of every message's content and every reply with
+`tokenizer` (a model directory or Hugging Face name, loaded with transformers) when one is given, else
+estimates 4 characters a token; the chat template's headers and the notices themselves are not
+counted, so the worker's `max_total_tokens` stays the exact bound. Counted the same way, a replay
+gets the same notices.
+
+`format` says how observations are written. `text` (the default): the tool's result as it is, then
+`[budget: 27 turns left, about 31000 tokens left]`. `cwm`, CWM's SWE-RL format: a `tool` message
+named after the tool (`name`, which CWM's chat template writes as the header `tool: bash`) holding
+`<output>`...`</output>` and a `<budget>` block; a malformed turn gets a `user` message
+`FormatError: ...` as CWM's env sends (no tool ran); the call is read after the reply's one `</think>`.
 
 `submit` ends the episode: the diff against the base commit is graded in a FRESH container
 (`envs.swe.grading`): reward `correct_reward` (+1) when every FAIL_TO_PASS and PASS_TO_PASS test
 passes, else `wrong_reward` (-1), plus `gold_similarity` x the similarity of the patch to the
 gold one (0 by default). An episode that runs out of turns or passes `episode_timeout_s` without
 a submission gets `wrong_reward` and is truncated; with `submit_at_end=True` its diff as it stands
-at the last turn is submitted and graded instead. A malformed call gets an error observation
-(`malformed="error"`) or ends the episode with `wrong_reward` (`malformed="end"`).
+at the last turn is submitted and graded instead. A malformed call (none, two, an unknown tool, an
+unclosed one) gets an error observation (`malformed="error"`) or ends the episode with `wrong_reward`
+(`malformed="end"`). The submit's observation is the episode's last; in the cwm format it quotes the
+patch in `<submission>` (CWM lets the model revise after that; here, as in the text format, submit ends
+the episode).
 
 Tasks: `tasks_path` (SWE-bench JSONL, `envs.swe.tasks`), by default the three repositories shipped
 in `envs/swe/data`. Images are built offline on first use (`cwm-rl swe build-base`, `swe validate`).
@@ -20,9 +33,12 @@ in `envs/swe/data`. Images are built offline on first use (`cwm-rl swe build-bas
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +46,8 @@ from cwm_rl.types import Task
 from envs.base import TextEnv
 from envs.sandbox.base import SandboxError
 from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
-from envs.swe.tools import TOOLS_PROMPT, apply_edit, parse_create, parse_edit, parse_tool_call
+from envs.swe.tools import (CWM_ISSUE_PROMPT, CWM_TOOLS_PROMPT, FORMATS, TOOLS_PROMPT, after_reasoning, apply_edit, cwm_budget,
+                            cwm_output, cwm_submission, parse_create, parse_edit, parse_tool_call)
 
 CHARS_PER_TOKEN = 4
 EPISODES_IN_FLIGHT_VAR = "CWM_RL_EPISODES_IN_FLIGHT"
@@ -47,6 +64,22 @@ def pool_sizes(pool_size: int | None, max_containers: int | None) -> dict[str, i
     if max_containers is None:
         max_containers = in_flight + pool_size if in_flight else 16
     return {"pool_size": pool_size, "max_containers": max_containers}
+
+
+@functools.lru_cache(maxsize=4)
+def token_counter(tokenizer: str) -> Callable[[str], int]:
+    """Counts a text's tokens with this tokenizer, loaded once per process (every episode's env shares it);
+    behind a lock, as env steps run in threads and a fast tokenizer used by two at once can fail ("Already borrowed")."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tokenizer)
+    lock = threading.Lock()
+
+    def count(text: str) -> int:
+        with lock:
+            return len(loaded.encode(text, add_special_tokens=False))
+
+    return count
 
 
 class SWEEnv(TextEnv):
@@ -72,8 +105,13 @@ class SWEEnv(TextEnv):
         max_containers: int | None = None,
         memory_mb: int = 2048,
         submit_at_end: bool = False,
+        format: str = "text",
+        tokenizer: str | None = None,
         **kwargs: Any,
     ):
+        if format not in FORMATS:
+            raise ValueError(f"format must be 'text' (results as they are, a [budget: ...] line) or 'cwm' (CWM's <output> and "
+                             f"<budget> in tool messages named after the tool), got {format!r}")
         if malformed not in ("error", "end"):
             raise ValueError(f"malformed must be 'error' (an error observation) or 'end' (end the episode), got {malformed!r}")
         if correct_reward <= wrong_reward:
@@ -91,9 +129,20 @@ class SWEEnv(TextEnv):
         self.token_budget, self.malformed, self.gold_similarity = token_budget, malformed, gold_similarity
         self.correct_reward, self.wrong_reward, self.test_timeout_s = correct_reward, wrong_reward, test_timeout_s
         self.pool_settings = {**pool_sizes(pool_size, max_containers), "memory_mb": memory_mb}
-        self.submit_at_end = submit_at_end
+        self.submit_at_end, self.format = submit_at_end, format
+        self.count_tokens = self._token_counter(tokenizer)
         self.container = self.shell = None
         self.instance: SWEInstance | None = None
+
+    @staticmethod
+    def _token_counter(tokenizer: str | None) -> Callable[[str], int]:
+        if tokenizer is None:
+            return lambda text: len(text) // CHARS_PER_TOKEN
+        try:
+            return token_counter(str(tokenizer))
+        except Exception as e:  # transformers missing, no such directory or model name
+            raise ValueError(f"could not load the tokenizer {tokenizer!r} ({type(e).__name__}: {e}); pass a model directory "
+                             "with tokenizer files, or leave tokenizer unset to estimate 4 characters a token") from None
 
     # -- the episode's container ---------------------------------------------------------------
     def _pool(self):
@@ -125,52 +174,77 @@ class SWEEnv(TextEnv):
         base, status, _ = self.shell.run("git rev-parse HEAD", timeout_s=30)
         self.base_commit = base.strip() if status == 0 else self.instance.base_commit
         self.started = time.monotonic()
-        self.tokens_used = sum(len(m["content"]) for m in observation) // CHARS_PER_TOKEN
+        self.tokens_used = sum(self.count_tokens(m["content"]) for m in observation)
         self.submitted_patch: str | None = None
         return observation, {**info, "session_id": self.container.session_id}
 
     def first_messages(self, task: Task) -> list[dict[str, str]]:
         turns = f"{self.max_turns} turns" if self.max_turns else "unlimited turns"
         workdir = SWEInstance.from_task(task).workdir
+        if self.format == "cwm":
+            system = CWM_TOOLS_PROMPT.format(workdir=workdir, turns=turns, tokens=self.token_budget, timeout=self.command_timeout_s)
+            return [{"role": "system", "content": system},
+                    {"role": "user", "content": CWM_ISSUE_PROMPT.format(issue=task.prompt.strip())}]
         return [{"role": "system", "content": TOOLS_PROMPT.format(workdir=workdir, timeout=self.command_timeout_s)},
                 {"role": "user", "content": f"<issue>\n{task.prompt.strip()}\n</issue>\n\n[budget: {turns}, about "
                                             f"{self.token_budget} tokens]"}]
 
     # -- a turn ----------------------------------------------------------------------------------
     def respond(self, action: str):
-        self.tokens_used += len(action) // CHARS_PER_TOKEN
+        self.tokens_used += self.count_tokens(action)
         if time.monotonic() - self.started > self.episode_timeout_s:
             return self._end_unsubmitted(f"the episode passed its {self.episode_timeout_s:g} s deadline", truncated=True)
-        call, error = parse_tool_call(action)
+        reply, error = after_reasoning(action) if self.format == "cwm" else (action, None)
+        call, error = parse_tool_call(reply) if error is None else (None, error)
         info: dict[str, Any] = {"tool": call.name if call else None, "tool_error": error}
         if call is not None and call.name == "submit":
             return self._submit()
         if call is not None:
             try:
-                text = self._run_tool(call.name, call.body)
+                message = self._tool_message(call.name, self._run_tool(call.name, call.body))
             except ValueError as e:
-                text, info["tool_error"] = f"error: {e}", str(e)
+                message, info["tool_error"] = self._tool_message(call.name, f"error: {e}"), str(e)
             except SandboxError as e:  # the agent stopped its own container (e.g. killed everything as root)
                 self._release()
-                return [{"role": "tool", "content": f"episode over: {e}"}], self.wrong_reward, True, False, {**info, "reason": str(e)}
+                return [self._tool_message(call.name, f"episode over: {e}")], self.wrong_reward, True, False, {**info, "reason": str(e)}
         else:
-            text = f"error: {error}"
+            message = self._turn_message(f"FormatError: {error}" if self.format == "cwm" else f"error: {error}")
             if self.malformed == "end":
                 self._release()
-                return [{"role": "tool", "content": text}], self.wrong_reward, True, False, {**info, "reason": "malformed tool call"}
+                return [message], self.wrong_reward, True, False, {**info, "reason": "malformed tool call"}
         last_turn = self.max_turns is not None and self.num_turns + 1 >= self.max_turns
         if last_turn and self.submit_at_end:  # out of turns: the diff as it stands is graded
             return self._submit()
         if last_turn:
             self._release()
-            return [{"role": "tool", "content": text}], self.wrong_reward, False, False, {**info, "reason": "no submission within max_turns"}
-        text += self._budget_notice(text)
-        return [{"role": "tool", "content": text}], 0.0, False, False, info
+            return [message], self.wrong_reward, False, False, {**info, "reason": "no submission within max_turns"}
+        return [self._with_budget_notice(message)], 0.0, False, False, info
 
-    def _budget_notice(self, text: str) -> str:
-        self.tokens_used += len(text) // CHARS_PER_TOKEN
-        turns = "" if self.max_turns is None else f"{self.max_turns - self.num_turns - 1} turns left, "
-        return f"\n\n[budget: {turns}about {max(self.token_budget - self.tokens_used, 0)} tokens left]"
+    def _tool_message(self, tool: str, text: str) -> dict[str, str]:
+        """What a tool that ran answers, in the episode's format."""
+        if self.format == "cwm":
+            return {"role": "tool", "name": tool, "content": cwm_output(text)}
+        return {"role": "tool", "content": text}
+
+    def _turn_message(self, text: str) -> dict[str, str]:
+        """What the env says about a turn no tool ran for (a malformed call, the deadline); CWM's env says it
+        as the user, there being no tool to name."""
+        return {"role": "user" if self.format == "cwm" else "tool", "content": text}
+
+    def _with_budget_notice(self, message: dict[str, str]) -> dict[str, str]:
+        """A message the model answers, counted, with the turns and tokens left after it. In the cwm format only
+        a tool's result gets one: CWM's env sends a format error as the bare user message."""
+        self.tokens_used += self.count_tokens(message["content"])
+        turns_left = None if self.max_turns is None else self.max_turns - self.num_turns - 1
+        tokens_left = max(self.token_budget - self.tokens_used, 0)
+        if self.format == "text":
+            turns = "" if turns_left is None else f"{turns_left} turns left, "
+            notice = f"[budget: {turns}about {tokens_left} tokens left]"
+        elif message["role"] == "tool":
+            notice = cwm_budget(turns_left, tokens_left)
+        else:
+            return message
+        return {**message, "content": f"{message['content']}\n\n{notice}"}
 
     def _run_tool(self, name: str, body: str) -> str:
         if name == "bash":
@@ -226,7 +300,7 @@ class SWEEnv(TextEnv):
             patch = self.diff()
         except ValueError as e:
             self._release()
-            return ([{"role": "tool", "content": f"submitted: not resolved ({e})"}], self.wrong_reward, True, False,
+            return ([self._tool_message("submit", f"submitted: not resolved ({e})")], self.wrong_reward, True, False,
                     {"tool": "submit", "resolved": False, "grading_error": str(e), "patch": None})
         self.submitted_patch = patch
         self._release()
@@ -236,12 +310,13 @@ class SWEEnv(TextEnv):
         if self.gold_similarity and similarity is not None:
             reward += self.gold_similarity * similarity
         info = {"tool": "submit", "patch": patch, "gold_similarity": similarity, **grade.as_info()}
-        verdict = "resolved" if grade.resolved else f"not resolved ({len(grade.failing)} hidden test(s) failing)"
-        return [{"role": "tool", "content": f"submitted: {verdict}"}], reward, True, False, info
+        verdict = "submitted: " + ("resolved" if grade.resolved else f"not resolved ({len(grade.failing)} hidden test(s) failing)")
+        text = cwm_submission(self._clip(patch), verdict) if self.format == "cwm" else verdict
+        return [self._tool_message("submit", text)], reward, True, False, info
 
     def _end_unsubmitted(self, why: str, truncated: bool):
         self._release()
-        return [{"role": "tool", "content": f"episode over: {why}"}], self.wrong_reward, False, truncated, {"reason": why}
+        return [self._turn_message(f"episode over: {why}")], self.wrong_reward, False, truncated, {"reason": why}
 
     # -- checks and SFT ----------------------------------------------------------------------------
     def reference_action(self) -> str | None:

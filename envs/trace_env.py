@@ -25,6 +25,7 @@ from typing import Any
 from cwm_rl.types import Task
 from envs.base import SingleTurnEnv
 from envs.tasks import read_task_file
+from envs.trace import cwm_format as cwm
 from envs.trace.programs import LEVELS, generate_program
 from rewards.trace import render_trace, score_output, score_trace
 
@@ -36,6 +37,10 @@ PROMPTS = {
               "first, then `line N: {changed}` for each line about to run (N its number, {changed} the local variables "
               "that changed since the previous event, as JSON), and `return N: VALUE` last."),
 }
+
+
+FORMATS = ("text", "cwm")
+MODES = {"text": ("output", "trace"), "cwm": ("output", "trace", "next_frame")}
 
 
 def numbered(source: str) -> str:
@@ -75,11 +80,15 @@ def load_trace_tasks(path: str) -> list[Task]:
 
 class TraceEnv(SingleTurnEnv):
     def __init__(self, mode: str = "output", difficulty: int = 1, tasks_path: str | Path | None = None,
-                 correct_reward: float = 1.0, wrong_reward: float = -1.0, sandbox: str = "bwrap", **kwargs: Any):
+                 correct_reward: float = 1.0, wrong_reward: float = -1.0, sandbox: str = "bwrap", format: str = "text",
+                 **kwargs: Any):
         from envs.sandbox import check_backend
 
-        if mode not in PROMPTS:
-            raise ValueError(f"mode must be 'output' or 'trace', got {mode!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+        if mode not in MODES[format]:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES[format]))} with format={format!r}, got "
+                             f"{mode!r}" + (" (next_frame needs format='cwm')" if mode == "next_frame" else ""))
         if difficulty not in LEVELS:
             raise ValueError(f"difficulty must be one of {list(LEVELS)}, got {difficulty!r}")
         if correct_reward <= wrong_reward:
@@ -87,16 +96,98 @@ class TraceEnv(SingleTurnEnv):
         check_backend(sandbox)
         super().__init__(**kwargs)
         self.tasks = read_task_file(tasks_path, load_trace_tasks, "trace task") if tasks_path else None
-        self.mode, self.difficulty, self.sandbox_backend = mode, difficulty, sandbox
+        self.mode, self.difficulty, self.sandbox_backend, self.format = mode, difficulty, sandbox, format
         self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
-        self.system_prompt = PROMPTS[mode]
+        self.system_prompt = PROMPTS[mode] if format == "text" else None  # CWM's trace prompt is the source alone
         self._references: dict[str, dict[str, Any]] = {}  # the current task's traced result
 
     def sample_task(self, rng) -> Task:
         if self.tasks is not None:
-            return super().sample_task(rng)
-        source, function, args = generate_program(rng, self.difficulty)
-        return trace_task(source, function, args, level=self.difficulty)
+            task = super().sample_task(rng)
+        else:
+            source, function, args = generate_program(rng, self.difficulty)
+            task = trace_task(source, function, args, level=self.difficulty)
+        if self.mode == "next_frame":  # which frame to predict, as a share of the trace (its length is known at reset)
+            task = task.model_copy(update={"metadata": {**task.metadata, "frame_position": float(rng.random())}})
+        return task
+
+    # ---- CWM's format (envs/trace/cwm_format.py) ----
+    def frames(self, task: Task) -> list[cwm.Frame]:
+        return cwm.event_frames(self.reference(task)["events"], task.metadata["source"])
+
+    def frame_index(self, task: Task) -> int:
+        """next_frame: the frame to predict, 1 .. len-1 (the call frame, 0, is always given), at the task's
+        `frame_position` (drawn with the task), or, for a task without one, at a position its id fixes."""
+        n = len(self.frames(task))
+        if n < 2:
+            raise ValueError(f"task {task.id}'s trace has {n} frame(s): nothing after the call to predict")
+        position = task.metadata.get("frame_position")
+        if position is None:  # a task of a list, as a job's held-out set and its epochs take them: a frame fixed by the id
+            position = int(hashlib.sha256(task.id.encode()).hexdigest()[:8], 16) / 16**8
+        return 1 + min(int(float(position) * (n - 1)), n - 2)
+
+    def given_frames(self, task: Task) -> list[cwm.Frame]:
+        """The frames the prompt holds: the call (its arguments) and, for next_frame, every frame before the one asked."""
+        return self.frames(task)[: self.frame_index(task) if self.mode == "next_frame" else 1]
+
+    def first_messages(self, task: Task) -> list[dict[str, Any]]:
+        if self.format == "text":
+            return super().first_messages(task)
+        meta = task.metadata
+        parts = cwm.prompt_parts(meta["source"], meta["function"]) + cwm.frames_parts(self.given_frames(task), end=False)
+        stop = [cwm.END_OF_TEXT]
+        if self.mode == "output":  # CWM's output prediction: the return frame forced right after the call
+            parts.append({"token": cwm.RETURN_SEP})
+            stop = [cwm.FRAME_SEP]
+        elif self.mode == "next_frame":
+            stop = [cwm.FRAME_SEP]
+        return [{"role": "raw", "content": cwm.parts_text(parts), "parts": parts, "stop": stop}]
+
+    def expected_frames(self, task: Task) -> list[cwm.Frame]:
+        """What the model is asked for: the return frame (output), every frame after the call (trace), one frame."""
+        frames = self.frames(task)
+        if self.mode == "output":
+            return frames[-1:] if frames[-1].kind == "return" else []  # a trace cut at max_events has no return
+        if self.mode == "next_frame":
+            return [frames[self.frame_index(task)]]
+        return frames[1:]
+
+    def score_cwm(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
+        expected = self.expected_frames(task)
+        text = (cwm.RETURN_SEP + action) if self.mode == "output" else action
+        try:
+            predicted, ended = cwm.parse_frames(text)
+        except cwm.FormatError as e:
+            return self.wrong_reward, {"verdict": "format_error", "reason": str(e), "score": 0.0}
+        if self.mode in ("output", "next_frame"):
+            if len(predicted) != 1:
+                return self.wrong_reward, {"verdict": "format_error", "score": 0.0,
+                                           "reason": f"expected exactly one frame, got {len(predicted)}"}
+            (got,) = predicted
+            want = expected[0] if expected else None
+            if self.mode == "output":
+                correct = want is not None and got.kind == "return" and got.key()[3] == want.key()[3]
+                details = {"expected_return": want.value if want else None, "predicted_return": got.value}
+            else:
+                correct = want is not None and got.key() == want.key()
+                details = {"frame": self.frame_index(task), "expected": cwm.parts_text(cwm.frame_parts(want)),
+                           "mismatch": cwm.frame_mismatch(got, want)}
+            reward = self.correct_reward if correct else self.wrong_reward
+            return reward, {"verdict": "correct" if correct else "wrong", "score": float(correct), **details}
+        score, info = cwm.similarity(predicted, expected)
+        if not ended:
+            info["reason"] += f"; no {cwm.END_OF_TEXT} after the last frame"
+        return self.wrong_reward + (self.correct_reward - self.wrong_reward) * score, info
+
+    def reference_cwm(self, task: Task) -> str | None:
+        expected = self.expected_frames(task)
+        if not expected:
+            return None
+        if self.mode == "output":
+            return cwm.parts_text(cwm.frame_parts(expected[0])[1:])  # <|return_sep|> is in the prompt
+        if self.mode == "next_frame":
+            return cwm.parts_text(cwm.frame_parts(expected[0]))
+        return cwm.parts_text(cwm.frames_parts(expected))
 
     def reference(self, task: Task) -> dict[str, Any]:
         """The traced result of the task's call: the task file's, or run in the sandbox once per task."""
@@ -115,6 +206,8 @@ class TraceEnv(SingleTurnEnv):
     def score(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
         if len(action) > MAX_ANSWER_CHARS:  # a wall of text with the answer buried in it does not count
             return self.wrong_reward, {"verdict": "format_error", "reason": f"answer longer than {MAX_ANSWER_CHARS} characters"}
+        if self.format == "cwm":
+            return self.score_cwm(task, action)
         reference = self.reference(task)
         if self.mode == "output":
             correct, info = score_output(action, reference)
@@ -125,6 +218,8 @@ class TraceEnv(SingleTurnEnv):
     def reference_action(self) -> str | None:
         if self.task is None:
             return None
+        if self.format == "cwm":
+            return self.reference_cwm(self.task)
         reference = self.reference(self.task)
         if self.mode == "trace":
             return f"<trace>\n{render_trace(reference['events'])}\n</trace>"
@@ -137,6 +232,9 @@ class TraceEnv(SingleTurnEnv):
         if self.task is None:
             return {}
         reference = self.reference_action() or ""
+        if self.format == "cwm":  # the asked frame(s) twice, none, or the given call frame again
+            call = cwm.parts_text(cwm.frame_parts(self.frames(self.task)[0]))
+            return {"frames_twice": reference + reference, "no_frame": cwm.END_OF_TEXT, "call_frame_again": call}
         if self.mode == "output":
             return {"two_returns": "<return>0</return> <return>1</return>", "untagged": reference.replace("<return>", ""),
                     "python_expression": f"<return>{call_text(self.task.metadata['function'], self.task.metadata['args'], {})}</return>"}

@@ -1,7 +1,8 @@
 """The multi-turn agent loop: play one episode of any env (local or remote) with a vLLM engine and
 return a Trajectory whose tokens are exactly what was sampled.
 
-Token in, token out: the first messages are rendered with the chat template once; after that
+Token in, token out: the first messages are rendered with the chat template once (a raw prompt, role
+`raw`, is tokenised from its parts instead: `cwm_rl.models.raw_prompt`); after that
 the loop only appends tokens: the model's generated tokens (loss mask 1, with their behaviour
 logprobs and policy versions), then the rendering of the env's NEW messages
 (`render_delta`, loss mask 0). Earlier turns are never re-tokenised, so the trainer scores the
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
+from cwm_rl.models.raw_prompt import RawPromptError, encode_raw, is_raw
 from cwm_rl.types import NO_VERSION, Message, Span, Task, Trajectory, Turn, new_id
 from envs.server.client import EnvServerUnavailable
 from rollout_workers.config import EpisodeLimits, SamplingConfig
@@ -112,6 +114,7 @@ async def run_episode(
     messages: list[dict[str, str]] = []
     result: dict[str, Any] = {"terminated": False, "truncated": False, "finish_reason": "max_turns", "error": None}
     info: dict[str, Any] = {}
+    stop_ids: list[int] = []  # a raw prompt's stop tokens (`cwm_rl.models.raw_prompt`)
 
     async def env_call(coro, what: str):
         try:
@@ -134,7 +137,15 @@ async def run_episode(
             observation, info = reset
             task_id = info.get("task_id", task_id)
             messages += observation
-            tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+            if is_raw(observation):  # a prompt in a token format of its own (CWM's traces): parts, no chat template
+                try:
+                    raw_ids, stop_ids = encode_raw(tokenizer, observation)
+                except RawPromptError as e:  # the model cannot read this env's format: say so on every episode
+                    result.update(finish_reason="env_error", error=f"env reset: {e}")
+                    reset_ok = False
+                tokens.add_context(raw_ids if reset_ok else [])
+            else:
+                tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
     else:
         task_id = prefix.trajectory.task_id
         prefix.copy_into(tokens, turns, messages)
@@ -148,7 +159,8 @@ async def run_episode(
                 break
             started = time.perf_counter()
             try:
-                gen = await engine.generate(tokens.ids, sampling.model_copy(update={"max_tokens": budget}))
+                gen = await engine.generate(tokens.ids, sampling.model_copy(update={
+                    "max_tokens": budget, "stop_token_ids": sampling.stop_token_ids + stop_ids}))
             except Exception as e:  # the engine refused this request: end the episode, keep the worker
                 result.update(finish_reason="aborted", error=f"generation failed: {type(e).__name__}: {e}")
                 break
@@ -173,10 +185,14 @@ async def run_episode(
             if terminated or truncated:
                 result.update(terminated=terminated, truncated=truncated, finish_reason="terminated" if terminated else "truncated")
                 break
-            if not closed:  # cut off by max_tokens: close the turn as the template would
-                tokens.add_context(end_of_turn_ids)
-            delta = render_delta(tokenizer, messages, observation, add_generation_prompt=True, end_of_turn=end_of_turn)
-            turn.observation_span = tokens.add_context(tokenizer.encode(delta, add_special_tokens=False))
+            if is_raw(observation):  # the env's next raw parts follow the generated tokens as they are
+                raw_ids, stop_ids = encode_raw(tokenizer, observation)
+                turn.observation_span = tokens.add_context(raw_ids)
+            else:
+                if not closed:  # cut off by max_tokens: close the turn as the template would
+                    tokens.add_context(end_of_turn_ids)
+                delta = render_delta(tokenizer, messages, observation, add_generation_prompt=True, end_of_turn=end_of_turn)
+                turn.observation_span = tokens.add_context(tokenizer.encode(delta, add_special_tokens=False))
             messages += observation
             if len(tokens.ids) >= max_total:
                 result["finish_reason"] = "max_tokens"

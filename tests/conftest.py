@@ -109,6 +109,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cwm_model(tmp_path_factory) -> Path:
+    """A tiny model whose tokenizer and chat template are CWM's (`model init --tokenizer cwm`)."""
+    from cwm_rl.models import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny-cwm", preset="tiny", seed=0, tokenizer="cwm")
+
+
+@pytest.fixture(scope="session")
 def perturbed_model(tiny_model, tmp_path_factory) -> Path:
     """The tiny model with noise added to every weight: a "version 1" to reload."""
     import torch

@@ -7,6 +7,7 @@
 - `rollouts replay|rescore|branch` (`replay.py`): debug stored rollouts against a live env and a model
 - `view` (`view.py`): a live, read-only web page over a run's rollouts
 - `sandbox exec|build-root|reap` (`sandbox.py`), `swe build-base|build|validate` (`swe.py`), `trace` (`trace.py`)
+- `debug` (`debug.py`): the neural debugger, pdb over a model's predicted frames
 - `doctor` (`doctor.py`): what is installed and how to get what is missing
 
 Shared option types and parsers live in `common.py`. Every failure ends with one line saying
@@ -22,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cwm_rl.cli.debug import debug
 from cwm_rl.cli.doctor import doctor
 from cwm_rl.cli.env import env_app
 from cwm_rl.cli.model import model_app
@@ -45,6 +47,7 @@ rollouts_app.command("branch")(branch)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(swe_app, name="swe")
 app.command("trace")(trace)
+app.command("debug")(debug)
 app.command("view")(view)
 app.command("doctor")(doctor)
 

@@ -1,6 +1,6 @@
 """`cwm-rl model ...`: make tiny models locally, check chat templates, warm-start by SFT, play a model.
 
-    cwm-rl model init --out models/tiny [--preset tiny|small] [--arch cwm|qwen2] [--seed 0] [--force]
+    cwm-rl model init --out models/tiny [--preset tiny|small] [--arch cwm|qwen2] [--tokenizer default|cwm] [--seed 0] [--force]
     cwm-rl model check-template models/tiny     # exit 0 "template OK", 1 with the problems listed
     cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --steps 300 --out models/tiny-sft \
         [--kwarg difficulty=1] [--batch-size 64] [--lr 2e-3] [--eval-tasks 200] [--seed 0] [--force]
@@ -29,6 +29,8 @@ def model_init(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the model and tokenizer into.")],
     preset: Annotated[str, typer.Option(help="Model size: tiny (0.85 M parameters) or small (5.2 M).")] = "tiny",
     arch: Annotated[str, typer.Option(help="Architecture: cwm (sliding-window + global attention) or qwen2.")] = "cwm",
+    tokenizer: Annotated[str, typer.Option(help="default (ChatML), or cwm: CWM's chat template and chat and trace special "
+                                                "tokens, for configs that later move to a CWM checkpoint.")] = "default",
     seed: Annotated[int, typer.Option(help="Seed for the tokenizer's training text and the weights.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out directory.")] = False,
 ) -> None:
@@ -39,10 +41,11 @@ def model_init(
 
     need_training_stack()
 
-    path = init_model(out, preset=preset, arch=arch, seed=seed, force=force)
+    path = init_model(out, preset=preset, arch=arch, seed=seed, force=force, tokenizer=tokenizer)
     config = json.loads((path / "config.json").read_text())
     num_params = count_parameters(path)
-    typer.echo(f"created {preset} {arch} model: {num_params / 1e6:.2f} M parameters, vocab {config['vocab_size']}, "
+    speaks = " (CWM's chat template and special tokens)" if tokenizer == "cwm" else ""
+    typer.echo(f"created {preset} {arch} model{speaks}: {num_params / 1e6:.2f} M parameters, vocab {config['vocab_size']}, "
                f"{config['num_hidden_layers']} layers, context {config['max_position_embeddings']} -> {path}")
 
 

@@ -3,6 +3,10 @@
     cwm-rl trace FILE.py::FUNC [--args JSON] [--kwargs JSON] [--json]    # one call's trace
     cwm-rl trace dataset DIR --out FILE.jsonl                             # a folder of functions -> trace data
     cwm-rl trace generate --difficulty 1 --count 4000 --out FILE.jsonl    # generated programs -> trace data
+    cwm-rl trace generate --format cwm --count 4000 --out FILE.jsonl      # ... in CWM's trace format
+
+`--format cwm` writes CWM's trace format (`envs/trace/cwm_format.py`: special tokens by name) instead of
+cwm-rl's event lines: printed for one call, or as each record's `text` (the document to train on).
 
 A dataset folder holds `NAME.py` files, each with a `NAME.inputs.jsonl` beside it: one call per
 line, `{"function": "f", "args": [...], "kwargs": {...}}`. Every call becomes one JSONL record
@@ -33,6 +37,8 @@ def trace(
     as_json: Annotated[bool, typer.Option("--json", help="Print the tracer's JSON instead of the text trace.")] = False,
     backend: Annotated[str, typer.Option(help="Sandbox backend: bwrap or docker.")] = "bwrap",
     max_events: Annotated[int, typer.Option(help="Stop recording after this many events.")] = 1000,
+    format: Annotated[str, typer.Option("--format", help="text: cwm-rl's event lines; cwm: CWM's trace format (special "
+                                                         "tokens by name), the text of mid-training data.")] = "text",
     difficulty: Annotated[int, typer.Option(help="With `generate`: the program level (1-4).")] = 1,
     count: Annotated[int, typer.Option(help="With `generate`: how many programs.")] = 1000,
     seed: Annotated[int, typer.Option(help="With `generate`: the generator's seed.")] = 0,
@@ -40,18 +46,20 @@ def trace(
     """Trace a function call (CWM-style: line, call, return and exception events; changed locals as JSON)."""
     from envs.sandbox import make_sandbox
 
+    if format not in ("text", "cwm"):
+        raise ValueError(f"--format must be text or cwm, got {format!r}")
     if target == "generate":
         if out is None:
             raise ValueError("usage: cwm-rl trace generate --difficulty N --count N --out FILE.jsonl")
         with make_sandbox(backend, **({"pool_size": 1} if backend == "docker" else {})) as sandbox:
-            written = write_traces(generated_calls(difficulty, count, seed), out, sandbox, max_events)
+            written = write_traces(generated_calls(difficulty, count, seed), out, sandbox, max_events, format)
         typer.echo(f"wrote {written} traced programs to {out}")
         return
     if target == "dataset":
         if directory is None or out is None:
             raise ValueError("usage: cwm-rl trace dataset DIR --out FILE.jsonl")
         with make_sandbox(backend, **({"pool_size": 1} if backend == "docker" else {})) as sandbox:
-            written = write_traces(folder_calls(directory), out, sandbox, max_events)
+            written = write_traces(folder_calls(directory), out, sandbox, max_events, format)
         typer.echo(f"wrote {written} traced calls to {out}")
         return
     path_text, sep, function = target.partition("::")
@@ -69,6 +77,11 @@ def trace(
         result = run_trace(path.read_text(), function, call_args, call_kwargs, sandbox=sandbox, max_events=max_events)
     if as_json:
         print(json.dumps(result, indent=2))
+        return
+    if format == "cwm":
+        from envs.trace.cwm_format import render_cwm
+
+        print(render_cwm(path.read_text(), function, result["events"]))
         return
     lines = path.read_text().splitlines()
     console = Console(highlight=False)
@@ -127,9 +140,11 @@ def generated_calls(difficulty: int, count: int, seed: int) -> list[tuple[str, d
     return calls
 
 
-def write_traces(calls: list[tuple[str, dict]], out: Path, sandbox, max_events: int = 1000) -> int:
-    """Trace the calls in the sandbox, 500 per run, and write one JSONL record each (what Trace-v0 reads)."""
+def write_traces(calls: list[tuple[str, dict]], out: Path, sandbox, max_events: int = 1000, format: str = "text") -> int:
+    """Trace the calls in the sandbox, 500 per run, and write one JSONL record each (what Trace-v0 reads):
+    `trace` holds the text-format trace, or with format "cwm" `text` holds the CWM-format document."""
     from envs.trace import run_traces
+    from envs.trace.cwm_format import render_cwm
     from rewards.trace import render_trace
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -138,5 +153,7 @@ def write_traces(calls: list[tuple[str, dict]], out: Path, sandbox, max_events: 
             chunk = calls[start:start + 500]
             results = run_traces([call for _, call in chunk], sandbox=sandbox, max_events=max_events)
             for (ident, call), result in zip(chunk, results, strict=True):
-                f.write(json.dumps({"id": ident, **call, **result, "trace": render_trace(result["events"])}) + "\n")
+                rendered = ({"text": render_cwm(call["source"], call["function"], result["events"])} if format == "cwm"
+                            else {"trace": render_trace(result["events"])})
+                f.write(json.dumps({"id": ident, **call, **result, **rendered}) + "\n")
     return len(calls)

@@ -28,7 +28,7 @@ def bootstrap_model(config: JobConfig, run_dir: Path, say: Callable[[str], None]
 
     init_dir = run_dir / "model" / "init"
     if not (init_dir / "config.json").is_file():
-        init_model(init_dir, preset=c.init_preset, arch=c.init_arch, seed=c.init_seed, force=True)
+        init_model(init_dir, preset=c.init_preset, arch=c.init_arch, seed=c.init_seed, tokenizer=c.init_tokenizer, force=True)
     check(init_dir)  # the warm start keeps the architecture: what the engine takes is known now
     if c.sft.steps == 0:
         return init_dir

@@ -1,18 +1,25 @@
-"""The chat template of cwm-rl's models, and rendering helpers for token-in/token-out workers.
+"""The chat templates of cwm-rl's models, and rendering helpers for token-in/token-out workers.
 
-The template is ChatML with a BOS token at the start of a conversation:
+The default template (`CHAT_TEMPLATE`) is ChatML with a BOS token at the start of a conversation:
 
     <|begin_of_text|><|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
     <|im_start|>assistant\\n            <- add_generation_prompt=True appends this
+
+`CWM_CHAT_TEMPLATE` is CWM's (a model made with `--tokenizer cwm`), so a config moves to a CWM
+checkpoint by its model path alone:
+
+    <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{content}<|eot_id|>
+    <|start_header_id|>tool: bash<|end_header_id|>\\n\\n{content}<|eot_id|>      <- a tool message named bash
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n       <- add_generation_prompt=True appends this
 
 Roles: system, user, assistant, tool. Content is written verbatim: nothing is stripped,
 trimmed or rewritten (past `<think>` reasoning stays), so rendering a longer conversation only
 ever appends text to the rendering of a shorter one (prefix consistency).
 
 A multi-turn worker renders the first messages once, appends what the model generates (ending
-with the end-of-turn token, `<|im_end|>` here, on which generation stops), and then appends
+with the end-of-turn token, `<|im_end|>` or `<|eot_id|>`, on which generation stops), and then appends
 only `render_delta(...)` for each new observation: the text after the end-of-turn token up to
-the next generation prompt (here `\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`).
+the next generation prompt (for ChatML `\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`).
 `render_delta` works for any Hugging Face tokenizer with a chat template and raises
 `TemplateError` where the template cannot be used that way (`cwm-rl model check-template`
 explains in detail). Tokenise rendered text with `add_special_tokens=False`: the template
@@ -36,6 +43,24 @@ CHAT_TEMPLATE = """\
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# CWM's chat format (facebookresearch/cwm, PROMPTING_GUIDE.md): a tool message's header names its tool.
+CWM_CHAT_TEMPLATE = """\
+{{- bos_token }}
+{%- for message in messages %}
+    {%- if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}
+        {{- raise_exception('unknown role ' ~ message['role'] ~ ': use system, user, assistant or tool') }}
+    {%- endif %}
+    {%- set header = message['role'] %}
+    {%- if message['role'] == 'tool' and message.get('name') %}
+        {%- set header = 'tool: ' ~ message['name'] %}
+    {%- endif %}
+    {{- '<|start_header_id|>' + header + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
 """
 

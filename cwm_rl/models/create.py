@@ -2,10 +2,11 @@
 
     cwm-rl model init --out models/tiny                    # CWM architecture, tiny preset
     cwm-rl model init --out models/small --preset small --arch qwen2 --seed 1
+    cwm-rl model init --out models/tiny-cwm --tokenizer cwm   # CWM's chat template and special tokens
 
-Writes config.json, generation_config.json (stops on `<|im_end|>`), model.safetensors and the
-tokenizer files (with the chat template) into one directory that transformers
-(`AutoModelForCausalLM` / `AutoTokenizer`) and vLLM load as they are. The same seed gives the
+Writes config.json, generation_config.json (stops on `<|im_end|>`; with `--tokenizer cwm`, on
+`<|eot_id|>` and `<|end_of_text|>`), model.safetensors and the tokenizer files (with the chat template)
+into one directory that transformers (`AutoModelForCausalLM` / `AutoTokenizer`) and vLLM load as they are. The same seed gives the
 same tokenizer and the same weights, byte for byte.
 """
 
@@ -15,15 +16,17 @@ import math
 from pathlib import Path
 
 from cwm_rl.models.presets import ARCHS, get_preset
-from cwm_rl.models.tokenizer import BOS, IM_END, PAD, train_tokenizer
+from cwm_rl.models.tokenizer import tokenizer_format, train_tokenizer
 
 
-def init_model(out_dir: str | Path, preset: str = "tiny", arch: str = "cwm", seed: int = 0, force: bool = False) -> Path:
-    """Train the tokenizer, build a randomly initialised model and save both to `out_dir`; returns it."""
+def init_model(out_dir: str | Path, preset: str = "tiny", arch: str = "cwm", seed: int = 0, force: bool = False,
+               tokenizer: str = "default") -> Path:
+    """Train the tokenizer (`default` or `cwm`), build a randomly initialised model and save both to `out_dir`; returns it."""
     out = Path(out_dir)
     spec = get_preset(preset)
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    fmt = tokenizer_format(tokenizer)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -35,9 +38,11 @@ def init_model(out_dir: str | Path, preset: str = "tiny", arch: str = "cwm", see
 
     from cwm_rl.models.presets import build_config
 
-    tokenizer = train_tokenizer(seed=seed, model_max_length=spec.max_position_embeddings)
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("bos", BOS), ("eos", IM_END), ("pad", PAD))}
-    config = build_config(spec, arch, len(tokenizer), ids)
+    tok = train_tokenizer(seed=seed, model_max_length=spec.max_position_embeddings, kind=tokenizer)
+    stop = [tok.convert_tokens_to_ids(t) for t in fmt.stop]
+    ids = {"bos": tok.convert_tokens_to_ids(fmt.bos), "eos": stop[0] if len(stop) == 1 else stop,
+           "pad": tok.convert_tokens_to_ids(fmt.pad)}
+    config = build_config(spec, arch, len(tok), ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
@@ -49,7 +54,7 @@ def init_model(out_dir: str | Path, preset: str = "tiny", arch: str = "cwm", see
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(out)
+    tok.save_pretrained(out)
     return out
 
 

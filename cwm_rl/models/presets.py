@@ -5,8 +5,8 @@
 | tiny   | 4 (3 + 1)                 | 128    | 2 x 64 (1)             | 256 | 2048    |
 | small  | 6 (4 + 2)                 | 256    | 4 x 64 (2)             | 768 | 4096    |
 
-Both use the same tokenizer (`cwm_rl.models.tokenizer`, about 1,010 ids), and exactly as many
-embedding rows: an untrained model samples any row, and every id must decode.
+Both use the same tokenizer (`cwm_rl.models.tokenizer`, about 1,010 ids; `--tokenizer cwm`: 1,024),
+and exactly as many embedding rows: an untrained model samples any row, and every id must decode.
 
 Head dim is 64 everywhere: vLLM's CPU attention rejects some sizes (16, for one). RoPE is
 plain (no long-context scaling) so its limits fit `max_position_embeddings`, and every special
@@ -61,11 +61,11 @@ def get_preset(name: str) -> ModelPreset:
     return PRESETS[name]
 
 
-def build_config(preset: ModelPreset, arch: str, vocab_size: int, special_ids: dict[str, int]) -> PretrainedConfig:
+def build_config(preset: ModelPreset, arch: str, vocab_size: int, special_ids: dict[str, int | list[int]]) -> PretrainedConfig:
     """The transformers config for `preset` in architecture `arch`.
 
     `vocab_size` is the tokenizer's length (not rounded up: no row without a token); `special_ids`
-    maps "bos", "eos" (the end-of-turn token) and "pad" to token ids.
+    maps "bos", "eos" (the end-of-turn token, or a list of every token generation stops on) and "pad" to token ids.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")

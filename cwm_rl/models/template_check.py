@@ -1,9 +1,10 @@
 """`check_template(tokenizer)`: prove a chat template works for multi-turn token-in/token-out rollouts.
 
-For each built-in conversation (math with `<think>` reasoning, tool use, indented code, a
-multi-turn echo game) it plays the worker's part: render the first messages with a generation prompt, append
-each assistant message as the model would generate it (content + end-of-turn token), then
-append `render_delta` of the observation messages, and so on. After every turn it checks:
+For each built-in conversation (math with `<think>` reasoning, tool use, tool messages with a tool
+name as CWM's template writes them, indented code, a multi-turn echo game) it plays the worker's
+part: render the first messages with a generation prompt, append each assistant message as the
+model would generate it (content + end-of-turn token), then append `render_delta` of the
+observation messages, and so on. After every turn it checks:
 1. the incremental text equals the full render of the conversation so far (characters);
 2. the token ids (first render, generated text, each delta, tokenised piece by piece) equal
    the ids of the full render tokenised at once (`add_special_tokens=False`);
@@ -53,6 +54,16 @@ CONVERSATIONS: dict[str, list[dict[str, str]]] = {
         {"role": "assistant", "content": "  <tool_call>{\"name\": \"run_tests\", \"arguments\": {}}</tool_call>  "},
         {"role": "tool", "content": "1 passed in 0.01s"},
         {"role": "assistant", "content": "All tests pass now: \\boxed{fixed}"},
+    ],
+    "named-tools": [  # CWM's template writes a tool message's header as `tool: NAME`
+        {"role": "system", "content": "Fix the bug. Run a command with <tool: bash>\nCOMMAND\n</tool>."},
+        {"role": "user", "content": "tests/test_add.py fails."},
+        {"role": "assistant", "content": "<think>\nRead the test first.\n</think>\n<tool: bash>\ncat tests/test_add.py\n</tool>"},
+        {"role": "tool", "name": "bash", "content": "<output>\ndef test_add():\n    assert add(2, 3) == 5\n</output>"},
+        {"role": "assistant", "content": "<tool: python>\nprint(2 + 3)\n</tool>"},
+        {"role": "tool", "name": "python", "content": "<output>\n5\n</output>"},
+        {"role": "tool", "content": "a tool message without a name"},
+        {"role": "assistant", "content": "<tool: submit>\n</tool>"},
     ],
     "code-indent": [
         {"role": "user", "content": "Write add(a, b) as a method body."},

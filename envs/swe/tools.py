@@ -25,6 +25,13 @@ Text outside the call (reasoning) is allowed. The body runs from the line after 
 the LAST `</tool>` of the turn, so file contents may hold `</tool>`; a second `<tool:` opener in
 the same turn is an error. An edit may hold several SEARCH/REPLACE blocks, applied in order; each
 SEARCH must match the file exactly once. Paths are relative to the repository root.
+
+Two formats for what the env writes back (`SWEEnv(format=...)`), with the same call syntax (CWM's own):
+`text`, the results as they are with a `[budget: ...]` line, and `cwm`, CWM's SWE-RL format: a result is
+`<output>` ... `</output>` then a `<budget>` block, in a `tool` message named after the tool, a submission
+is quoted in `<submission>`, and a reply may reason first in one `<think>` ... `</think>` block, whose
+text is not searched for a call. CWM's submit names a patch file; here it takes no argument in both
+formats (the diff of the working tree is the submission).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ import re
 from dataclasses import dataclass
 
 TOOLS = ("bash", "edit", "create", "submit")
+FORMATS = ("text", "cwm")
+THINK_END = "</think>"
 _OPENER = re.compile(r"<tool:\s*([A-Za-z_]\w*)\s*>")
 _BLOCK = re.compile(r"<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE", re.S)
 
@@ -63,6 +72,51 @@ the complete file content
 `submit` ends the episode: your changes (the diff against the starting commit) are applied to a fresh copy of the \
 repository and judged by hidden tests. The network is off."""
 
+# The cwm format's prompt, laid out as CWM's system prompts are (a description, then `# Environment`).
+CWM_TOOLS_PROMPT = """You are a helpful AI assistant.
+
+# Environment
+
+You are working in a Linux container, in a git repository at {workdir} (your current directory). You have {turns} \
+and a budget of {tokens} tokens for the whole conversation. The network is off. Use exactly one tool per turn; you \
+may reason before the call, once, inside <think> and </think>. The tools:
+
+<tool: bash>
+[command(s)]
+</tool>
+Runs the command(s) in a persistent bash session: cd and variables carry over; {timeout:g} s per command.
+
+<tool: edit>
+[path]
+<<<<<<< SEARCH
+[search_lines]
+=======
+[replacement_lines]
+>>>>>>> REPLACE
+</tool>
+Replaces [search_lines], which must match exactly one run of lines of the existing file [path] (indentation \
+included), with [replacement_lines]. Several SEARCH/REPLACE blocks apply in order.
+
+<tool: create>
+[path]
+[content]
+</tool>
+Writes [content] to the file [path].
+
+<tool: submit>
+</tool>
+Submits your changes (the diff against the starting commit, new files included) and ends the episode: they are \
+applied to a fresh copy of the repository and judged by hidden tests.
+
+Each result comes back as <output>...</output>, followed by a <budget> block with the turns and tokens you have \
+left. A turn with no tool call, or more than one, gets a FormatError instead."""
+
+CWM_ISSUE_PROMPT = """Resolve the following issue by changing the code in the repository, then submit your changes:
+
+<issue_description>
+{issue}
+</issue_description>"""
+
 
 @dataclass
 class ToolCall:
@@ -86,6 +140,31 @@ def parse_tool_call(action: str) -> tuple[ToolCall | None, str | None]:
     body = action[openers[0].end(): end]
     body = body[1:] if body.startswith("\n") else body
     return ToolCall(name, body), None
+
+
+def after_reasoning(action: str) -> tuple[str | None, str | None]:
+    """(the reply after its one `</think>`, or all of it when it has none, None), or (None, what is wrong): CWM
+    reasons before it calls, and a call it only thought about must not run."""
+    count = action.count(THINK_END)
+    if count > 1:
+        return None, f"one {THINK_END} per turn, got {count}: reason once inside <think> and </think>, then make one tool call"
+    return action.split(THINK_END, 1)[-1], None
+
+
+def cwm_output(text: str) -> str:
+    """A tool's result, its last newline being the one before `</output>`."""
+    text = text.removesuffix("\n")
+    return f"<output>\n{text}\n</output>"
+
+
+def cwm_budget(turns_left: int | None, tokens_left: int) -> str:
+    turns = "unlimited" if turns_left is None else turns_left
+    return f"<budget>\n* Remaining turns: {turns}\n* Remaining tokens: {tokens_left}\n</budget>"
+
+
+def cwm_submission(patch: str, verdict: str) -> str:
+    """A submit's result: the patch quoted back as CWM does, then the verdict."""
+    return f"Your submission (the diff against the starting commit):\n\n<submission>\n{patch}\n</submission>\n\n{verdict}"
 
 
 def parse_edit(body: str) -> tuple[str, list[tuple[str, str]]]:

@@ -24,6 +24,7 @@ each SOURCE_LINE to its line number.
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def event_frames(events: list[dict[str, Any]], source: str) -> list[Frame]:
         kind, number = event["event"], event["line"]
         text = lines[number - 1].strip() if 0 < number <= len(lines) else ""
         if kind in ("return", "exception"):
-            value = event.get("value_repr") or (repr(event.get("value")) if kind == "return" else event.get("exception", ""))
+            value = event.get("exception", "") if kind == "exception" else event.get("value_repr") or repr(event.get("value"))
             frames.append(Frame(kind, text, value=value))
             continue
         changed = event.get("locals", {})
@@ -142,9 +143,11 @@ class FormatError(ValueError):
 def parse_frames(text: str) -> tuple[list[Frame], bool]:
     """Frames of decoded model output (special tokens by name), and whether `<|end_of_text|>` closed them.
 
-    Anything after `<|end_of_text|>` is ignored; a frame that is cut off or malformed raises FormatError."""
+    Text after `<|end_of_text|>`, a frame cut off or a malformed one raises FormatError."""
     ended = END_OF_TEXT in text
-    text = text.split(END_OF_TEXT, 1)[0]
+    text, _, after = text.partition(END_OF_TEXT)
+    if after.strip():
+        raise FormatError(f"text after {END_OF_TEXT}: {after[:60]!r} (the trace ends there)")
     frames = []
     chunks = text.split(FRAME_SEP)
     if chunks[-1].strip():
@@ -185,6 +188,39 @@ def parse_frame(chunk: str) -> Frame:
     return Frame(kind, chunk[line_start:tokens[2][1]], value=value)
 
 
+def similarity(predicted: list[Frame], reference: list[Frame]) -> tuple[float, dict[str, Any]]:
+    """difflib's similarity of two frame sequences, 2*M / (len(predicted) + len(reference)), M the frames in
+    matching blocks: 1 only for the exact trace (`rewards/trace.py` scores the text format the same way)."""
+    a, b = [f.key() for f in predicted], [f.key() for f in reference]
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    matched = sum(block.size for block in matcher.get_matching_blocks())
+    total = len(a) + len(b)
+    score = 2 * matched / total if total else 1.0
+    first = next((i for i, (p, r) in enumerate(zip(a, b, strict=False)) if p != r), None if len(a) == len(b) else min(len(a), len(b)))
+    return score, {"verdict": "correct" if score == 1.0 else "partial" if score > 0 else "wrong", "score": round(score, 4),
+                   "matched_frames": matched, "predicted_frames": len(a), "reference_frames": len(b), "first_mismatch": first,
+                   "reason": "exact trace" if score == 1.0 else f"{matched} of {len(b)} reference frames matched"}
+
+
+def frame_mismatch(predicted: Frame, reference: Frame | None) -> list[str]:
+    """What differs between a predicted frame and the real one, field by field (empty when they match)."""
+    if reference is None:
+        return ["no frame expected"]
+    out = []
+    if predicted.kind != reference.kind:
+        out.append(f"kind: {predicted.kind} vs {reference.kind}")
+    if predicted.source_line.strip() != reference.source_line.strip():
+        out.append(f"line: {predicted.source_line.strip()!r} vs {reference.source_line.strip()!r}")
+    for name in sorted(set(predicted.locals) | set(reference.locals), key=lambda n: (n not in reference.locals, n)):
+        got, want = predicted.locals.get(name), reference.locals.get(name)
+        if got is None or want is None or _canonical(got) != _canonical(want):
+            out.append(f"{name}: {got if got is not None else '(missing)'} vs {want if want is not None else '(absent)'}")
+    if (predicted.value is None) != (reference.value is None) or (
+            predicted.value is not None and _canonical(predicted.value) != _canonical(reference.value)):
+        out.append(f"value: {predicted.value} vs {reference.value}")
+    return out
+
+
 def frames_to_events(frames: list[Frame], source: str) -> list[dict[str, Any]]:
     """Frames back to the tracer's events: line numbers from SOURCE_LINE (of equal lines, the first after the
     previous frame's, else the first), locals only where changed, reprs in `reprs`, values in `value_repr`."""
@@ -202,9 +238,9 @@ def frames_to_events(frames: list[Frame], source: str) -> list[dict[str, Any]]:
             event["locals"] = {k: _value_of(v) for k, v in changed.items()}
             event["reprs"] = changed
         elif frame.kind == "return":
-            event["locals"], event["value"], event["value_repr"] = {}, _value_of(frame.value or ""), frame.value
+            event.update(locals={}, reprs={}, value=_value_of(frame.value or ""), value_repr=frame.value)
         else:
-            event["locals"], event["exception"], event["value_repr"] = {}, frame.value, frame.value
+            event.update(locals={}, reprs={}, exception=frame.value)
         events.append(event)
     return events
 
@@ -215,4 +251,18 @@ def _value_of(text: str) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
-    return json.loads(json.dumps(value, default=repr)) if isinstance(value, (int, float, str, bool, list, tuple, dict, type(None))) else text
+    return _encoded(value, text)
+
+
+def _encoded(value: Any, text: str) -> Any:
+    """What the tracer's `encode` makes of a literal: tuples as lists; a dict with other than str keys, or a
+    float the JSON cannot hold, as its repr."""
+    def plain(v: Any) -> bool:
+        if isinstance(v, float):
+            return v == v and v not in (float("inf"), float("-inf"))
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (bool, int, str))
+    return json.loads(json.dumps(value)) if plain(value) else text

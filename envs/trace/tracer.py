@@ -11,12 +11,14 @@ Events (CWM's observation-action trace; line numbers are those of `source`):
     {"event": "call", "line": 1, "locals": {"x": 3}}          the arguments
     {"event": "line", "line": 2, "locals": {}}                about to run line 2; nothing changed
     {"event": "line", "line": 3, "locals": {"y": 4}}          line 2 set y
-    {"event": "return", "line": 3, "locals": {}, "value": 4}
+    {"event": "return", "line": 3, "locals": {}, "value": 4, "value_repr": "4"}
     {"event": "exception", "line": 3, "locals": {}, "exception": "ZeroDivisionError: division by zero"}
 Only frames of the traced function itself are recorded (calls it makes run untraced); at
 `max_events` the call is stopped and `truncated` is true. Values
 are JSON: numbers, strings, booleans, null, lists (tuples too), objects with string keys;
-anything else is its `repr` string. Unchanged locals are elided.
+anything else is its `repr` string. Unchanged locals are elided. Each event also has `reprs`: the changed
+locals' `repr` strings (CWM's trace format writes reprs: `envs/trace/cwm_format.py`); `reprs` is left out
+of the examples above.
 """
 
 import io
@@ -45,6 +47,14 @@ def encode(value, depth=0):
     return repr(value)
 
 
+def safe_repr(value):
+    """`repr(value)`, or a placeholder when the object's own __repr__ fails (traced code may define one)."""
+    try:
+        return repr(value)
+    except Exception as e:
+        return f"<repr failed: {type(e).__name__}>"
+
+
 def trace_call(source, function, args=(), kwargs=None, max_events=1000):
     namespace = {"__name__": "traced"}
     exec(compile(source, "<program>", "exec"), namespace)
@@ -54,7 +64,7 @@ def trace_call(source, function, args=(), kwargs=None, max_events=1000):
     result = {"events": events, "return_repr": None, "return": None, "stdout": "", "exception": None, "truncated": False}
 
     def changed(frame):
-        now = {name: encode(value) for name, value in frame.f_locals.items()}
+        now = {name: (encode(value), safe_repr(value)) for name, value in frame.f_locals.items()}
         diff = {name: value for name, value in now.items() if name not in seen or seen[name] != value}
         seen.clear()
         seen.update(now)
@@ -66,9 +76,11 @@ def trace_call(source, function, args=(), kwargs=None, max_events=1000):
         if len(events) >= max_events:
             result["truncated"] = True
             raise TraceLimit
-        record = {"event": event, "line": frame.f_lineno, "locals": changed(frame)}
+        diff = changed(frame)
+        record = {"event": event, "line": frame.f_lineno, "locals": {k: v[0] for k, v in diff.items()},
+                  "reprs": {k: v[1] for k, v in diff.items()}}
         if event == "return":
-            record["value"] = encode(arg)
+            record["value"], record["value_repr"] = encode(arg), safe_repr(arg)
         elif event == "exception":
             record["exception"] = f"{arg[0].__name__}: {arg[1]}"
         if event in ("call", "line", "return", "exception"):

@@ -1,4 +1,5 @@
-"""The chat template and its incremental-rendering helpers, and `check_template` on good and broken templates."""
+"""The chat templates (ChatML and CWM's) and their incremental-rendering helpers, and `check_template` on good and
+broken templates."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cwm_rl.cli import app
-from cwm_rl.models import CHAT_TEMPLATE, TemplateError, check_template, detect_end_of_turn, render, render_delta
+from cwm_rl.models import (
+    CHAT_TEMPLATE,
+    CWM_CHAT_TEMPLATE,
+    TemplateError,
+    check_template,
+    detect_end_of_turn,
+    render,
+    render_delta,
+)
 from cwm_rl.models.tokenizer import train_tokenizer
 
 THINK_ANSWER = "<think>\n2 + 3 = 5\n</think>\nThe answer is \\boxed{5}."
@@ -45,6 +54,11 @@ LLAMA3_STYLE = """{{- bos_token }}
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def cwm_tokenizer():
+    return train_tokenizer(kind="cwm")
 
 
 def with_template(tokenizer, template: str):
@@ -153,3 +167,41 @@ def test_check_template_command(tokenizer, tmp_path):
     r = runner.invoke(app, ["model", "check-template", str(bad)])
     assert r.exit_code == 1, r.output
     assert "problem(s) with the chat template" in r.output and "turn 1 (messages 2-3: assistant, user)" in r.output
+
+
+def test_cwm_template_writes_headers_tool_names_and_one_bos(cwm_tokenizer):
+    messages = [*FIRST, {"role": "assistant", "content": THINK_ANSWER}, {"role": "tool", "name": "bash", "content": "ok\n"},
+                {"role": "tool", "content": "no name"}]
+    assert render(cwm_tokenizer, messages, add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSolve.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 + 3?<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>\n\n{THINK_ANSWER}<|eot_id|>"
+        "<|start_header_id|>tool: bash<|end_header_id|>\n\nok\n<|eot_id|>"
+        "<|start_header_id|>tool<|end_header_id|>\n\nno name<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert cwm_tokenizer.chat_template == CWM_CHAT_TEMPLATE
+    with pytest.raises(Exception, match="unknown role raw: use system, user, assistant or tool"):
+        render(cwm_tokenizer, [{"role": "raw", "content": "x"}])
+
+
+def test_cwm_render_delta_after_eot_with_a_named_tool(cwm_tokenizer):
+    assert detect_end_of_turn(cwm_tokenizer) == "<|eot_id|>"
+    history = [*FIRST, {"role": "assistant", "content": "<tool: bash>\nls\n</tool>"}]
+    new = [{"role": "tool", "name": "bash", "content": "<output>\nsetup.py\n</output>"}]
+    delta = render_delta(cwm_tokenizer, history, new)
+    assert delta == ("<|start_header_id|>tool: bash<|end_header_id|>\n\n<output>\nsetup.py\n</output><|eot_id|>"
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    encode = lambda s: cwm_tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    generated = history[-1]["content"] + "<|eot_id|>"
+    pieces = encode(render(cwm_tokenizer, FIRST, True)) + encode(generated) + encode(delta)
+    assert pieces == encode(render(cwm_tokenizer, history + new, True))
+    assert render_delta(cwm_tokenizer, history, [], add_generation_prompt=False) == ""  # nothing after <|eot_id|>
+
+
+def test_cwm_template_passes_and_trimming_fails(cwm_tokenizer):
+    assert check_template(cwm_tokenizer) == []
+    # CWM's own tokenizer strips message bodies; a template doing that breaks token-in/token-out rollouts.
+    trims = with_template(cwm_tokenizer, CWM_CHAT_TEMPLATE.replace("message['content'] +", "message['content'] | trim +"))
+    problems = check_template(trims)
+    assert any("'math-think', turn 2" in p and "alters the last assistant message" in p for p in problems), problems
+    assert any("'echo-no-system', turn 2" in p and "incremental rendering differs" in p for p in problems), problems

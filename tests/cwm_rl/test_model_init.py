@@ -1,7 +1,9 @@
-"""`cwm-rl model init`: a tiny model that transformers loads without a warning and vLLM serves."""
+"""`cwm-rl model init`: a tiny model that transformers loads without a warning and vLLM serves; with
+`--tokenizer cwm`, one that speaks CWM's chat and trace formats while the default tokenizer stays as it was."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -10,26 +12,51 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from cwm_rl.cli import app
 from cwm_rl.models import count_parameters, init_model, render
 from cwm_rl.models.tokenizer import BOS, IM_END, PAD
+from envs.trace.cwm_format import BEGIN_OF_TEXT, END_OF_TEXT, FRAME_SEP, TRACE_TOKENS, parts_text, prompt_parts
+from envs.trace.programs import LEVELS, generate_program
 
 CLI = str(Path(sys.executable).with_name("cwm-rl"))
 MATH_ANSWER = "<think>\n(47 - 12) * 3 = 35 * 3 = 105\n</think>\nThe answer is \\boxed{105}."
+CWM_CHAT_TOKENS = [BEGIN_OF_TEXT, END_OF_TEXT, "<|pad|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# tokenizer.json of `model init --seed 0` made before `--tokenizer cwm` existed: models and results depend on its ids.
+# (A tokenizers upgrade that only reformats the file changes this hash too: then compare vocab and merges, and update it.)
+DEFAULT_TOKENIZER_SHA256 = "9b30b501e342f8fca36b08bc2721cdf862c35fb9b12f2b6e303c7a466d0dbd57"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, str]:
-    """(directory, stdout) of `cwm-rl model init` with the default preset and arch, run as a user would."""
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    proc = subprocess.Popen([CLI, "model", "init", "--out", str(out), "--seed", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def made(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """{tokenizer: (directory, stdout)} of `cwm-rl model init` run as a user would, default and `--tokenizer cwm`
+    side by side (default preset and arch)."""
+    root = tmp_path_factory.mktemp("models")
+    options = {"default": [], "cwm": ["--tokenizer", "cwm"]}
+    procs = {kind: subprocess.Popen([CLI, "model", "init", "--out", str(root / kind), "--seed", "0", *extra],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for kind, extra in options.items()}
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (imported while the CLI runs: saves seconds)
 
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stdout + stderr
-    return out, stdout
+    results = {}
+    for kind, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stdout + stderr
+        results[kind] = (root / kind, stdout)
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny(made) -> tuple[Path, str]:
+    return made["default"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cwm(made) -> tuple[Path, str]:
+    return made["cwm"]
 
 
 def load(model_dir: Path, no_warnings_allowed):
@@ -112,6 +139,81 @@ def test_bad_arguments_say_what_to_do(tiny, tmp_path):
         init_model(tmp_path / "x", preset="huge")
     with pytest.raises(ValueError, match="unknown arch 'gpt2'; choose one of cwm, qwen2"):
         init_model(tmp_path / "y", arch="gpt2")
+    with pytest.raises(ValueError, match="unknown tokenizer 'llama'; choose one of default, cwm"):
+        init_model(tmp_path / "z", tokenizer="llama")
+
+
+def test_default_tokenizer_is_unchanged(tiny):
+    assert hashlib.sha256((tiny[0] / "tokenizer.json").read_bytes()).hexdigest() == DEFAULT_TOKENIZER_SHA256
+
+
+def test_cwm_tokenizer_holds_cwm_special_tokens_by_name(tiny_cwm):
+    out, stdout = tiny_cwm
+    assert re.match(r"created tiny cwm model \(CWM's chat template and special tokens\): 0\.85 M parameters, vocab 1024, ", stdout)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    added = {t["content"]: (t["id"], t["special"]) for t in tok["added_tokens"]}
+    specials = CWM_CHAT_TOKENS + TRACE_TOKENS
+    assert [added[t] for t in specials] == [(i, True) for i in range(len(specials))]  # ids 0-13, in CWM's order
+    assert added["<think>"][1] is False and added["</think>"][1] is False  # ordinary: decoding keeps them
+    ids = {t: added[t][0] for t in specials}
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert config["vocab_size"] == len(tok["model"]["vocab"]) + 2  # + <think>, </think>
+    for c in (config, generation):
+        assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (
+            ids[BEGIN_OF_TEXT], [ids["<|eot_id|>"], ids[END_OF_TEXT]], ids["<|pad|>"])
+
+
+def test_cwm_model_loads_without_warnings_and_keeps_special_names_in_text_as_text(tiny_cwm, no_warnings_allowed):
+    tokenizer, model = load(tiny_cwm[0], no_warnings_allowed)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BEGIN_OF_TEXT, "<|eot_id|>", "<|pad|>")
+    for name in CWM_CHAT_TOKENS + TRACE_TOKENS:
+        assert tokenizer.encode(name) == [tokenizer.convert_tokens_to_ids(name)], name
+        as_text = tokenizer.encode(name, add_special_tokens=False, split_special_tokens=True)
+        assert len(as_text) > 1 and tokenizer.decode(as_text) == name, name
+    source, function, _ = generate_program(np.random.default_rng(0), 1)
+    trace_prompt = parts_text(prompt_parts(source, function))
+    ids = tokenizer.encode(trace_prompt)
+    assert tokenizer.decode(ids) == trace_prompt
+    assert tokenizer.convert_ids_to_tokens([ids[0], ids[1], ids[-1]]) == [BEGIN_OF_TEXT, "<|trace_context_start|>", FRAME_SEP]
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode(MATH_ANSWER))[:2] == ["<think>", "Ċ"]
+
+
+def test_cwm_model_generates_in_cwm_chat_and_stops_on_eot_and_end_of_text(tiny_cwm, no_warnings_allowed):
+    import torch
+
+    tokenizer, model = load(tiny_cwm[0], no_warnings_allowed)
+    messages = [{"role": "user", "content": "Run it."}, {"role": "assistant", "content": "<tool: bash>\nls\n</tool>"},
+                {"role": "tool", "name": "bash", "content": "<output>\nmain.py\n</output>"}]
+    prompt = render(tokenizer, messages, add_generation_prompt=True)
+    assert "<|start_header_id|>tool: bash<|end_header_id|>\n\n<output>" in prompt
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)])
+    for token, stops in (("<|eot_id|>", True), (END_OF_TEXT, True), (FRAME_SEP, False)):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        with no_warnings_allowed(), torch.no_grad():  # the bias makes the untrained model generate `token`
+            out = model.generate(prompt_ids, max_new_tokens=3, do_sample=False, sequence_bias={(token_id,): 100.0})
+        assert out[0, prompt_ids.shape[1]:].tolist() == [token_id] * (1 if stops else 3), token
+
+
+def test_cwm_tokenizer_writes_programs_in_fewer_tokens(tiny, tiny_cwm):
+    from transformers import AutoTokenizer
+
+    rng = np.random.default_rng(1234)  # not the seed of the training text
+    programs = "".join(generate_program(rng, level)[0] for level in LEVELS for _ in range(5))
+    default, cwm = (len(AutoTokenizer.from_pretrained(d).encode(programs)) for d in (tiny[0], tiny_cwm[0]))
+    assert cwm < 0.9 * default, (cwm, default)
+
+
+def test_cwm_same_seed_same_bytes(tiny_cwm, tmp_path):
+    again = init_model(tmp_path / "again", seed=0, tokenizer="cwm")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (again / name).read_bytes() == (tiny_cwm[0] / name).read_bytes(), name
+
+
+def test_check_template_passes_on_both_tokenizers(tiny, tiny_cwm):
+    for out, _ in (tiny, tiny_cwm):
+        r = CliRunner().invoke(app, ["model", "check-template", str(out)])
+        assert (r.exit_code, r.output.strip()) == (0, "template OK"), r.output
 
 
 @pytest.mark.vllm

@@ -77,6 +77,18 @@ def test_remote_episode_matches_local(server):
     assert any(env["id"] == "cwm_rl/Math-v0" for env in list_remote_envs(server.url))
 
 
+def test_a_raw_prompt_crosses_http_with_its_parts_and_stop_tokens(server, sandbox_root):
+    """Trace-v0 in CWM's format: the raw message's token parts arrive as the env made them."""
+    kwargs = {"format": "cwm", "mode": "next_frame", "difficulty": 2}
+    remote, local = RemoteEnv(server.url, "cwm_rl/Trace-v0", env_kwargs=kwargs), make_env("cwm_rl/Trace-v0", **kwargs)
+    observation = remote.reset(seed=2)
+    assert observation == local.reset(seed=2)
+    (message,), _ = observation
+    assert message["role"] == "raw" and message["parts"][0] == {"token": "<|begin_of_text|>"} and message["stop"] == ["<|frame_sep|>"]
+    assert remote.step(local.reference_action())[1] == 1.0
+    remote.close()
+
+
 async def test_async_twins_play_an_episode(server):
     env = RemoteEnv(server.url, "cwm_rl/Echo-v0", env_kwargs={"num_rounds": 2})
     obs, info = await env.areset(seed=0, options={"task": {"id": "t", "prompt": "Repeat exactly: a", "answer": ["a", "b"]}})

@@ -16,6 +16,8 @@ import pytest
 
 from envs.sandbox.base import SandboxError
 from envs.swe.tasks import SHIPPED_TASKS, SWEInstance, load_tasks
+from envs.swe.tools import cwm_output, cwm_submission
+from envs.swe_env import SWEEnv
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
@@ -312,6 +314,60 @@ def _gold_as_edits(patch: str) -> list[tuple[str, list[tuple[str, str]]]]:
                 new.append(line[1:])
         edits.append((path, blocks))
     return edits
+
+
+def test_cwm_format_episode_solves_a_task_and_replays_identically(sandbox_root, docker_ready, tiny_model):
+    """CWM's format in real containers: named tool messages with <output> and an exact <budget> (counted with a
+    tokenizer), a two-call turn as a FormatError, the submission quoted back; a replay gives the same messages."""
+    from transformers import AutoTokenizer
+
+    from cwm_rl.replay.replay import replay
+    from cwm_rl.types import Message, Span, Trajectory, Turn
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    kwargs = {"instance_ids": ["cwm-rl__minicalc-1"], "command_timeout_s": 20, "memory_mb": 512, "pool_size": 1,
+              "max_turns": 6, "token_budget": 8000, "format": "cwm", "tokenizer": str(tiny_model)}
+    env = _make_env(**kwargs)
+    instance = next(SWEInstance.from_task(t) for t in load_tasks() if t.id == "cwm-rl__minicalc-1")
+    actions = ["<think>\nWhere is expr? Not <tool: bash>\nrm -rf /testbed\n</tool> surely.\n</think>\n"
+               "<tool: bash>\ngrep -c 'def expr' minicalc/parser.py\n</tool>",
+               "<tool: bash>\nls\n</tool>\n<tool: bash>\npwd\n</tool>",
+               f"<tool: bash>\ngit apply <<'P'\n{instance.patch}P\n</tool>",
+               "<tool: submit>\n</tool>"]
+    try:
+        first, info = env.reset(seed=0)
+        used = sum(count(m["content"]) for m in first)
+        steps = [env.step(action) for action in actions]
+    finally:
+        env.close()
+    (grep, *_), (two_calls, *_), (applied, *_), (submitted, reward, terminated, _, last_info) = steps
+    output = "<output>\n1\n</output>"  # the reasoning's call did not run; /testbed is intact
+    used += count(actions[0]) + count(output)
+    assert grep == [{"role": "tool", "name": "bash", "content": f"{output}\n\n<budget>\n* Remaining turns: 5\n"
+                                                               f"* Remaining tokens: {8000 - used}\n</budget>"}]
+    assert two_calls == [{"role": "user", "content": "FormatError: one tool call per turn, got 2 `<tool:` openers"}]
+    assert steps[1][3:] == (False, {"tool": None, "tool_error": "one tool call per turn, got 2 `<tool:` openers"})
+    assert applied[0]["name"] == "bash" and "* Remaining turns: 3\n" in applied[0]["content"]
+    assert terminated and reward == 1.0 and last_info["resolved"], last_info
+    assert submitted == [{"role": "tool", "name": "submit", "content": cwm_output(cwm_submission(last_info["patch"], "submitted: resolved"))}]
+    assert "<submission>\ndiff --git a/minicalc/parser.py" in submitted[0]["content"]
+
+    # Recorded as the agent loop records it (one token per action and per observation), then replayed.
+    turns, messages = [], [Message.model_validate(m) for m in first]
+    for index, (action, (observation, step_reward, done, _, step_info)) in enumerate(zip(actions, steps)):
+        turns.append(Turn(index=index, action=action, observation=observation, reward=step_reward, info=step_info,
+                          action_span=Span(start=1 + 2 * index, end=2 + 2 * index),
+                          observation_span=None if done else Span(start=2 + 2 * index, end=3 + 2 * index)))
+        messages += [Message(role="assistant", content=action)] + ([] if done else [Message.model_validate(m) for m in observation])
+    n = 2 * len(actions)
+    recorded = Trajectory(env_id="cwm_rl/SWE-v0", task_id=info["task_id"], token_ids=[1] * n, loss_mask=[0, 1] * (n // 2),
+                          logprobs=[0.0] * n, policy_versions=[-1, 0] * (n // 2), turns=turns, messages=messages,
+                          terminated=True, finish_reason="terminated", seed=0, env_kwargs=kwargs, **{"return": reward})
+    assert turns[0].observation[0].name == "bash"  # the name is stored with the trajectory
+    report = replay(recorded)
+    assert report.identical and report.replayed_return == 1.0, report.first_divergence
+    assert {d.field for t in report.turns for d in t.diffs} <= set(SWEEnv.replay_may_differ)
 
 
 PASS_EVERYTHING = ("import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"

@@ -1,0 +1,238 @@
+"""The neural debugger: step through a Python call the way pdb does, where each next frame is the model's
+prediction, shown beside the real tracer's frame with the mismatches marked.
+
+    cwm-rl debug examples/sum.py::total --args '[[1, 2, 3]]' --model models/tiny-trace
+    cwm-rl debug examples/sum.py::total --args '[[1, 2, 3]]' --model models/tiny-trace --check
+    cwm-rl debug --check --tasks held_out.jsonl --model models/tiny-trace     # many calls (`trace generate` files)
+
+The real call runs under the tracer in the sandbox (`envs.trace.run_trace`), never on the host. The
+model, on the rollout engine (vLLM, greedy), reads CWM's trace format (`envs/trace/cwm_format.py`):
+the marked source, then the REAL frames so far; it writes the next frame, up to `<|frame_sep|>`. The
+session follows the real execution (teacher forcing), so a wrong prediction never derails the frames
+after it, and every frame is scored on its own: `--check` predicts each frame after the call and prints
+the share predicted exactly (CWM's next-frame accuracy; the same scoring as Trace-v0
+`format="cwm", mode="next_frame"`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from envs.trace import cwm_format as cwm
+
+COMMANDS = """\
+  s, step       predict the next frame (only the traced function's frames exist: step and next are the same)
+  n, next       the same as step
+  r, out        predict frames until the function returns
+  c, continue   predict frames until a breakpoint or the end
+  b N           break before line N (b alone lists breakpoints; cl N clears one)
+  p [NAME]      the locals at this frame (or one), real and predicted
+  l, list       the source, with the current line marked
+  w, where      the frame number and line
+  q, quit       leave"""
+
+
+@dataclass
+class Prediction:
+    """The model's guess at frame `index`, the real frame, and what differs."""
+
+    index: int
+    text: str  # the model's output, decoded (special tokens by name)
+    predicted: cwm.Frame | None  # None: the output is not one frame
+    real: cwm.Frame
+    mismatch: list[str] = field(default_factory=list)
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted is not None and not self.mismatch
+
+
+class FramePredictor:
+    """Next-frame predictions of one model on the rollout engine (greedy), any number at once."""
+
+    def __init__(self, model: str, *, max_model_len: int = 2048, max_tokens: int = 256, engine: Any = None):
+        from rollout_workers.config import EngineConfig, SamplingConfig
+        from rollout_workers.engine import RolloutEngine
+
+        self.engine = engine or RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.5))
+        self.owns_engine = engine is None
+        self.loop = asyncio.new_event_loop()  # vLLM's AsyncLLM stays bound to the loop it first ran in: one loop for all
+        self.sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens)
+        self.tokenizer = self.engine.tokenizer
+
+    async def predict(self, source: str, function: str, frames: list[cwm.Frame], index: int) -> Prediction:
+        """The model's frame `index` after the prompt and the real `frames[:index]`."""
+        from cwm_rl.models.raw_prompt import encode_raw
+
+        parts = cwm.prompt_parts(source, function) + cwm.frames_parts(frames[:index], end=False)
+        ids, _ = encode_raw(self.tokenizer, [{"parts": parts}])
+        stop, _ = encode_raw(self.tokenizer, [{"parts": [{"token": cwm.FRAME_SEP}, {"token": cwm.END_OF_TEXT}]}])
+        room = self.engine.config.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"frame {index}'s prompt is {len(ids)} tokens, longer than the model's {self.engine.config.max_model_len}")
+        sampling = self.sampling.model_copy(update={"stop_token_ids": stop, "max_tokens": min(self.sampling.max_tokens, room)})
+        generation = await self.engine.generate(ids, sampling)
+        text = self.tokenizer.decode(generation.token_ids)
+        real = frames[index]
+        try:
+            predicted, _ = cwm.parse_frames(text)
+        except cwm.FormatError as e:
+            return Prediction(index, text, None, real, [f"not a frame: {e}"])
+        if len(predicted) != 1:
+            return Prediction(index, text, None, real, [f"{len(predicted)} frames, not one"])
+        return Prediction(index, text, predicted[0], real, cwm.frame_mismatch(predicted[0], real))
+
+    async def predict_all(self, source: str, function: str, frames: list[cwm.Frame]) -> list[Prediction]:
+        """Every frame after the call, each from the real frames before it (all requests batched by the engine)."""
+        return list(await asyncio.gather(*(self.predict(source, function, frames, k) for k in range(1, len(frames)))))
+
+    def run(self, coroutine: Any) -> Any:
+        """Run `coroutine` (anything using the engine) to completion on the predictor's own event loop."""
+        return self.loop.run_until_complete(coroutine)
+
+    def close(self) -> None:
+        pending = asyncio.all_tasks(self.loop)  # vLLM's output handler: stopped before its loop closes, not after
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if self.owns_engine:
+            self.engine.shutdown()
+        self.loop.close()
+
+
+def real_frames(source: str, function: str, args: list, kwargs: dict, *, backend: str = "bwrap",
+                max_events: int = 1000) -> tuple[list[cwm.Frame], dict[str, Any]]:
+    """The call's real frames (traced in the sandbox) and the tracer's result."""
+    from envs.sandbox import make_sandbox
+    from envs.trace import run_trace
+
+    with make_sandbox(backend, **({"pool_size": 0} if backend == "docker" else {})) as sandbox:
+        result = run_trace(source, function, args, kwargs, sandbox=sandbox, max_events=max_events)
+    return cwm.event_frames(result["events"], source), result
+
+
+def check(predictor: FramePredictor, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Next-frame accuracy over every frame after the call of every call (`{"source", "function", "frames"}`)."""
+    async def run() -> list[list[Prediction]]:
+        return list(await asyncio.gather(*(predictor.predict_all(c["source"], c["function"], c["frames"]) for c in calls)))
+
+    per_call = predictor.run(run())
+    correct = sum(p.correct for preds in per_call for p in preds)
+    total = sum(len(preds) for preds in per_call)
+    return {"calls": len(calls), "frames": total, "correct": correct, "frame_accuracy": correct / total if total else None,
+            "predictions": per_call}
+
+
+def locals_at(frames: list[cwm.Frame], index: int) -> dict[str, str]:
+    """Every local's repr at frame `index`, from the diff-based frames before it (".." means: as before)."""
+    values: dict[str, str] = {}
+    for frame in frames[: index + 1]:
+        values.update({k: v for k, v in frame.locals.items() if v != cwm.UNCHANGED})
+    return values
+
+
+class Session:
+    """The interactive loop's state: where we are in the real trace, breakpoints, what the model said."""
+
+    def __init__(self, predictor: FramePredictor, source: str, function: str, frames: list[cwm.Frame], out: Any):
+        self.predictor, self.source, self.function, self.frames, self.out = predictor, source, function, frames, out
+        self.lines = source.rstrip("\n").split("\n")
+        self.position = 0  # the frame shown last (0: the call)
+        self.breakpoints: set[int] = set()
+        self.predictions: dict[int, Prediction] = {}
+        self.line_numbers = [e["line"] for e in cwm.frames_to_events(frames, source)]
+
+    @property
+    def done(self) -> bool:
+        return self.position >= len(self.frames) - 1
+
+    def advance(self) -> Prediction:
+        index = self.position + 1
+        prediction = self.predictor.run(self.predictor.predict(self.source, self.function, self.frames, index))
+        self.predictions[index] = prediction
+        self.position = index
+        self.show(prediction)
+        return prediction
+
+    def show(self, p: Prediction) -> None:
+        from rich.markup import escape
+
+        mark = "[green]✓[/]" if p.correct else "[red]✗[/]"
+        real = frame_text(p.real)
+        self.out.print(f"{mark} frame {p.index} (line {self.line_numbers[p.index]})  real:  {escape(real)}")
+        if not p.correct:
+            self.out.print(f"   {' ' * len(str(p.index))}       model: {escape(frame_text(p.predicted) if p.predicted else p.text)}")
+            for item in p.mismatch:
+                self.out.print(f"   [red]≠ {escape(item)}[/]")
+
+    def command(self, line: str) -> bool:
+        """Run one command; False to leave."""
+        from rich.markup import escape
+
+        word, _, arg = line.strip().partition(" ")
+        if word in ("q", "quit", "exit"):
+            return False
+        if word in ("", "s", "step", "n", "next"):
+            self.advance() if not self.done else self.out.print("the call has returned; q to leave")
+        elif word in ("r", "out", "return"):
+            while not self.done:
+                if self.advance().real.kind == "return":
+                    break
+        elif word in ("c", "cont", "continue"):
+            while not self.done:
+                self.advance()
+                if self.line_numbers[self.position] in self.breakpoints and self.frames[self.position].kind == "line":
+                    self.out.print(f"breakpoint at line {self.line_numbers[self.position]}")
+                    break
+        elif word in ("b", "break"):
+            if arg:
+                self.breakpoints.add(int(arg))
+            self.out.print(f"breakpoints: {sorted(self.breakpoints) or 'none'}")
+        elif word in ("cl", "clear"):
+            self.breakpoints.discard(int(arg))
+        elif word in ("p", "print"):
+            real = locals_at(self.frames, self.position)
+            predicted = self.predictions.get(self.position)
+            guess = predicted.predicted.locals if predicted and predicted.predicted else {}
+            for name in ([arg] if arg else list(real)):
+                said = guess.get(name)
+                note = "" if said is None else f"   model: {said}" + ("" if said == cwm.UNCHANGED or said == real.get(name) else "  ≠")
+                self.out.print(f"{escape(name)} = {escape(real.get(name, '(not defined)'))}{escape(note)}")
+        elif word in ("l", "list"):
+            current = self.line_numbers[self.position]
+            for number, text in enumerate(self.lines, 1):
+                self.out.print(f"{'->' if number == current else '  '}{'B' if number in self.breakpoints else ' '}{number:>3}  {escape(text)}")
+        elif word in ("w", "where"):
+            self.out.print(f"frame {self.position} of {len(self.frames) - 1}, line {self.line_numbers[self.position]}")
+        else:
+            self.out.print(f"unknown command {word!r}; the commands:\n{COMMANDS}")
+        return True
+
+
+def frame_text(frame: cwm.Frame) -> str:
+    """A frame for people: the kind, the line, the locals that changed, the value."""
+    changed = {k: v for k, v in frame.locals.items() if v != cwm.UNCHANGED}
+    text = f"{frame.kind:<9} {frame.source_line.strip()}"
+    if changed:
+        text += "   " + ", ".join(f"{k}={v}" for k, v in changed.items())
+    if frame.value is not None:
+        text += f"   -> {frame.value}"
+    return text
+
+
+def calls_of(path: str) -> list[dict[str, Any]]:
+    """Calls with their real frames from a `cwm-rl trace generate` / `trace dataset` JSONL file (events included)."""
+    calls = []
+    for number, line in enumerate(open(path), 1):
+        if line.strip():
+            record = json.loads(line)
+            if "events" not in record or "source" not in record:
+                raise ValueError(f"{path} line {number} has no traced events (make the file with `cwm-rl trace generate`)")
+            calls.append({"id": record.get("id", str(number)), "source": record["source"], "function": record["function"],
+                          "frames": cwm.event_frames(record["events"], record["source"])})
+    if not calls:
+        raise ValueError(f"{path} holds no calls")
+    return calls
