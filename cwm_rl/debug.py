@@ -71,8 +71,9 @@ class FramePredictor:
         ids, _ = encode_raw(self.tokenizer, [{"parts": parts}])
         stop, _ = encode_raw(self.tokenizer, [{"parts": [{"token": cwm.FRAME_SEP}, {"token": cwm.END_OF_TEXT}]}])
         room = self.engine.config.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(f"frame {index}'s prompt is {len(ids)} tokens, longer than the model's {self.engine.config.max_model_len}")
+        if room < 1:  # scored as a miss (the model cannot see this far), not a crash of the whole check
+            return Prediction(index, "", None, frames[index], [f"the prompt is {len(ids)} tokens, past the engine's "
+                                                               f"max_model_len {self.engine.config.max_model_len}"])
         sampling = self.sampling.model_copy(update={"stop_token_ids": stop, "max_tokens": min(self.sampling.max_tokens, room)})
         generation = await self.engine.generate(ids, sampling)
         text = self.tokenizer.decode(generation.token_ids)
@@ -105,7 +106,7 @@ class FramePredictor:
 
 def real_frames(source: str, function: str, args: list, kwargs: dict, *, backend: str = "bwrap",
                 max_events: int = 1000) -> tuple[list[cwm.Frame], dict[str, Any]]:
-    """The call's real frames (traced in the sandbox) and the tracer's result."""
+    """The call's real frames (traced in the sandbox) and the tracer's result (its events hold each frame's line)."""
     from envs.sandbox import make_sandbox
     from envs.trace import run_trace
 
@@ -115,15 +116,20 @@ def real_frames(source: str, function: str, args: list, kwargs: dict, *, backend
 
 
 def check(predictor: FramePredictor, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """Next-frame accuracy over every frame after the call of every call (`{"source", "function", "frames"}`)."""
+    """Next-frame accuracy over every frame after the call of every call (`{"source", "function", "frames"}`), in
+    all and by the real frame's kind (line, return, exception)."""
     async def run() -> list[list[Prediction]]:
         return list(await asyncio.gather(*(predictor.predict_all(c["source"], c["function"], c["frames"]) for c in calls)))
 
     per_call = predictor.run(run())
-    correct = sum(p.correct for preds in per_call for p in preds)
-    total = sum(len(preds) for preds in per_call)
-    return {"calls": len(calls), "frames": total, "correct": correct, "frame_accuracy": correct / total if total else None,
-            "predictions": per_call}
+    flat = [p for preds in per_call for p in preds]
+    by_kind = {}
+    for kind in sorted({p.real.kind for p in flat}):
+        of_kind = [p.correct for p in flat if p.real.kind == kind]
+        by_kind[kind] = {"frames": len(of_kind), "accuracy": sum(of_kind) / len(of_kind)}
+    correct = sum(p.correct for p in flat)
+    return {"calls": len(calls), "frames": len(flat), "correct": correct,
+            "frame_accuracy": correct / len(flat) if flat else None, "by_kind": by_kind, "predictions": per_call}
 
 
 def locals_at(frames: list[cwm.Frame], index: int) -> dict[str, str]:
@@ -137,13 +143,14 @@ def locals_at(frames: list[cwm.Frame], index: int) -> dict[str, str]:
 class Session:
     """The interactive loop's state: where we are in the real trace, breakpoints, what the model said."""
 
-    def __init__(self, predictor: FramePredictor, source: str, function: str, frames: list[cwm.Frame], out: Any):
+    def __init__(self, predictor: FramePredictor, source: str, function: str, frames: list[cwm.Frame], line_numbers: list[int],
+                 out: Any):
         self.predictor, self.source, self.function, self.frames, self.out = predictor, source, function, frames, out
         self.lines = source.rstrip("\n").split("\n")
         self.position = 0  # the frame shown last (0: the call)
         self.breakpoints: set[int] = set()
         self.predictions: dict[int, Prediction] = {}
-        self.line_numbers = [e["line"] for e in cwm.frames_to_events(frames, source)]
+        self.line_numbers = line_numbers  # the tracer's, per frame: a line's text may appear twice in the source
 
     @property
     def done(self) -> bool:
@@ -175,6 +182,9 @@ class Session:
         word, _, arg = line.strip().partition(" ")
         if word in ("q", "quit", "exit"):
             return False
+        if word in ("b", "break", "cl", "clear") and arg and not arg.strip().isdigit() or word in ("cl", "clear") and not arg:
+            self.out.print(f"{word} takes a line number: {word} N")
+            return True
         if word in ("", "s", "step", "n", "next"):
             self.advance() if not self.done else self.out.print("the call has returned; q to leave")
         elif word in ("r", "out", "return"):
@@ -189,10 +199,10 @@ class Session:
                     break
         elif word in ("b", "break"):
             if arg:
-                self.breakpoints.add(int(arg))
+                self.breakpoints.add(int(arg.strip()))
             self.out.print(f"breakpoints: {sorted(self.breakpoints) or 'none'}")
         elif word in ("cl", "clear"):
-            self.breakpoints.discard(int(arg))
+            self.breakpoints.discard(int(arg.strip()))
         elif word in ("p", "print"):
             real = locals_at(self.frames, self.position)
             predicted = self.predictions.get(self.position)
@@ -232,7 +242,8 @@ def calls_of(path: str) -> list[dict[str, Any]]:
             if "events" not in record or "source" not in record:
                 raise ValueError(f"{path} line {number} has no traced events (make the file with `cwm-rl trace generate`)")
             calls.append({"id": record.get("id", str(number)), "source": record["source"], "function": record["function"],
-                          "frames": cwm.event_frames(record["events"], record["source"])})
+                          "frames": cwm.event_frames(record["events"], record["source"]),
+                          "lines": [e["line"] for e in record["events"]]})
     if not calls:
         raise ValueError(f"{path} holds no calls")
     return calls

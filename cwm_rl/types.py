@@ -59,7 +59,7 @@ class Part(_Model):
         return self
 
     @model_serializer(mode="wrap")
-    def _one_key(self, handler: Any) -> dict[str, Any]:
+    def _one_key(self, handler: Any):  # no return annotation: pydantic would publish the schema as a bare object
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
@@ -87,7 +87,7 @@ class Message(_Model):
         return self
 
     @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+    def _drop_unset(self, handler: Any):  # no return annotation, as above
         """A plain chat message stays {role, content} (stored trajectories and replays compare them so)."""
         data = handler(self)
         for key, empty in (("name", None), ("parts", None), ("stop", [])):

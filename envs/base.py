@@ -48,7 +48,8 @@ def as_messages(messages: list[Message | dict[str, str]]) -> Messages:
     where set (validated)."""
     out = []
     for m in messages:
-        if isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ROLES and isinstance(m["content"], str):
+        if (isinstance(m, dict) and m.keys() == {"role", "content"} and m["role"] in ROLES and m["role"] != "raw"
+                and isinstance(m["content"], str)):
             out.append({"role": m["role"], "content": m["content"]})  # the common case, without pydantic's cost
         else:
             msg = m if isinstance(m, Message) else Message.model_validate(m)

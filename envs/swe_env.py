@@ -174,7 +174,7 @@ class SWEEnv(TextEnv):
         base, status, _ = self.shell.run("git rev-parse HEAD", timeout_s=30)
         self.base_commit = base.strip() if status == 0 else self.instance.base_commit
         self.started = time.monotonic()
-        self.tokens_used = sum(self.count_tokens(m["content"]) for m in observation)
+        self.tokens_used = self.count_tokens("".join(m["content"] for m in observation))  # one count: the estimate rounds once, as it always did
         self.submitted_patch: str | None = None
         return observation, {**info, "session_id": self.container.session_id}
 

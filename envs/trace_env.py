@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,18 @@ def trace_task(source: str, function: str, args: list, kwargs: dict | None = Non
                 metadata={"source": source, "function": function, "args": args, "kwargs": kwargs, "level": level})
 
 
+def cwm_carriable(tasks: list[Task], path: str) -> list[Task]:
+    """The tasks CWM's format can carry: an answer is decoded text, so a program or value holding a special
+    token's name (`"<|frame_sep|>"`) would read as that token. Such tasks are left out, with a warning."""
+    kept = [t for t in tasks if not cwm.has_special_name(t.metadata.get("source", "") + json.dumps(t.answer))]
+    if len(kept) < len(tasks):
+        warnings.warn(f"{path}: {len(tasks) - len(kept)} of {len(tasks)} programs hold a special token's name in their "
+                      "source or values, which CWM's format cannot carry in an answer; they are left out", stacklevel=3)
+    if not kept:
+        raise ValueError(f"{path}: every program holds a special token's name; none can be played in format='cwm'")
+    return kept
+
+
 def load_trace_tasks(path: str) -> list[Task]:
     """Trace tasks from JSONL made by `cwm-rl trace dataset` (references included)."""
     tasks = []
@@ -96,6 +109,8 @@ class TraceEnv(SingleTurnEnv):
         check_backend(sandbox)
         super().__init__(**kwargs)
         self.tasks = read_task_file(tasks_path, load_trace_tasks, "trace task") if tasks_path else None
+        if self.tasks is not None and format == "cwm":
+            self.tasks = cwm_carriable(self.tasks, str(tasks_path))
         self.mode, self.difficulty, self.sandbox_backend, self.format = mode, difficulty, sandbox, format
         self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
         self.system_prompt = PROMPTS[mode] if format == "text" else None  # CWM's trace prompt is the source alone
@@ -144,13 +159,16 @@ class TraceEnv(SingleTurnEnv):
         return [{"role": "raw", "content": cwm.parts_text(parts), "parts": parts, "stop": stop}]
 
     def expected_frames(self, task: Task) -> list[cwm.Frame]:
-        """What the model is asked for: the return frame (output), every frame after the call (trace), one frame."""
+        """What the model is asked for: the return frame (output), every frame after the call (trace), one frame;
+        none for a trace the tracer cut at max_events (trace, output) or a call that raised (output)."""
         frames = self.frames(task)
+        whole = cwm.scope_exited(self.reference(task)["events"])
         if self.mode == "output":
-            return frames[-1:] if frames[-1].kind == "return" else []  # a trace cut at max_events has no return
+            raised = len(frames) > 1 and frames[-2].kind == "exception"
+            return frames[-1:] if whole and not raised else []
         if self.mode == "next_frame":
             return [frames[self.frame_index(task)]]
-        return frames[1:]
+        return frames[1:] if whole else []
 
     def score_cwm(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
         expected = self.expected_frames(task)
@@ -181,8 +199,8 @@ class TraceEnv(SingleTurnEnv):
 
     def reference_cwm(self, task: Task) -> str | None:
         expected = self.expected_frames(task)
-        if not expected:
-            return None
+        if not expected or any(cwm.has_special_name(f.source_line + json.dumps(f.locals) + (f.value or "")) for f in expected):
+            return None  # nothing to answer, or an answer the format cannot carry (see cwm_carriable)
         if self.mode == "output":
             return cwm.parts_text(cwm.frame_parts(expected[0])[1:])  # <|return_sep|> is in the prompt
         if self.mode == "next_frame":
@@ -232,9 +250,12 @@ class TraceEnv(SingleTurnEnv):
         if self.task is None:
             return {}
         reference = self.reference_action() or ""
-        if self.format == "cwm":  # the asked frame(s) twice, none, or the given call frame again
+        if self.format == "cwm":  # no frame, or the given call frame again (and, asked for one frame, two)
             call = cwm.parts_text(cwm.frame_parts(self.frames(self.task)[0]))
-            return {"frames_twice": reference + reference, "no_frame": cwm.END_OF_TEXT, "call_frame_again": call}
+            probes = {"no_frame": cwm.END_OF_TEXT, "call_frame_again": call}
+            if self.mode != "trace":  # a trace with its frames repeated earns the partial credit its similarity gives
+                probes["frame_twice"] = reference + reference
+            return probes
         if self.mode == "output":
             return {"two_returns": "<return>0</return> <return>1</return>", "untagged": reference.replace("<return>", ""),
                     "python_expression": f"<return>{call_text(self.task.metadata['function'], self.task.metadata['args'], {})}</return>"}

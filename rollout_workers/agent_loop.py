@@ -137,18 +137,21 @@ async def run_episode(
             observation, info = reset
             task_id = info.get("task_id", task_id)
             messages += observation
-            if is_raw(observation):  # a prompt in a token format of its own (CWM's traces): parts, no chat template
-                try:
+            try:
+                if is_raw(observation):  # a prompt in a token format of its own (CWM's traces): parts, no chat template
                     raw_ids, stop_ids = encode_raw(tokenizer, observation)
-                except RawPromptError as e:  # the model cannot read this env's format: say so on every episode
-                    result.update(finish_reason="env_error", error=f"env reset: {e}")
-                    reset_ok = False
-                tokens.add_context(raw_ids if reset_ok else [])
-            else:
-                tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False))
+                    tokens.add_context(raw_ids)
+                else:
+                    tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True),
+                                                        add_special_tokens=False))
+            except RawPromptError as e:  # the model cannot read this env's format: say so on every episode
+                result.update(finish_reason="env_error", error=f"env reset: {e}")
+                reset_ok = False
     else:
         task_id = prefix.trajectory.task_id
         prefix.copy_into(tokens, turns, messages)
+        raw = [m for m in messages if m.get("role") == "raw"]
+        stop_ids = encode_raw(tokenizer, raw[-1:])[1] if raw else []  # the recorded raw prompt's stop tokens hold still
     if reset_ok:
         max_total = min(limits.max_total_tokens or engine.config.max_model_len, engine.config.max_model_len)
         for index in range(len(turns), limits.max_turns):
@@ -185,8 +188,13 @@ async def run_episode(
             if terminated or truncated:
                 result.update(terminated=terminated, truncated=truncated, finish_reason="terminated" if terminated else "truncated")
                 break
-            if is_raw(observation):  # the env's next raw parts follow the generated tokens as they are
-                raw_ids, stop_ids = encode_raw(tokenizer, observation)
+            try:
+                raw = is_raw(observation)
+                raw_ids, stop_ids = encode_raw(tokenizer, observation) if raw else ([], stop_ids)
+            except RawPromptError as e:
+                result.update(finish_reason="env_error", error=f"env step: {e}")
+                break
+            if raw:  # the env's next raw parts follow the generated tokens as they are
                 turn.observation_span = tokens.add_context(raw_ids)
             else:
                 if not closed:  # cut off by max_tokens: close the turn as the template would

@@ -52,7 +52,8 @@ def debug(
                                          json_option(kwargs, "--kwargs", dict, '{"n": 3}'), backend=backend)
         if result["truncated"]:
             raise ValueError(f"the call ran past the tracer's {len(result['events'])} events; debug a shorter call")
-        calls = [{"id": target, "source": source, "function": function, "frames": frames}]
+        calls = [{"id": target, "source": source, "function": function, "frames": frames,
+                  "lines": [e["line"] for e in result["events"]]}]
     console = Console(highlight=False)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the engine's start-up lines would bury the frames
     predictor = dbg.FramePredictor(str(model), max_model_len=max_model_len)
@@ -66,7 +67,7 @@ def debug(
             predictions = figures.pop("predictions")
             for call, preds in zip(calls, predictions):
                 if len(calls) == 1:
-                    session = dbg.Session(predictor, call["source"], call["function"], call["frames"], console)
+                    session = dbg.Session(predictor, call["source"], call["function"], call["frames"], call["lines"], console)
                     for p in preds:
                         session.show(p)
                 else:
@@ -74,6 +75,9 @@ def debug(
             accuracy = figures["frame_accuracy"]
             console.print(f"[bold]frame accuracy:[/] {figures['correct']}/{figures['frames']} "
                           f"({accuracy:.1%}) over {figures['calls']} call(s)" if accuracy is not None else "no frames to predict")
+            if accuracy is not None:
+                console.print("by kind: " + ", ".join(f"{kind} {v['accuracy']:.1%} of {v['frames']}"
+                                                      for kind, v in figures["by_kind"].items()))
         else:
             _interact(dbg, predictor, calls[0], target or "", commands, console)
     finally:
@@ -84,7 +88,7 @@ def debug(
 
 def _interact(dbg: Any, predictor: Any, call: dict, target: str, commands: str | None, console: Console) -> None:
     """The pdb-like loop over one call: commands from the terminal, or from --commands."""
-    session = dbg.Session(predictor, call["source"], call["function"], call["frames"], console)
+    session = dbg.Session(predictor, call["source"], call["function"], call["frames"], call["lines"], console)
     console.print(f"[bold]{escape(target)}[/]: {len(call['frames']) - 1} frames after the call; the model predicts "
                   f"each, the real one beside it.\n{dbg.COMMANDS}")
     console.print(f"  frame 0 (the call): {escape(dbg.frame_text(call['frames'][0]))}")

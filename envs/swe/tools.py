@@ -144,11 +144,19 @@ def parse_tool_call(action: str) -> tuple[ToolCall | None, str | None]:
 
 def after_reasoning(action: str) -> tuple[str | None, str | None]:
     """(the reply after its one `</think>`, or all of it when it has none, None), or (None, what is wrong): CWM
-    reasons before it calls, and a call it only thought about must not run."""
-    count = action.count(THINK_END)
-    if count > 1:
-        return None, f"one {THINK_END} per turn, got {count}: reason once inside <think> and </think>, then make one tool call"
-    return action.split(THINK_END, 1)[-1], None
+    reasons before it calls, and a call it only thought about must not run. A `</think>` inside a call's body
+    is the body's text (an edit of a file that holds one)."""
+    at = action.find(THINK_END)
+    if at < 0:
+        return action, None
+    openers = list(_OPENER.finditer(action[:at]))
+    if openers and action.find("</tool>", openers[-1].end()) not in range(0, at):
+        return action, None  # that </think> is text inside a call's body (a file being edited), not the end of reasoning
+    rest = action[at + len(THINK_END):]
+    opener = _OPENER.search(rest)
+    if THINK_END in (rest[:opener.start()] if opener else rest):
+        return None, f"one {THINK_END} per turn: reason once inside <think> and </think>, then make one tool call"
+    return rest, None
 
 
 def cwm_output(text: str) -> str:

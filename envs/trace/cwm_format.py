@@ -69,14 +69,25 @@ def _canonical(text: str) -> str:
 # ---- rendering -----------------------------------------------------------------------------------
 
 def marked_source(source: str, function: str) -> str:
-    """`source` with the entry function's `def` line marked `# << START_OF_TRACE`."""
+    """`source` with the entry function's `def` line marked `# << START_OF_TRACE`: the module-level `def` the
+    tracer calls (the last one of that name, as Python binds it; a method of the same name is not it)."""
     lines = source.rstrip("\n").split("\n")
-    pattern = re.compile(rf"^\s*(async\s+)?def\s+{re.escape(function)}\s*\(")
-    at = next((i for i, line in enumerate(lines) if pattern.match(line)), None)
-    if at is None:
-        raise ValueError(f"the source defines no function {function!r} to mark as the trace's entry")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise ValueError(f"the source does not parse ({e}); it cannot be traced") from None
+    defs = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == function]
+    if not defs:
+        raise ValueError(f"the source defines no module-level function {function!r} to mark as the trace's entry")
+    at = defs[-1].lineno - 1  # the `def` line itself, after any decorators
     lines[at] = f"{lines[at]}  {START_MARKER}"
     return "\n".join(lines) + "\n"
+
+
+def has_special_name(text: str) -> bool:
+    """True when `text` holds a special token's name: a model's answer is decoded text, so such a name inside a
+    local's repr or a source line would read as the token itself (`parse_frames` splits on them)."""
+    return _SPECIAL.search(text) is not None
 
 
 def prompt_parts(source: str, function: str) -> list[dict[str, str]]:
@@ -94,17 +105,25 @@ def event_frames(events: list[dict[str, Any]], source: str) -> list[Frame]:
     """The tracer's events as CWM frames (locals diff-based: ".." for each local unchanged since it last showed)."""
     lines = source.split("\n")
     frames, known = [], []  # every local named so far, in order of first appearance
+    carried: dict[str, str] = {}  # changes seen at an exception event, which has no LOCALS: shown at the next frame
     for event in events:
         kind, number = event["event"], event["line"]
         text = lines[number - 1].strip() if 0 < number <= len(lines) else ""
+        changed = {**carried, **{name: _repr_of(event, name) for name in event.get("locals", {})}}
         if kind in ("return", "exception"):
             value = event.get("exception", "") if kind == "exception" else event.get("value_repr") or repr(event.get("value"))
             frames.append(Frame(kind, text, value=value))
+            carried = changed if kind == "exception" else {}
             continue
-        changed = event.get("locals", {})
+        carried = {}
         known += [name for name in changed if name not in known]
-        frames.append(Frame(kind, text, {name: _repr_of(event, name) if name in changed else UNCHANGED for name in known}))
+        frames.append(Frame(kind, text, {name: changed.get(name, UNCHANGED) for name in known}))
     return frames
+
+
+def scope_exited(events: list[dict[str, Any]]) -> bool:
+    """True when the trace ends with the entry function's return (False: the tracer cut it at max_events)."""
+    return bool(events) and events[-1]["event"] == "return"
 
 
 def frame_parts(frame: Frame) -> list[dict[str, str]]:
@@ -130,8 +149,9 @@ def parts_text(parts: list[dict[str, str]]) -> str:
 
 
 def render_cwm(source: str, function: str, events: list[dict[str, Any]]) -> str:
-    """A whole trace in CWM's format, as text (special tokens by name): prompt, frames, `<|end_of_text|>`."""
-    return parts_text(prompt_parts(source, function) + frames_parts(event_frames(events, source)))
+    """A whole trace in CWM's format, as text (special tokens by name): prompt, frames, and `<|end_of_text|>` when
+    the function's scope exited (a trace cut at max_events ends after its last frame)."""
+    return parts_text(prompt_parts(source, function) + frames_parts(event_frames(events, source), end=scope_exited(events)))
 
 
 # ---- parsing -------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from envs import make_env
 from envs.trace import cwm_format as cwm
 
 CLI = [sys.executable, "-m", "cwm_rl.cli"]
-PROGRAM = 'def f(x):\n    y = x + 3\n    s = "<|frame_sep|>"\n    z = y - 1\n    return z + 2\n'
+PROGRAM = 'def f(x):\n    y = x + 3\n    s = "ok"\n    z = y - 1\n    return z + 2\n'
 
 
 def _generate(out: Path, count: int, seed: int) -> Path:
@@ -69,7 +69,7 @@ def test_sft_on_cwm_traces_learns_next_frames(trace_model):
 
 
 def test_a_raw_prompt_goes_to_the_engine_as_token_ids_with_its_stop_tokens(predictor, sandbox_root, tmp_path):
-    """Special tokens by id; a special token's name inside the source stays text; the turn stops at <|frame_sep|>."""
+    """Special tokens by id; a special token's name inside text stays text; the turn stops at <|frame_sep|>."""
     from cwm_rl.models.raw_prompt import encode_raw
     from rollout_workers.agent_loop import run_episode
     from rollout_workers.config import EpisodeLimits, SamplingConfig
@@ -90,10 +90,21 @@ def test_a_raw_prompt_goes_to_the_engine_as_token_ids_with_its_stop_tokens(predi
     assert prompt == encode_raw(tokenizer, [message])[0]
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in (cwm.BEGIN_OF_TEXT, cwm.TRACE_CONTEXT_START, cwm.FRAME_SEP)}
     assert prompt[:2] == [ids[cwm.BEGIN_OF_TEXT], ids[cwm.TRACE_CONTEXT_START]]
-    assert prompt.count(ids[cwm.FRAME_SEP]) == sum(p == {"token": cwm.FRAME_SEP} for p in message["parts"])  # not the string's
+    assert prompt.count(ids[cwm.FRAME_SEP]) == sum(p == {"token": cwm.FRAME_SEP} for p in message["parts"])
+    forged, _ = encode_raw(tokenizer, [{"parts": [{"text": 's = "<|frame_sep|>"'}, {"token": cwm.FRAME_SEP}]}])
+    assert forged.count(ids[cwm.FRAME_SEP]) == 1 and tokenizer.decode(forged) == 's = "<|frame_sep|>"<|frame_sep|>'
     generated = trajectory.token_ids[trajectory.turns[0].action_span.start:]
     assert ids[cwm.FRAME_SEP] not in generated[:-1]  # the turn ends at its first frame separator
     assert generated[-1] == ids[cwm.FRAME_SEP] or len(generated) == 48
+    # going on from the recorded prompt (`rollouts branch` at turn 0) keeps the prompt's stop tokens
+    from rollout_workers.agent_loop import EpisodePrefix
+
+    env.reset(seed=3)
+    branched = predictor.run(run_episode(predictor.engine, env, env_id="cwm_rl/Trace-v0", seed=3,
+                                         prefix=EpisodePrefix(trajectory, 0), sampling=SamplingConfig(temperature=1.0, max_tokens=48),
+                                         limits=EpisodeLimits(max_turns=1, env_timeout_s=60)))
+    again = branched.token_ids[branched.turns[0].action_span.start:]
+    assert branched.token_ids[:len(prompt)] == prompt and ids[cwm.FRAME_SEP] not in again[:-1]
 
 
 def test_debugger_check_scores_frames_as_the_env_does(predictor, trace_data):
@@ -116,10 +127,10 @@ def test_debugger_check_scores_frames_as_the_env_does(predictor, trace_data):
 def test_debugger_steps_prints_locals_lists_and_stops_at_a_breakpoint(predictor, sandbox_root):
     from cwm_rl.debug import Session, real_frames
 
-    frames, _ = real_frames(PROGRAM, "f", [4], {})
+    frames, result = real_frames(PROGRAM, "f", [4], {})
     console = Console(record=True, width=200, highlight=False)
-    session = Session(predictor, PROGRAM, "f", frames, console)
-    for command in ["s", "p", "p y", "l", "b 4", "c", "w", "c", "s", "nonsense"]:
+    session = Session(predictor, PROGRAM, "f", frames, [e["line"] for e in result["events"]], console)
+    for command in ["s", "p", "p y", "l", "b x", "b 4", "c", "w", "c", "s", "nonsense"]:
         assert session.command(command)
     assert not session.command("q")
     text = console.export_text()
@@ -128,7 +139,7 @@ def test_debugger_steps_prints_locals_lists_and_stops_at_a_breakpoint(predictor,
     assert "->   2      y = x + 3" in text  # list marks the current line
     assert "breakpoint at line 4" in text and "frame 3 of 5, line 4" in text
     assert "return    return z + 2   -> 8" in text  # continue ran to the end
-    assert "the call has returned" in text and "unknown command 'nonsense'" in text
+    assert "the call has returned" in text and "unknown command 'nonsense'" in text and "b takes a line number" in text
     assert text.count("✓") + text.count("✗") == len(frames) - 1  # every frame after the call predicted once
 
 

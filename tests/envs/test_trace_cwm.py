@@ -157,3 +157,39 @@ def test_trace_cli_writes_cwm_format(tmp_path, sandbox_root):
     env = make_env("cwm_rl/Trace-v0", format="cwm", mode="trace", tasks_path=str(out))  # Trace-v0 reads the file as it is
     env.reset(seed=0)
     assert env.step(env.reference_action())[1] == 1.0
+
+
+def test_edge_cases_of_real_traces_render_faithfully(sandbox_root):
+    from envs.trace import run_trace
+
+    # a local first set by the line that raises shows in the next frame (an exception frame has no LOCALS)
+    source = "def g(n):\n    try:\n        a = 1; b = 1 / n\n    except ZeroDivisionError:\n        b = 0\n    return a + b\n"
+    frames = cwm.event_frames(run_trace(source, "g", [0])["events"], source)
+    kinds = [f.kind for f in frames]
+    assert "exception" in kinds and frames[kinds.index("exception") + 1].locals.get("a") == "1"
+    # a trace cut at max_events has no <|end_of_text|>: its scope never exited
+    loop = "def h(n):\n    t = 0\n    for i in range(n):\n        t += i\n    return t\n"
+    cut = run_trace(loop, "h", [100], max_events=5)
+    assert cut["truncated"] and not cwm.render_cwm(loop, "h", cut["events"]).endswith(cwm.END_OF_TEXT)
+    # the entry is the module-level def the tracer calls, not a method of the same name
+    shadowed = "class Bag:\n    def total(self):\n        return 0\n\ndef total(xs):\n    return sum(xs)\n"
+    assert cwm.marked_source(shadowed, "total").split("\n")[4].endswith(cwm.START_MARKER)
+    assert cwm.START_MARKER not in cwm.marked_source(shadowed, "total").split("\n")[1]
+
+
+def test_programs_holding_a_special_token_name_are_left_out_of_cwm_format(tmp_path, sandbox_root):
+    from envs.trace import run_trace
+
+    records = []
+    for i, text in enumerate(["ok", "<|frame_sep|>"]):
+        source = f"def f(x):\n    s = {text!r}\n    return x\n"
+        records.append(json.dumps({"id": f"p{i}", "source": source, "function": "f", "args": [1], **run_trace(source, "f", [1])}))
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(records) + "\n")
+    with pytest.warns(UserWarning, match="1 of 2 programs hold a special token's name"):
+        env = make_env("cwm_rl/Trace-v0", format="cwm", mode="trace", tasks_path=str(path))
+    assert [t.id for t in env.tasks] == ["p0"]
+    assert len(make_env("cwm_rl/Trace-v0", tasks_path=str(path)).tasks) == 2  # the text format carries both
+    path.write_text(records[1] + "\n")
+    with pytest.raises(ValueError, match="every program holds a special token's name"), pytest.warns(UserWarning):
+        make_env("cwm_rl/Trace-v0", format="cwm", mode="trace", tasks_path=str(path))

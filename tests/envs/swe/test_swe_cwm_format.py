@@ -24,7 +24,10 @@ def test_the_call_is_read_after_the_one_think_block():
     assert error is None and parse_tool_call(reply)[0].body == "ls\n"  # the call it only thought about does not count
     assert parse_tool_call(after_reasoning(thought + "no call")[0])[1].startswith("no tool call")
     assert after_reasoning("<tool: bash>\nls\n</tool>") == ("<tool: bash>\nls\n</tool>", None)  # reasoning is optional
-    assert "one </think> per turn, got 2" in after_reasoning("a</think>b</think><tool: bash>\nls\n</tool>")[1]
+    assert "one </think> per turn" in after_reasoning("a</think>b</think><tool: bash>\nls\n</tool>")[1]
+    # a </think> in a call's body is the body's text (an edit of a file that holds one), with or without reasoning
+    edit = '<tool: edit>\na.py\n<<<<<<< SEARCH\nx = "</think>"\n=======\nx = 1\n>>>>>>> REPLACE\n</tool>'
+    assert after_reasoning(edit) == (edit, None) and after_reasoning(thought + edit) == ("\n" + edit, None)
 
 
 def test_an_unknown_format_or_tokenizer_is_refused_with_what_to_do(tmp_path):
@@ -105,7 +108,7 @@ def test_without_a_tokenizer_the_budget_is_estimated_and_the_text_format_is_unch
     env = _env(format="cwm", max_turns=3, token_budget=1000, malformed="end")
     first, _ = env.reset(seed=0)
     observation, *_ = env.step("<tool: bash>\npwd\n</tool>")
-    used = (sum(len(m["content"]) // 4 for m in first) + len("<tool: bash>\npwd\n</tool>") // 4
+    used = (sum(len(m["content"]) for m in first) // 4 + len("<tool: bash>\npwd\n</tool>") // 4
             + len("<output>\nran: pwd\n</output>") // 4)
     assert observation[0]["content"].endswith(f"* Remaining tokens: {1000 - used}\n</budget>")
     observation, reward, terminated, *_ = env.step("no call")  # malformed="end": the format error ends the episode
@@ -114,8 +117,11 @@ def test_without_a_tokenizer_the_budget_is_estimated_and_the_text_format_is_unch
     text = _env(max_turns=3)
     first, _ = text.reset(seed=0)
     assert first[-1]["content"].startswith("<issue>\n") and "[budget: 3 turns" in first[-1]["content"]
-    observation, *_ = text.step("a</think>b</think>\n<tool: bash>\npwd\n</tool>")  # the text format has no think rule
+    action = "a</think>b</think>\n<tool: bash>\npwd\n</tool>"
+    observation, *_ = text.step(action)  # the text format has no think rule
+    # the text format's count as it always was: the first messages' characters // 4, then each piece's
+    used = sum(len(m["content"]) for m in first) // 4 + len(action) // 4 + len("ran: pwd\n") // 4
     assert observation == [{"role": "tool", "content": f"ran: pwd\n\n\n[budget: 2 turns left, about "
-                                                       f"{text.token_budget - text.tokens_used} tokens left]"}]
+                                                       f"{text.token_budget - used} tokens left]"}]
     env.close()
     text.close()
