@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envs.trace import cwm_format as cwm
+from envs.trace_env import asked_frame
 
 COMMANDS = """\
   s, step       predict the next frame (only the traced function's frames exist: step and next are the same)
@@ -116,20 +117,25 @@ def real_frames(source: str, function: str, args: list, kwargs: dict, *, backend
 
 
 def check(predictor: FramePredictor, calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """Next-frame accuracy over every frame after the call of every call (`{"source", "function", "frames"}`), in
-    all and by the real frame's kind (line, return, exception)."""
+    """Next-frame accuracy over every frame after the call of every call (`{"id", "source", "function", "frames"}`),
+    in all and by the real frame's kind (line, return, exception); and over one frame per call, the frame
+    Trace-v0's next_frame mode asks of a listed task with that id (`asked_frame_accuracy`: what `model sft`'s
+    held-out evaluation measures, so `--held-out-of` reproduces its figure)."""
     async def run() -> list[list[Prediction]]:
         return list(await asyncio.gather(*(predictor.predict_all(c["source"], c["function"], c["frames"]) for c in calls)))
 
     per_call = predictor.run(run())
     flat = [p for preds in per_call for p in preds]
+    # the one frame per call that Trace-v0's next_frame mode asks of a listed task (what `model sft` evaluates)
+    asked = [preds[asked_frame(c.get("id", ""), len(c["frames"])) - 1].correct for c, preds in zip(calls, per_call) if preds]
     by_kind = {}
     for kind in sorted({p.real.kind for p in flat}):
         of_kind = [p.correct for p in flat if p.real.kind == kind]
         by_kind[kind] = {"frames": len(of_kind), "accuracy": sum(of_kind) / len(of_kind)}
     correct = sum(p.correct for p in flat)
     return {"calls": len(calls), "frames": len(flat), "correct": correct,
-            "frame_accuracy": correct / len(flat) if flat else None, "by_kind": by_kind, "predictions": per_call}
+            "frame_accuracy": correct / len(flat) if flat else None, "by_kind": by_kind,
+            "asked_frame_accuracy": sum(asked) / len(asked) if asked else None, "predictions": per_call}
 
 
 def locals_at(frames: list[cwm.Frame], index: int) -> dict[str, str]:
@@ -233,17 +239,33 @@ def frame_text(frame: cwm.Frame) -> str:
     return text
 
 
-def calls_of(path: str) -> list[dict[str, Any]]:
-    """Calls with their real frames from a `cwm-rl trace generate` / `trace dataset` JSONL file (events included)."""
+def calls_of(path: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """Calls with their real frames from a `cwm-rl trace generate` / `trace dataset` JSONL file (events included);
+    only those whose id is in `ids` when given."""
     calls = []
     for number, line in enumerate(open(path), 1):
         if line.strip():
             record = json.loads(line)
+            if ids is not None and record.get("id") not in ids:
+                continue
             if "events" not in record or "source" not in record:
                 raise ValueError(f"{path} line {number} has no traced events (make the file with `cwm-rl trace generate`)")
             calls.append({"id": record.get("id", str(number)), "source": record["source"], "function": record["function"],
                           "frames": cwm.event_frames(record["events"], record["source"]),
                           "lines": [e["line"] for e in record["events"]]})
     if not calls:
-        raise ValueError(f"{path} holds no calls")
+        raise ValueError(f"{path} holds no calls" + (" with those ids" if ids is not None else ""))
     return calls
+
+
+def held_out_ids(model_dir: str) -> set[str]:
+    """The task ids `cwm-rl model sft` held out when it made `model_dir` (from its sft_summary.json)."""
+    from pathlib import Path
+
+    summary = Path(model_dir) / "sft_summary.json"
+    if not summary.is_file():
+        raise ValueError(f"{model_dir} has no sft_summary.json: --held-out-of names a model made by `cwm-rl model sft`")
+    ids = json.loads(summary.read_text()).get("held_out_ids")
+    if not ids:
+        raise ValueError(f"{summary} lists no held-out ids (made before cwm-rl recorded them); rerun the SFT")
+    return set(ids)

@@ -364,7 +364,7 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy, "num_eval_tasks": len(held_out),
         "train_accuracy_before": _accuracy(seen_before), "train_accuracy_after": _accuracy(seen_after),
         "eval_before": before.to_dict(), "eval_after": after.to_dict(), "accuracy_curve": curve,
-        "held_out": held_out_info, "num_distinct_training_tasks": len(trained_ids),
+        "held_out": held_out_info, "held_out_ids": [e.task_id for e in held_out], "num_distinct_training_tasks": len(trained_ids),
         "loss_first": losses[0] if losses else None, "loss_last": _mean(losses[-10:]) if losses else None,
         "loss_curve": _loss_curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2), "config": config.model_dump(mode="json"),

@@ -62,6 +62,14 @@ def trace_task(source: str, function: str, args: list, kwargs: dict | None = Non
                 metadata={"source": source, "function": function, "args": args, "kwargs": kwargs, "level": level})
 
 
+def asked_frame(task_id: str, num_frames: int, position: float | None = None) -> int:
+    """The frame next_frame mode asks for, 1 .. num_frames - 1, at `position` in [0, 1), or, for a task without one (a
+    task of a list, as a job's held-out set and its epochs take them), at a position the task id fixes."""
+    if position is None:
+        position = int(hashlib.sha256(task_id.encode()).hexdigest()[:8], 16) / 16**8
+    return 1 + min(int(float(position) * (num_frames - 1)), num_frames - 2)
+
+
 def cwm_carriable(tasks: list[Task], path: str) -> list[Task]:
     """The tasks CWM's format can carry: an answer is decoded text, so a program or value holding a special
     token's name (`"<|frame_sep|>"`) would read as that token. Such tasks are left out, with a warning."""
@@ -136,10 +144,7 @@ class TraceEnv(SingleTurnEnv):
         n = len(self.frames(task))
         if n < 2:
             raise ValueError(f"task {task.id}'s trace has {n} frame(s): nothing after the call to predict")
-        position = task.metadata.get("frame_position")
-        if position is None:  # a task of a list, as a job's held-out set and its epochs take them: a frame fixed by the id
-            position = int(hashlib.sha256(task.id.encode()).hexdigest()[:8], 16) / 16**8
-        return 1 + min(int(float(position) * (n - 1)), n - 2)
+        return asked_frame(task.id, n, task.metadata.get("frame_position"))
 
     def given_frames(self, task: Task) -> list[cwm.Frame]:
         """The frames the prompt holds: the call (its arguments) and, for next_frame, every frame before the one asked."""

@@ -23,6 +23,9 @@ def debug(
     check: Annotated[bool, typer.Option("--check", help="Predict every frame and print the model's frame accuracy.")] = False,
     tasks: Annotated[Path | None, typer.Option("--tasks", help="With --check: the calls of a `cwm-rl trace generate` "
                                                                "JSONL file instead of FILE.py::FUNC.")] = None,
+    held_out_of: Annotated[Path | None, typer.Option("--held-out-of", help="With --check --tasks: only the programs "
+                                                                         "`model sft` held out when it made this model "
+                                                                         "(its held-out figure, reproduced).")] = None,
     commands: Annotated[str | None, typer.Option("--commands", help="Run these commands (separated by `;`) instead of "
                                                                      "reading them from the terminal.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="With --check: print the figures as one JSON object.")] = False,
@@ -37,7 +40,7 @@ def debug(
     if tasks is not None:
         if not check:
             raise ValueError("--tasks goes with --check (the interactive debugger steps through one call: FILE.py::FUNC)")
-        calls = dbg.calls_of(str(tasks))
+        calls = dbg.calls_of(str(tasks), dbg.held_out_ids(str(held_out_of)) if held_out_of else None)
     else:
         if target is None:
             raise ValueError("name the call: cwm-rl debug FILE.py::FUNC --args JSON --model DIR (or --check --tasks FILE)")
@@ -78,6 +81,8 @@ def debug(
             if accuracy is not None:
                 console.print("by kind: " + ", ".join(f"{kind} {v['accuracy']:.1%} of {v['frames']}"
                                                       for kind, v in figures["by_kind"].items()))
+                console.print(f"one frame per call, the one Trace-v0 asks (as `model sft` evaluates): "
+                              f"{figures['asked_frame_accuracy']:.1%}")
         else:
             _interact(dbg, predictor, calls[0], target or "", commands, console)
     finally:

@@ -143,21 +143,34 @@ def test_debugger_steps_prints_locals_lists_and_stops_at_a_breakpoint(predictor,
     assert text.count("✓") + text.count("✗") == len(frames) - 1  # every frame after the call predicted once
 
 
-def test_debug_cli_check_prints_the_same_accuracy(predictor, trace_model, trace_data):
-    from cwm_rl.debug import calls_of, check
+def test_debug_cli_reproduces_the_sft_figure_and_a_script_drives_a_session(predictor, trace_model, trace_data, tmp_path):
+    """One CLI run (each starts an engine): --check over the programs `model sft` held out gives, for the frame
+    Trace-v0 asks of each, the SFT's own held-out accuracy (greedy in vLLM here, in transformers there); the
+    interactive loop runs in-process on a --commands script."""
+    import cwm_rl.debug as dbg
+    from cwm_rl.cli.debug import _interact
 
-    expected = check(predictor, calls_of(str(trace_data[1])))
-    shown = subprocess.run([*CLI, "debug", "--check", "--tasks", str(trace_data[1]), "--model", str(trace_model[0]),
-                            "--json", "--max-model-len", "512"], capture_output=True, text=True, timeout=600)
+    model, summary = trace_model
+    shown = subprocess.run([*CLI, "debug", "--check", "--tasks", str(trace_data[0]), "--held-out-of", str(model),
+                            "--model", str(model), "--json", "--max-model-len", "512"], capture_output=True, text=True, timeout=600)
     assert shown.returncode == 0, shown.stderr[-2000:]
     figures = json.loads(shown.stdout.strip().splitlines()[-1])
-    assert figures["frame_accuracy"] == expected["frame_accuracy"] and figures["frames"] == expected["frames"]
-    program = trace_data[1].parent / "prog.py"
-    program.write_text(PROGRAM)
-    stepped = subprocess.run([*CLI, "debug", f"{program}::f", "--args", "[4]", "--model", str(trace_model[0]),
-                              "--commands", "s;p;c;q", "--max-model-len", "512"], capture_output=True, text=True, timeout=600)
-    assert stepped.returncode == 0, stepped.stderr[-2000:]
-    assert "frame 0 (the call): call      def f(x):   x=4" in stepped.stdout and "(cwmdb) c" in stepped.stdout
-    assert "frame 5 (line 5)  real:  return    return z + 2   -> 8" in stepped.stdout
-    refused = subprocess.run([*CLI, "debug", "x.py::f", "--model", str(trace_data[1].parent)], capture_output=True, text=True)
-    assert refused.returncode == 2 and "not a model directory" in refused.stderr
+    assert figures["calls"] == summary["num_eval_tasks"] == len(summary["held_out_ids"]) == 40
+    assert abs(figures["asked_frame_accuracy"] - summary["accuracy_after"]) <= 1 / 40, (figures, summary["accuracy_after"])
+    assert figures["frames"] > figures["calls"] and set(figures["by_kind"]) == {"line", "return"}
+
+    frames, result = dbg.real_frames(PROGRAM, "f", [4], {})
+    console = Console(record=True, width=200, highlight=False)
+    call = {"source": PROGRAM, "function": "f", "frames": frames, "lines": [e["line"] for e in result["events"]]}
+    _interact(dbg, predictor, call, "prog.py::f", "s;p;c;q;s", console)
+    text = console.export_text()
+    assert "frame 0 (the call): call      def f(x):   x=4" in text and "(cwmdb) c" in text
+    assert "frame 5 (line 5)  real:  return    return z + 2   -> 8" in text
+    assert "(cwmdb) s" in text.split("(cwmdb) q")[0] and "(cwmdb) s" not in text.split("(cwmdb) q")[1]  # q ends it
+
+    for args, why in [(["x.py::f", "--model", str(tmp_path)], "not a model directory"),
+                      ([str(tmp_path / "missing.py") + "::f", "--model", str(model)], "is not a file"),
+                      (["--check", "--tasks", str(trace_data[0]), "--held-out-of", str(tmp_path), "--model", str(model)],
+                       "no sft_summary.json")]:
+        refused = subprocess.run([*CLI, "debug", *args], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and why in refused.stderr, (args, refused.stderr[-500:])
