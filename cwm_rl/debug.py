@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from envs.trace import cwm_format as cwm
-from envs.trace_env import asked_frame
+from envs.trace_env import asked_frame, trace_task
 
 COMMANDS = """\
   s, step       predict the next frame (only the traced function's frames exist: step and next are the same)
@@ -250,7 +250,9 @@ def calls_of(path: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
                 continue
             if "events" not in record or "source" not in record:
                 raise ValueError(f"{path} line {number} has no traced events (make the file with `cwm-rl trace generate`)")
-            calls.append({"id": record.get("id", str(number)), "source": record["source"], "function": record["function"],
+            ident = record.get("id") or trace_task(record["source"], record["function"], record.get("args", []),
+                                                   record.get("kwargs")).id  # the id Trace-v0 gives it
+            calls.append({"id": ident, "source": record["source"], "function": record["function"],
                           "frames": cwm.event_frames(record["events"], record["source"]),
                           "lines": [e["line"] for e in record["events"]]})
     if not calls:

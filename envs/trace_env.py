@@ -169,7 +169,8 @@ class TraceEnv(SingleTurnEnv):
         frames = self.frames(task)
         whole = cwm.scope_exited(self.reference(task)["events"])
         if self.mode == "output":
-            raised = len(frames) > 1 and frames[-2].kind == "exception"
+            reference = self.reference(task)  # a `finally` runs lines after the exception: ask the tracer, not the frames
+            raised = reference["exception"] is not None if "exception" in reference else any(f.kind == "exception" for f in frames)
             return frames[-1:] if whole and not raised else []
         if self.mode == "next_frame":
             return [frames[self.frame_index(task)]]

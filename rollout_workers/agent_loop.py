@@ -150,8 +150,12 @@ async def run_episode(
     else:
         task_id = prefix.trajectory.task_id
         prefix.copy_into(tokens, turns, messages)
-        raw = [m for m in messages if m.get("role") == "raw"]
-        stop_ids = encode_raw(tokenizer, raw[-1:])[1] if raw else []  # the recorded raw prompt's stop tokens hold still
+        last = next((i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), 0)
+        try:  # the stop tokens of the last raw observation recorded hold still, as in the live episode
+            stop_ids = encode_raw(tokenizer, messages[last:])[1] if is_raw(messages[last:]) else []
+        except RawPromptError as e:
+            result.update(finish_reason="env_error", error=f"env reset: {e}")
+            reset_ok = False
     if reset_ok:
         max_total = min(limits.max_total_tokens or engine.config.max_model_len, engine.config.max_model_len)
         for index in range(len(turns), limits.max_turns):

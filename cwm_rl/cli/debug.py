@@ -37,6 +37,8 @@ def debug(
 
     if not (model / "config.json").is_file():
         raise ValueError(f"--model {model} is not a model directory (no config.json); pass the model to debug with")
+    if held_out_of is not None and tasks is None:
+        raise ValueError("--held-out-of goes with --check --tasks FILE (the file `model sft` trained on)")
     if tasks is not None:
         if not check:
             raise ValueError("--tasks goes with --check (the interactive debugger steps through one call: FILE.py::FUNC)")

@@ -150,7 +150,7 @@ def after_reasoning(action: str) -> tuple[str | None, str | None]:
     if at < 0:
         return action, None
     openers = list(_OPENER.finditer(action[:at]))
-    if openers and action.find("</tool>", openers[-1].end()) not in range(0, at):
+    if len(_OPENER.findall(action)) == 1 and openers and action.find("</tool>", openers[-1].end()) not in range(0, at):
         return action, None  # that </think> is text inside a call's body (a file being edited), not the end of reasoning
     rest = action[at + len(THINK_END):]
     opener = _OPENER.search(rest)

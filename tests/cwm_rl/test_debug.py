@@ -99,12 +99,22 @@ def test_a_raw_prompt_goes_to_the_engine_as_token_ids_with_its_stop_tokens(predi
     # going on from the recorded prompt (`rollouts branch` at turn 0) keeps the prompt's stop tokens
     from rollout_workers.agent_loop import EpisodePrefix
 
+    class Recording:  # the engine, noting each request's stop tokens
+        def __init__(self, engine):
+            self.engine, self.config, self.tokenizer, self.stops = engine, engine.config, engine.tokenizer, []
+
+        async def generate(self, ids, sampling):
+            self.stops.append(sampling.stop_token_ids)
+            return await self.engine.generate(ids, sampling)
+
+    recording = Recording(predictor.engine)
     env.reset(seed=3)
-    branched = predictor.run(run_episode(predictor.engine, env, env_id="cwm_rl/Trace-v0", seed=3,
+    branched = predictor.run(run_episode(recording, env, env_id="cwm_rl/Trace-v0", seed=3,
                                          prefix=EpisodePrefix(trajectory, 0), sampling=SamplingConfig(temperature=1.0, max_tokens=48),
                                          limits=EpisodeLimits(max_turns=1, env_timeout_s=60)))
     again = branched.token_ids[branched.turns[0].action_span.start:]
     assert branched.token_ids[:len(prompt)] == prompt and ids[cwm.FRAME_SEP] not in again[:-1]
+    assert recording.stops == [[ids[cwm.FRAME_SEP]]]
 
 
 def test_debugger_check_scores_frames_as_the_env_does(predictor, trace_data):

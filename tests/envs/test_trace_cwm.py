@@ -193,3 +193,13 @@ def test_programs_holding_a_special_token_name_are_left_out_of_cwm_format(tmp_pa
     path.write_text(records[1] + "\n")
     with pytest.raises(ValueError, match="every program holds a special token's name"), pytest.warns(UserWarning):
         make_env("cwm_rl/Trace-v0", format="cwm", mode="trace", tasks_path=str(path))
+
+
+def test_output_mode_has_no_answer_for_a_call_that_raised_even_through_finally(sandbox_root):
+    from envs.trace_env import trace_task
+
+    env = make_env("cwm_rl/Trace-v0", format="cwm", mode="output")
+    task = trace_task("def f(x):\n    try:\n        return 10 // x\n    finally:\n        y = 1\n", "f", [0])
+    env.reset(options={"task": task})
+    assert env.frames(env.task)[-2].kind == "line" and env.reference_action() is None  # a line ran after the exception
+    assert env.step('<|action_sep|>y = 1<|arg_sep|>"None"<|frame_sep|>')[1] == -1.0

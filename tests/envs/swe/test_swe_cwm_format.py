@@ -28,6 +28,8 @@ def test_the_call_is_read_after_the_one_think_block():
     # a </think> in a call's body is the body's text (an edit of a file that holds one), with or without reasoning
     edit = '<tool: edit>\na.py\n<<<<<<< SEARCH\nx = "</think>"\n=======\nx = 1\n>>>>>>> REPLACE\n</tool>'
     assert after_reasoning(edit) == (edit, None) and after_reasoning(thought + edit) == ("\n" + edit, None)
+    mentioned = "<think>I could use <tool: bash> here</think>\n<tool: bash>\nls\n</tool>"  # an opener only named in thought
+    assert parse_tool_call(after_reasoning(mentioned)[0])[0].body == "ls\n"
 
 
 def test_an_unknown_format_or_tokenizer_is_refused_with_what_to_do(tmp_path):
