@@ -61,8 +61,11 @@ class FramePredictor:
         self.engine = engine or RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.5))
         self.owns_engine = engine is None
         self.loop = asyncio.new_event_loop()  # vLLM's AsyncLLM stays bound to the loop it first ran in: one loop for all
-        self.sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens)
+        from cwm_rl.models.raw_prompt import stop_token_ids
+
         self.tokenizer = self.engine.tokenizer
+        stop = stop_token_ids(self.tokenizer, [{"stop": [cwm.FRAME_SEP, cwm.END_OF_TEXT]}])
+        self.sampling = SamplingConfig(temperature=0.0, max_tokens=max_tokens, stop_token_ids=stop)
 
     async def predict(self, source: str, function: str, frames: list[cwm.Frame], index: int) -> Prediction:
         """The model's frame `index` after the prompt and the real `frames[:index]`."""
@@ -70,12 +73,11 @@ class FramePredictor:
 
         parts = cwm.prompt_parts(source, function) + cwm.frames_parts(frames[:index], end=False)
         ids, _ = encode_raw(self.tokenizer, [{"parts": parts}])
-        stop, _ = encode_raw(self.tokenizer, [{"parts": [{"token": cwm.FRAME_SEP}, {"token": cwm.END_OF_TEXT}]}])
         room = self.engine.config.max_model_len - len(ids)
         if room < 1:  # scored as a miss (the model cannot see this far), not a crash of the whole check
             return Prediction(index, "", None, frames[index], [f"the prompt is {len(ids)} tokens, past the engine's "
                                                                f"max_model_len {self.engine.config.max_model_len}"])
-        sampling = self.sampling.model_copy(update={"stop_token_ids": stop, "max_tokens": min(self.sampling.max_tokens, room)})
+        sampling = self.sampling.model_copy(update={"max_tokens": min(self.sampling.max_tokens, room)})
         generation = await self.engine.generate(ids, sampling)
         text = self.tokenizer.decode(generation.token_ids)
         real = frames[index]
@@ -246,12 +248,12 @@ def calls_of(path: str, ids: set[str] | None = None) -> list[dict[str, Any]]:
     for number, line in enumerate(open(path), 1):
         if line.strip():
             record = json.loads(line)
-            if ids is not None and record.get("id") not in ids:
-                continue
             if "events" not in record or "source" not in record:
                 raise ValueError(f"{path} line {number} has no traced events (make the file with `cwm-rl trace generate`)")
             ident = record.get("id") or trace_task(record["source"], record["function"], record.get("args", []),
                                                    record.get("kwargs")).id  # the id Trace-v0 gives it
+            if ids is not None and ident not in ids:
+                continue
             calls.append({"id": ident, "source": record["source"], "function": record["function"],
                           "frames": cwm.event_frames(record["events"], record["source"]),
                           "lines": [e["line"] for e in record["events"]]})

@@ -178,9 +178,9 @@ class SampleMaker:
 
     def stop_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """A raw prompt's stop tokens, which end the answer and are part of it (none for chat prompts)."""
-        from cwm_rl.models.raw_prompt import encode_raw, is_raw
+        from cwm_rl.models.raw_prompt import is_raw, stop_token_ids
 
-        return encode_raw(self.tokenizer, messages)[1] if is_raw(messages) else []
+        return stop_token_ids(self.tokenizer, messages) if is_raw(messages) else []
 
     def __call__(self, example: Example) -> Any:
         from cwm_rl.models.raw_prompt import is_raw

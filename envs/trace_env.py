@@ -166,10 +166,9 @@ class TraceEnv(SingleTurnEnv):
     def expected_frames(self, task: Task) -> list[cwm.Frame]:
         """What the model is asked for: the return frame (output), every frame after the call (trace), one frame;
         none for a trace the tracer cut at max_events (trace, output) or a call that raised (output)."""
-        frames = self.frames(task)
-        whole = cwm.scope_exited(self.reference(task)["events"])
-        if self.mode == "output":
-            reference = self.reference(task)  # a `finally` runs lines after the exception: ask the tracer, not the frames
+        frames, reference = self.frames(task), self.reference(task)
+        whole = cwm.scope_exited(reference["events"])
+        if self.mode == "output":  # a `finally` runs lines after the exception: ask the tracer, not the frames
             raised = reference["exception"] is not None if "exception" in reference else any(f.kind == "exception" for f in frames)
             return frames[-1:] if whole and not raised else []
         if self.mode == "next_frame":

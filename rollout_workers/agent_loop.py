@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cwm_rl.models.chat_template import detect_end_of_turn, render, render_delta
-from cwm_rl.models.raw_prompt import RawPromptError, encode_raw, is_raw
+from cwm_rl.models.raw_prompt import RawPromptError, encode_raw, is_raw, stop_token_ids
 from cwm_rl.types import NO_VERSION, Message, Span, Task, Trajectory, Turn, new_id
 from envs.server.client import EnvServerUnavailable
 from rollout_workers.config import EpisodeLimits, SamplingConfig
@@ -152,7 +152,7 @@ async def run_episode(
         prefix.copy_into(tokens, turns, messages)
         last = next((i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "assistant"), 0)
         try:  # the stop tokens of the last raw observation recorded hold still, as in the live episode
-            stop_ids = encode_raw(tokenizer, messages[last:])[1] if is_raw(messages[last:]) else []
+            stop_ids = stop_token_ids(tokenizer, messages[last:]) if is_raw(messages[last:]) else []
         except RawPromptError as e:
             result.update(finish_reason="env_error", error=f"env reset: {e}")
             reset_ok = False

@@ -9,6 +9,7 @@ an example.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -62,3 +63,15 @@ def need_training_stack() -> None:
 def say(message: str) -> None:
     """A progress line on stderr (stdout stays for results)."""
     typer.echo(message, err=True)
+
+
+def call_target(target: str, args: str, kwargs: str, *, other_forms: str = "") -> tuple[Path, str, list, dict]:
+    """A `FILE.py::FUNC` argument and its `--args`/`--kwargs` JSON (`cwm-rl trace`, `cwm-rl debug`): (file, function,
+    args, kwargs), or a ValueError / FileNotFoundError that says what was wrong."""
+    path_text, sep, function = target.partition("::")
+    if not sep or not function:
+        raise ValueError(f"{target!r} is not FILE.py::FUNC (e.g. examples/sum.py::total){other_forms}")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file")
+    return path, function, json_option(args, "--args", list, "[3, [1, 2]]"), json_option(kwargs, "--kwargs", dict, '{"n": 3}')

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cwm_rl.cli.common import json_option
+from cwm_rl.cli.common import call_target
 
 
 def debug(
@@ -46,15 +46,9 @@ def debug(
     else:
         if target is None:
             raise ValueError("name the call: cwm-rl debug FILE.py::FUNC --args JSON --model DIR (or --check --tasks FILE)")
-        path_text, sep, function = target.partition("::")
-        path = Path(path_text)
-        if not sep or not function:
-            raise ValueError(f"{target!r} is not FILE.py::FUNC (e.g. examples/sum.py::total)")
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is not a file")
+        path, function, call_args, call_kwargs = call_target(target, args, kwargs)
         source = path.read_text()
-        frames, result = dbg.real_frames(source, function, json_option(args, "--args", list, "[3, [1, 2]]"),
-                                         json_option(kwargs, "--kwargs", dict, '{"n": 3}'), backend=backend)
+        frames, result = dbg.real_frames(source, function, call_args, call_kwargs, backend=backend)
         if result["truncated"]:
             raise ValueError(f"the call ran past the tracer's {len(result['events'])} events; debug a shorter call")
         calls = [{"id": target, "source": source, "function": function, "frames": frames,
@@ -64,29 +58,13 @@ def debug(
     predictor = dbg.FramePredictor(str(model), max_model_len=max_model_len)
     figures = None
     try:
-        if check and as_json:  # printed once the engine is down: its shutdown lines must not follow the JSON
-            figures = dbg.check(predictor, calls)
-            figures.pop("predictions")
-        elif check:
+        if not check:
+            _interact(dbg, predictor, calls[0], target or "", commands, console)
+        else:
             figures = dbg.check(predictor, calls)
             predictions = figures.pop("predictions")
-            for call, preds in zip(calls, predictions):
-                if len(calls) == 1:
-                    session = dbg.Session(predictor, call["source"], call["function"], call["frames"], call["lines"], console)
-                    for p in preds:
-                        session.show(p)
-                else:
-                    console.print(f"{escape(call['id'])}: {sum(p.correct for p in preds)}/{len(preds)} frames")
-            accuracy = figures["frame_accuracy"]
-            console.print(f"[bold]frame accuracy:[/] {figures['correct']}/{figures['frames']} "
-                          f"({accuracy:.1%}) over {figures['calls']} call(s)" if accuracy is not None else "no frames to predict")
-            if accuracy is not None:
-                console.print("by kind: " + ", ".join(f"{kind} {v['accuracy']:.1%} of {v['frames']}"
-                                                      for kind, v in figures["by_kind"].items()))
-                console.print(f"one frame per call, the one Trace-v0 asks (as `model sft` evaluates): "
-                              f"{figures['asked_frame_accuracy']:.1%}")
-        else:
-            _interact(dbg, predictor, calls[0], target or "", commands, console)
+            if not as_json:  # the JSON is printed once the engine is down: its shutdown lines must not follow it
+                _show_check(dbg, predictor, calls, predictions, figures, console)
     finally:
         predictor.close()
     if as_json and figures is not None:
@@ -113,3 +91,22 @@ def _interact(dbg: Any, predictor: Any, call: dict, target: str, commands: str |
                 break
         if not session.command(line):
             break
+
+
+def _show_check(dbg: Any, predictor: Any, calls: list[dict], predictions: list, figures: dict, console: Console) -> None:
+    """--check for people: each frame of a single call (or a line per call), then the figures."""
+    for call, preds in zip(calls, predictions):
+        if len(calls) == 1:
+            session = dbg.Session(predictor, call["source"], call["function"], call["frames"], call["lines"], console)
+            for p in preds:
+                session.show(p)
+        else:
+            console.print(f"{escape(call['id'])}: {sum(p.correct for p in preds)}/{len(preds)} frames")
+    accuracy = figures["frame_accuracy"]
+    console.print(f"[bold]frame accuracy:[/] {figures['correct']}/{figures['frames']} "
+                  f"({accuracy:.1%}) over {figures['calls']} call(s)" if accuracy is not None else "no frames to predict")
+    if accuracy is not None:
+        console.print("by kind: " + ", ".join(f"{kind} {v['accuracy']:.1%} of {v['frames']}"
+                                              for kind, v in figures["by_kind"].items()))
+        console.print(f"one frame per call, the one Trace-v0 asks (as `model sft` evaluates): "
+                      f"{figures['asked_frame_accuracy']:.1%}")

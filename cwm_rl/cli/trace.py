@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cwm_rl.cli.common import json_option
+from cwm_rl.cli.common import call_target
 
 
 def trace(
@@ -62,14 +62,7 @@ def trace(
             written = write_traces(folder_calls(directory), out, sandbox, max_events, format)
         typer.echo(f"wrote {written} traced calls to {out}")
         return
-    path_text, sep, function = target.partition("::")
-    if not sep or not function:
-        raise ValueError(f"{target!r} is not FILE.py::FUNC (e.g. examples/sum.py::total), nor `dataset`")
-    path = Path(path_text)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is not a file")
-    call_args = json_option(args, "--args", list, "[3, [1, 2]]")
-    call_kwargs = json_option(kwargs, "--kwargs", dict, '{"n": 3}')
+    path, function, call_args, call_kwargs = call_target(target, args, kwargs, other_forms=", nor `dataset`")
     from envs.trace import run_trace
     from rewards.trace import render_event
 

@@ -41,12 +41,15 @@ def special_token_id(tokenizer: Any, name: str) -> int:
 def encode_raw(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
     """(token ids of the raw messages' parts in order, ids of their stop tokens)."""
     ids: list[int] = []
-    stop: list[int] = []
     for message in messages:
         for part in message["parts"]:
             if "token" in part and part["token"] is not None:
                 ids.append(special_token_id(tokenizer, part["token"]))
             elif part.get("text"):
                 ids += tokenizer.encode(part["text"], add_special_tokens=False, split_special_tokens=True)
-        stop += [special_token_id(tokenizer, name) for name in message.get("stop", []) if name]
-    return ids, sorted(set(stop))
+    return ids, stop_token_ids(tokenizer, messages)
+
+
+def stop_token_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """The ids of the special tokens the raw messages name in `stop` (their parts are not tokenised)."""
+    return sorted({special_token_id(tokenizer, name) for message in messages for name in message.get("stop", []) if name})
