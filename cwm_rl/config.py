@@ -48,7 +48,7 @@ class EnvSpec(_Config):
 
     id: str = Field(description="Registered env id, e.g. 'cwm_rl/Math-v0'.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor kwargs.")
-    weight: float = Field(default=1.0, gt=0, description="Sampling weight in the task mix.")
+    weight: float = Field(default=1.0, ge=0, description="Sampling weight in the task mix; 0 = evaluated only, never trained on (to measure transfer).")
     url: str | None = Field(default=None, description="Play it on this env server instead of in-process.")
     urls: list[str] = Field(default_factory=list, description="Or on these env servers: groups go round-robin, and one that stops answering is left out until its /health answers again.")
     servers: int = Field(default=0, ge=0, description="And/or on this many env servers the job starts here (`cwm-rl env serve` on 127.0.0.1); one that dies is restarted.")
@@ -71,16 +71,29 @@ class SFTStageConfig(SFTConfig):
     """A supervised warm start before RL: `cwm-rl model sft`'s settings, with the job's defaults."""
 
     steps: int = Field(default=0, ge=0, description="SFT optimiser steps; 0 = no warm start.")
-    env_id: str | None = Field(default=None, description="Env whose reference answers make the data; None = the first RL env.")
-    env_kwargs: dict[str, Any] | None = Field(default=None, description="Its kwargs; None = the first RL env's.")
+    env_id: str | None = Field(default=None, description="Env whose reference answers make the data; None = the first RL env of weight > 0 (or `mix`).")
+    env_kwargs: dict[str, Any] | None = Field(default=None, description="Its kwargs; None = those of the job's env with that id.")
     seed: int | None = Field(default=None, ge=0, description="Seed of the data order and the trainer's RNGs; None = the job's seed.")
     eval_tasks: int = Field(default=100, ge=1, description="Held-out tasks measured during the warm start (at least eval.num_tasks: the RL eval draws from them).")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads of the warm start; None = one per core (nothing else runs yet: the workers start after it).")
 
-    def resolve(self, first_env: EnvSpec, job_seed: int) -> SFTConfig:
-        """The `SFTConfig` this stage runs: what is unset taken from the job."""
-        return SFTConfig.model_validate({**self.model_dump(), "env_id": self.env_id or first_env.id,
-                                         "env_kwargs": first_env.kwargs if self.env_kwargs is None else self.env_kwargs,
+    @model_validator(mode="after")
+    def _check(self) -> SFTStageConfig:  # the rest is checked on the resolved SFTConfig (JobConfig does it up front)
+        if self.env_id and self.mix:
+            raise ValueError("name the warm start's data by env_id (one env) or mix (several), not both")
+        if self.stop_at_accuracy is not None and not self.eval_every:
+            raise ValueError("stop_at_accuracy needs eval_every: accuracy is only measured every eval_every steps")
+        return self
+
+    def resolve(self, envs: list[EnvSpec], job_seed: int) -> SFTConfig:
+        """The `SFTConfig` this stage runs: what is unset taken from the job (`envs`: the job's envs)."""
+        job = {spec.id: spec for spec in envs}
+        mix = [{"id": e.id, "kwargs": (job[e.id].kwargs if e.id in job else {}) if e.kwargs is None else e.kwargs,
+                "weight": (job[e.id].weight if e.id in job else 1.0) if e.weight is None else e.weight} for e in self.mix]
+        job_kwargs = {spec.id: spec.kwargs for spec in envs}
+        env_id = self.env_id or next(spec.id for spec in envs if spec.weight > 0)  # not an env only evaluated
+        single = {} if mix else {"env_id": env_id, "env_kwargs": job_kwargs.get(env_id, {}) if self.env_kwargs is None else self.env_kwargs}
+        return SFTConfig.model_validate({**self.model_dump(exclude={"env_id", "env_kwargs", "mix"}), **single, "mix": mix,
                                          "seed": job_seed if self.seed is None else self.seed,
                                          "num_threads": self.num_threads or os.cpu_count()})
 
@@ -168,6 +181,8 @@ class JobConfig(_Config):
     def _check(self) -> JobConfig:
         if not self.envs:
             raise ValueError("envs is empty: name at least one env, e.g. envs: [{id: cwm_rl/Math-v0}]")
+        if not any(spec.weight > 0 for spec in self.envs):
+            raise ValueError("every env has weight 0 (evaluated only): give at least one env a weight > 0 to train on")
         if self.rollout.engine.model is not None:
             raise ValueError(f"rollout.engine.model ({self.rollout.engine.model}) is set by the job: name the policy with "
                              "model.path instead, and remove rollout.engine.model")
@@ -175,6 +190,11 @@ class JobConfig(_Config):
         if self.model.path is None and sft.steps and sft.eval_tasks < self.eval.num_tasks:
             raise ValueError(f"model.sft.eval_tasks ({sft.eval_tasks}) < eval.num_tasks ({self.eval.num_tasks}): the warm start would "
                              "train on tasks the RL eval holds out; set model.sft.eval_tasks >= eval.num_tasks")
+        if self.model.path is None and sft.steps:
+            try:
+                sft.resolve(self.envs, self.seed)
+            except ValidationError as e:
+                raise ValueError(f"model.sft: {'; '.join(err['msg'].removeprefix('Value error, ') for err in e.errors())}") from None
         if abs(self.rollout.sampling.temperature - self.trainer.loss.temperature) > 1e-9 and self.rollout.sampling.temperature > 0:
             raise ValueError(f"rollout.sampling.temperature ({self.rollout.sampling.temperature}) differs from "
                              f"trainer.loss.temperature ({self.trainer.loss.temperature}): the trainer must score tokens at the "
@@ -223,14 +243,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.optim.lr=1e-4")
-        node = data
+        node: Any = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section (it is {child!r})")
-            node = child
-        node[parts[-1]] = yaml.safe_load(raw)
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):  # envs.1.weight=0: an item of a list by its index
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"--set {item!r}: {'.'.join(parts[:depth])!r} is a list of {len(node)}" +
+                                     (f"; index it with 0..{len(node) - 1}" if node else ": set the whole list instead"))
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {parts[depth - 1]!r} is not a section (it is {node!r})")
+            if last:
+                node[part] = yaml.safe_load(raw)
+            elif isinstance(node, dict) and part not in node and parts[depth + 1].isdigit():
+                raise ValueError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not set here, so it has no item "
+                                 f"{parts[depth + 1]}: set the whole list, e.g. --set {'.'.join(parts[:depth + 1])}=[...]")
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
     return data
 
 

@@ -3,7 +3,10 @@
     cwm-rl model sft --model models/tiny --env cwm_rl/Math-v0 --kwarg difficulty=1 --steps 300 --out models/tiny-sft
 
 From Python, `run_sft("models/tiny", "models/tiny-sft", SFTConfig(env_id="cwm_rl/Math-v0", steps=300))`
-does the same and returns the summary (`tests/cwm_rl/test_sft.py` runs both).
+does the same and returns the summary (`tests/cwm_rl/test_sft.py` runs both). A mix of envs:
+`SFTConfig(mix=[{"id": "cwm_rl/Math-v0"}, {"id": "cwm_rl/Trace-v0", "kwargs": {"format": "cwm"}, "weight": 2}], ...)`
+draws each example's env by weight; every env keeps its own held-out set and accuracy (`by_env` in
+the summary; `accuracy_*` is their mean).
 
 Data: the env's own tasks (`cwm_rl.loop.tasks`: its generator, or its task list). A training
 example is the task drawn for a seed of the training range (even seeds), reset in the env, and
@@ -14,7 +17,8 @@ answers: an RL job without a warm start needs none.
 
 Held-out evaluation: the held-out tasks a job with the same seed holds out
 (`cwm_rl.loop.tasks.held_out_tasks`: at most `eval_share` of the env's distinct tasks), and every
-training draw whose task id is among them is skipped, so no evaluated task is ever trained on.
+training draw whose task id, or split key (Trace-v0: its program), is among them is skipped, so no
+evaluated task is ever trained on.
 Accuracy is greedy decoding with transformers (batched, left-padded, stopping at the end-of-turn
 token), the text decoded as the agent loop decodes it, stepped in a fresh reset of the env to the
 same task: reward > 0 counts as correct. The same is measured on up to as many tasks the run trains on,
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,12 +43,23 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cwm_rl.loop.tasks import draw_task, env_name, held_out_tasks, train_seed
+from cwm_rl.loop.tasks import draw_task, env_name, held_out_keys, held_out_tasks, split_key, train_seed
 from cwm_rl.types import Task
 
 # Files of a model directory that belong to the tokenizer and chat template (copied as they are).
 TOKENIZER_FILES = ("tokenizer*", "chat_template*", "special_tokens*", "added_tokens*", "vocab*", "merges*")
 MAX_SKIPS_IN_A_ROW = 1_000  # training draws that all hit held-out tasks before we give up
+PREPARE_CHUNK = 256  # training tasks drawn ahead and handed to env.prepare_tasks at once (Trace-v0: one sandbox run)
+
+
+class SFTEnv(BaseModel):
+    """One env of a warm start's mix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Env id, e.g. cwm_rl/Trace-v0.")
+    kwargs: dict[str, Any] | None = Field(default=None, description="Its constructor kwargs; None = {} (in a job: the kwargs of the job's env with this id).")
+    weight: float | None = Field(default=None, ge=0, description="Share of the training examples drawn from it, relative to the others; 0 = evaluated only; None = 1 (in a job: the weight of the job's env with this id).")
 
 
 class SFTConfig(BaseModel):
@@ -51,8 +67,9 @@ class SFTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    env_id: str = Field(description="Env whose task generator and reference answers make the data, e.g. cwm_rl/Math-v0.")
+    env_id: str | None = Field(default=None, description="Env whose task generator and reference answers make the data, e.g. cwm_rl/Math-v0 (or `mix`).")
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Env constructor arguments, e.g. {'difficulty': 1}.")
+    mix: list[SFTEnv] = Field(default_factory=list, description="Or several envs, each example's env drawn by weight; each keeps its own held-out set and accuracy.")
     steps: int = Field(ge=0, description="Optimiser steps (0 = only evaluate).")
     batch_size: int = Field(default=64, ge=1, description="Sequences per optimiser step.")
     lr: float = Field(default=2e-3, gt=0, description="Peak AdamW learning rate (2e-3 taught a 1 M-parameter model 2-digit addition).")
@@ -64,15 +81,40 @@ class SFTConfig(BaseModel):
     eval_max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per held-out prompt at most.")
     eval_batch_size: int = Field(default=128, ge=1, description="Prompts per generate() call during evaluation.")
     eval_every: int = Field(default=0, ge=0, description="Also evaluate every this many steps; 0 = only before and after.")
-    stop_at_accuracy: float | None = Field(default=None, gt=0, le=1, description="Stop once held-out accuracy reaches this (checked every eval_every steps): a warm start to a modest accuracy whatever the seed.")
+    stop_at_accuracy: float | dict[str, float] | None = Field(default=None, description="Stop once held-out accuracy reaches this (checked every eval_every steps): a warm start to a modest accuracy whatever the seed. With a mix, every env must reach it, or {env id: accuracy} for the envs named.")
     seed: int = Field(default=0, ge=0, description="Seed of the data order (training and held-out seed ranges) and the trainer's RNGs.")
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads during the run; None = torch's default (one per core). 1 is far faster on a busy machine.")
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:
-        if self.stop_at_accuracy is not None and not self.eval_every:
-            raise ValueError("stop_at_accuracy needs eval_every: accuracy is only measured every eval_every steps")
+        if (self.env_id is None) == (not self.mix):
+            raise ValueError("name the data's env: env_id (one env) or mix (several), not both" if self.mix else
+                             "name the data's env: env_id (e.g. cwm_rl/Math-v0) or mix (a list of {id, kwargs, weight})")
+        if self.mix and not any(e.weight is None or e.weight > 0 for e in self.mix):
+            raise ValueError("every env of mix has weight 0 (evaluated only): give one a weight > 0 to train on")
+        ids = [e.id for e in self.envs()]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"mix names an env twice ({ids}); give each env once, with its weight")
+        if self.stop_at_accuracy is not None:
+            if not self.eval_every:
+                raise ValueError("stop_at_accuracy needs eval_every: accuracy is only measured every eval_every steps")
+            targets = self.stop_targets()
+            if unknown := set(targets) - set(ids):
+                raise ValueError(f"stop_at_accuracy names {sorted(unknown)}, not in the data's envs {ids}")
+            if not all(0 < v <= 1 for v in targets.values()):
+                raise ValueError(f"stop_at_accuracy must be in (0, 1], got {self.stop_at_accuracy}")
         return self
+
+    def envs(self) -> list[SFTEnv]:
+        """The envs the data comes from (`mix`, or `env_id` alone)."""
+        return [e if e.weight is not None else e.model_copy(update={"weight": 1.0}) for e in self.mix] or \
+            [SFTEnv(id=self.env_id, kwargs=self.env_kwargs, weight=1.0)]
+
+    def stop_targets(self) -> dict[str, float]:
+        """{env id: held-out accuracy it must reach} for stop_at_accuracy."""
+        if isinstance(self.stop_at_accuracy, dict):
+            return dict(self.stop_at_accuracy)
+        return {} if self.stop_at_accuracy is None else {e.id: self.stop_at_accuracy for e in self.envs() if e.weight != 0}
 
 
 @dataclass
@@ -116,42 +158,79 @@ def example_of(env: Any, task: Task, seed: int | None = None) -> Example:
     return Example(task_id=task.id, task=task, messages=messages, answer=answer)
 
 
+def prepare(env: Any, tasks: list[Task]) -> None:
+    """Let the env do its costly per-task setup for all of `tasks` at once (`TextEnv.prepare_tasks`)."""
+    getattr(env, "prepare_tasks", lambda tasks: None)(tasks)
+
+
 def held_out_examples(env: Any, config: SFTConfig) -> tuple[list[Example], dict[str, Any]]:
     """The held-out tasks a job with this seed holds out too (`cwm_rl.loop.tasks.held_out_tasks`), as examples."""
-    tasks = held_out_tasks(env, config.seed, config.eval_tasks, config.eval_share)
-    examples = [example_of(env, Task.model_validate(t)) for t in tasks]
+    tasks = [Task.model_validate(t) for t in held_out_tasks(env, config.seed, config.eval_tasks, config.eval_share)]
+    prepare(env, tasks)
+    examples = [example_of(env, t) for t in tasks]
     return examples, {"requested": config.eval_tasks, "held_out": len(examples)}
 
 
-def training_examples(env: Any, config: SFTConfig, held_out_ids: set[str]) -> Iterator[Example]:
-    """Endless, deterministic training examples, none of whose tasks is held out."""
+def training_examples(env: Any, config: SFTConfig, held_out: set[str]) -> Iterator[Example]:
+    """Endless, deterministic training examples, none of whose tasks shares a split key with `held_out`
+    (`cwm_rl.loop.tasks.split_key`: a task id, or Trace-v0's program)."""
     skipped_in_a_row = 0
     k = 0
     while True:
-        seed = train_seed(config.seed, k)
-        task = draw_task(env, seed)
-        k += 1
-        if task.id in held_out_ids:
-            skipped_in_a_row += 1
-            if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-                raise ValueError(f"{MAX_SKIPS_IN_A_ROW} training draws in a row were held-out tasks: the held-out set covers "
-                                 f"the task generator; lower eval_tasks / eval_share (--eval-tasks)")
-            continue
-        skipped_in_a_row = 0
-        yield example_of(env, task, seed)
+        drawn: list[tuple[int, Task]] = []
+        while len(drawn) < PREPARE_CHUNK:
+            seed = train_seed(config.seed, k)
+            task = draw_task(env, seed)
+            k += 1
+            if split_key(task) in held_out:
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise ValueError(f"{MAX_SKIPS_IN_A_ROW} training draws in a row were held-out tasks: the held-out set "
+                                     f"covers the task generator; lower eval_tasks / eval_share (--eval-tasks)")
+                continue
+            skipped_in_a_row = 0
+            drawn.append((seed, task))
+        prepare(env, [task for _, task in drawn])
+        for seed, task in drawn:
+            yield example_of(env, task, seed)
 
 
-def trained_examples(env: Any, config: SFTConfig, held_out_ids: set[str], num: int) -> list[Example]:
-    """Up to `num` distinct tasks the run trains on (from its first steps x batch_size draws), for the
-    accuracy on seen tasks next to the held-out one: memorising vs generalising."""
+def trained_examples(env: Any, config: SFTConfig, held_out: set[str], num: int, num_draws: int | None = None) -> list[Example]:
+    """Up to `num` distinct tasks the run trains on (from its first `num_draws` draws, by default steps x
+    batch_size), for the accuracy on seen tasks next to the held-out one: memorising vs generalising."""
     found: dict[str, Example] = {}
-    stream = training_examples(env, config, held_out_ids)
-    for _ in range(config.steps * config.batch_size):
+    if num_draws == 0:
+        return []
+    stream = training_examples(env, config, held_out)
+    for _ in range(config.steps * config.batch_size if num_draws is None else num_draws):
         if len(found) >= num:
             break
         example = next(stream)
         found.setdefault(example.task_id, example)
     return list(found.values())
+
+
+@dataclass
+class EnvData:
+    """One env of the warm start: its held-out and trained-on examples, its training stream, its weight."""
+
+    id: str
+    env: Any
+    weight: float
+    held_out: list[Example]
+    held_out_info: dict[str, Any]
+    held_out_keys: set[str]
+    trained: list[Example]
+    stream: Iterator[Example]
+
+    @classmethod
+    def make(cls, spec: SFTEnv, env: Any, config: SFTConfig, num_draws: int) -> EnvData:
+        """`num_draws`: the training examples the run will take from this env (its share of steps x batch_size)."""
+        held_out, info = held_out_examples(env, config)
+        keys = held_out_keys([e.task.model_dump(mode="json") for e in held_out])
+        return cls(id=spec.id, env=env, weight=spec.weight, held_out=held_out, held_out_info=info, held_out_keys=keys,
+                   trained=trained_examples(env, config, keys, len(held_out), num_draws),
+                   stream=training_examples(env, config, keys))
 
 
 class SampleMaker:
@@ -278,7 +357,7 @@ def run_sft(model_dir: str | Path, out_dir: str | Path, config: SFTConfig, *, fo
             progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate, train `config.steps` SFT steps, evaluate again, save the model; returns the summary.
 
-    `progress` gets {"event": "eval", "step", "accuracy", ...} and {"event": "step", "step", "loss",
+    `progress` gets {"event": "eval", "step", "accuracy", "by_env", ...} and {"event": "step", "step", "loss",
     "tokens_per_s", ...} dicts as the run goes. The summary is also written to `out_dir/sft_summary.json`."""
     from envs import make_env
 
@@ -287,21 +366,26 @@ def run_sft(model_dir: str | Path, out_dir: str | Path, config: SFTConfig, *, fo
     check_out_dir(out_dir, model_dir, force)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory (no config.json); make one with `cwm-rl model init --out DIR`")
-    env = make_env(config.env_id, **config.env_kwargs)  # unknown ids: ValueError listing the registered ones
-    report = progress or (lambda event: None)
-    import torch  # after the cheap checks: a typo in the env id fails fast
-
-    threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    envs: list[Any] = []
     try:
-        return _run(model_dir, out_dir, config, env, report, started)
+        for spec in config.envs():
+            envs.append(make_env(spec.id, **(spec.kwargs or {})))  # unknown ids: ValueError listing the registered ones
+        report = progress or (lambda event: None)
+        import torch  # after the cheap checks: a typo in the env id fails fast
+
+        threads = torch.get_num_threads()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        try:
+            return _run(model_dir, out_dir, config, envs, report, started)
+        finally:
+            torch.set_num_threads(threads)
     finally:
-        torch.set_num_threads(threads)
-        env.close()
+        for env in envs:
+            env.close()
 
 
-def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Callable[[dict[str, Any]], None],
+def _run(model_dir: Path, out_dir: Path, config: SFTConfig, envs: list[Any], report: Callable[[dict[str, Any]], None],
          started: float) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -313,10 +397,10 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
     if len(maker.end_of_turn_ids) != 1:
         raise ValueError(f"the end-of-turn token {maker.end_of_turn!r} is {len(maker.end_of_turn_ids)} token ids; "
                          "evaluation stops on one id")
-    held_out, held_out_info = held_out_examples(env, config)
-    held_out_ids = {e.task_id for e in held_out}
-    trained = trained_examples(env, config, held_out_ids, len(held_out))
-    stream = training_examples(env, config, held_out_ids)
+    specs = config.envs()
+    pick = random.Random(config.seed)  # which env each training example comes from, drawn for the whole run up front
+    plan = pick.choices(range(len(specs)), weights=[e.weight for e in specs], k=config.steps * config.batch_size)
+    data = [EnvData.make(spec, env, config, plan.count(i)) for i, (spec, env) in enumerate(zip(specs, envs))]
     with _no_progress_bars():
         trainer = Trainer(TrainerConfig.model_validate({
             "optim": {"lr": config.lr, "warmup_steps": config.warmup_steps, "schedule": "constant",
@@ -325,22 +409,28 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
             "seed": config.seed,
         }), model_dir)
 
-    def run_eval(step: int) -> tuple[EvalResult, EvalResult | None]:
+    def run_eval(step: int) -> dict[str, tuple[EvalResult, EvalResult | None]]:
         t0 = time.perf_counter()
-        result = evaluate(trainer.model, maker, env, held_out, config)
-        seen = evaluate(trainer.model, maker, env, trained, config) if trained else None
+        results = {d.id: (evaluate(trainer.model, maker, d.env, d.held_out, config),
+                          evaluate(trainer.model, maker, d.env, d.trained, config) if d.trained else None) for d in data}
+        held_out, seen = _combined(results)
         report({"event": "eval", "step": step, "steps": config.steps, "seconds": time.perf_counter() - t0,
-                "train_accuracy": _accuracy(seen), **result.to_dict()})
-        return result, seen
+                "train_accuracy": seen, "by_env": {k: r.accuracy for k, (r, _) in results.items()}, **held_out.to_dict()})
+        return results
 
-    before, seen_before = after, seen_after = run_eval(0)
-    curve = [{"step": 0, "accuracy": before.accuracy, "train_accuracy": _accuracy(seen_before)}]
+    before = after = run_eval(0)
+    curve = [_curve_point(0, before)]
     losses: list[float] = []
-    trained_ids: set[str] = set()
+    trained_keys: dict[str, set[str]] = {d.id: set() for d in data}
+    targets = config.stop_targets()
+    stopped = False
     train_started = time.perf_counter()
     for step in range(1, config.steps + 1):
-        batch = [next(stream) for _ in range(config.batch_size)]
-        trained_ids.update(e.task_id for e in batch)
+        batch = []
+        for d in (data[i] for i in plan[(step - 1) * config.batch_size:step * config.batch_size]):
+            example = next(d.stream)
+            trained_keys[d.id].add(split_key(example.task))
+            batch.append(example)
         samples = [maker(e) for e in batch]
         metrics = trainer.sft_step(samples)
         losses.append(metrics["sft_loss"])
@@ -349,28 +439,56 @@ def _run(model_dir: Path, out_dir: Path, config: SFTConfig, env: Any, report: Ca
                 "grad_norm": metrics["grad_norm"], "lr": metrics["lr"], "tokens": num_tokens,
                 "tokens_per_s": num_tokens / max(metrics["step_time_s"], 1e-9)})
         if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-            after, seen_after = run_eval(step)
-            curve.append({"step": step, "accuracy": after.accuracy, "train_accuracy": _accuracy(seen_after)})
-            if config.stop_at_accuracy is not None and after.accuracy >= config.stop_at_accuracy:
+            after = run_eval(step)
+            curve.append(_curve_point(step, after))
+            stopped = bool(targets) and all(after[k][0].accuracy >= t for k, t in targets.items())
+            if stopped:
                 break
     train_seconds = time.perf_counter() - train_started
-    assert not trained_ids & held_out_ids, "a held-out task was trained on"
-    assert {e.task_id for e in trained} <= trained_ids, "a task counted as trained on was not"
+    for d in data:
+        assert not trained_keys[d.id] & d.held_out_keys, f"{d.id}: a held-out task was trained on"
+        if not stopped:  # a run stopped early may not have reached every task counted as trained on
+            assert {split_key(e.task) for e in d.trained} <= trained_keys[d.id], f"{d.id}: a task counted as trained on was not"
 
     save_model(trainer.model, model_dir, out_dir)
+    (held_out_before, seen_before), (held_out_after, seen_after) = _combined(before), _combined(after)
+    by_env = {d.id: {"accuracy_before": before[d.id][0].accuracy, "accuracy_after": after[d.id][0].accuracy,
+                     "train_accuracy_before": _accuracy(before[d.id][1]), "train_accuracy_after": _accuracy(after[d.id][1]),
+                     "num_eval_tasks": len(d.held_out), "held_out": d.held_out_info, "weight": d.weight,
+                     "num_distinct_training_tasks": len(trained_keys[d.id]), "eval_after": after[d.id][0].to_dict()}
+              for d in data}
     summary = {
-        "model": str(model_dir), "out": str(out_dir), "env_id": config.env_id, "steps": curve[-1]["step"],
-        "stopped_at_accuracy": config.stop_at_accuracy is not None and after.accuracy >= config.stop_at_accuracy,
-        "accuracy_before": before.accuracy, "accuracy_after": after.accuracy, "num_eval_tasks": len(held_out),
-        "train_accuracy_before": _accuracy(seen_before), "train_accuracy_after": _accuracy(seen_after),
-        "eval_before": before.to_dict(), "eval_after": after.to_dict(), "accuracy_curve": curve,
-        "held_out": held_out_info, "held_out_ids": [e.task_id for e in held_out], "num_distinct_training_tasks": len(trained_ids),
+        "model": str(model_dir), "out": str(out_dir), "env_id": config.env_id, "envs": [d.id for d in data],
+        "steps": curve[-1]["step"], "stopped_at_accuracy": stopped,
+        "accuracy_before": held_out_before.accuracy, "accuracy_after": held_out_after.accuracy,
+        "num_eval_tasks": sum(len(d.held_out) for d in data),
+        "train_accuracy_before": seen_before, "train_accuracy_after": seen_after,
+        "eval_before": held_out_before.to_dict(), "eval_after": held_out_after.to_dict(), "accuracy_curve": curve,
+        "by_env": by_env, "held_out": data[0].held_out_info if len(data) == 1 else {d.id: d.held_out_info for d in data},
+        "held_out_ids": [e.task_id for d in data for e in d.held_out],
+        "num_distinct_training_tasks": sum(len(keys) for keys in trained_keys.values()),
         "loss_first": losses[0] if losses else None, "loss_last": _mean(losses[-10:]) if losses else None,
         "loss_curve": _loss_curve(losses), "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2), "config": config.model_dump(mode="json"),
     }
     (out_dir / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _combined(results: dict[str, tuple[EvalResult, EvalResult | None]]) -> tuple[EvalResult, float | None]:
+    """The envs' held-out results as one (accuracy: the mean over envs, as a job's eval_accuracy), and the mean
+    trained-on accuracy over the envs trained on (None if none was)."""
+    held_out = [r for r, _ in results.values()]
+    seen = [s.accuracy for _, s in results.values() if s is not None]
+    combined = EvalResult(accuracy=_mean([r.accuracy for r in held_out]), num_correct=sum(r.num_correct for r in held_out),
+                          num_tasks=sum(r.num_tasks for r in held_out), examples=[x for r in held_out for x in r.examples])
+    return combined, _mean(seen) if seen else None
+
+
+def _curve_point(step: int, results: dict[str, tuple[EvalResult, EvalResult | None]]) -> dict[str, Any]:
+    held_out, seen = _combined(results)
+    return {"step": step, "accuracy": held_out.accuracy, "train_accuracy": seen,
+            "by_env": {k: r.accuracy for k, (r, _) in results.items()}}
 
 
 def save_model(model: Any, model_dir: Path, out_dir: Path) -> None:

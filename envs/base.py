@@ -11,8 +11,8 @@ A subclass implements three methods:
     first_messages(t)  -> list of messages      what the model sees first (default: the prompt)
     respond(action)    -> (obs, reward, terminated, truncated, info)   react to one turn
 (an env with a fixed task list sets `self.tasks` instead of writing `sample_task`) and may add
-`reference_action()` (a correct answer, for checks and SFT) and `reward_hack_probes()` (actions
-that must not score). `SingleTurnEnv` reduces this to `sample_task` and `score`. Bookkeeping (turn count, `max_turns`, order checks, the transcript,
+`reference_action()` (a correct answer, for checks and SFT), `reward_hack_probes()` (actions
+that must not score) and `prepare_tasks(tasks)` (costly per-task setup done for many tasks at once). `SingleTurnEnv` reduces this to `sample_task` and `score`. Bookkeeping (turn count, `max_turns`, order checks, the transcript,
 `state()`) lives here once.
 
 Tasks are drawn without building an episode: `sample_task(rng)` must only draw (no container,
@@ -112,6 +112,10 @@ class TextEnv(gym.Env[Messages, str]):
     def reward_hack_probes(self) -> dict[str, str]:
         """Env-specific actions that must not score on the current task (see `cwm-rl env check`)."""
         return {}
+
+    def prepare_tasks(self, tasks: list[Task]) -> None:
+        """`tasks` are about to be reset (SFT data, a held-out set): an env whose per-task setup is costly does it
+        here for all of them at once (Trace-v0 traces every program in one sandbox run). The default does nothing."""
 
     # ----- the Gymnasium API -----
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Messages, dict[str, Any]]:

@@ -59,17 +59,30 @@ def load_env_modules(modules: list[str] | tuple[str, ...] = (), from_cwd: bool =
             ) from e
 
 
-def _is_text_env(spec: gym.envs.registration.EnvSpec) -> bool:
+def _entry(spec: gym.envs.registration.EnvSpec) -> Any:
+    """What `spec.entry_point` names (a class or a factory), imported but not called; None for Gymnasium's own envs."""
     entry = spec.entry_point
     if isinstance(entry, str):
         if entry.startswith(("gymnasium.", "ale_py", "shimmy")):  # Gymnasium's own envs are not text envs
-            return False
+            return None
         module, _, attr = entry.partition(":")
         try:
             entry = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:  # a broken env is reported, not silently hidden
             raise ImportError(f"env {spec.id} cannot be loaded from {spec.entry_point!r}: {e}") from e
+    return entry
+
+
+def _is_text_env(spec: gym.envs.registration.EnvSpec) -> bool:
+    entry = _entry(spec)
     return isinstance(entry, type) and issubclass(entry, TextEnv)
+
+
+def text_env_class(env_id: str) -> type[TextEnv] | None:
+    """The TextEnv class `make_env(env_id)` makes, without making one; None when a factory function makes it."""
+    register_builtin_envs()
+    entry = _entry(gym.spec(env_id))
+    return entry if isinstance(entry, type) and issubclass(entry, TextEnv) else None
 
 
 def list_text_envs() -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ PROMPTS = {
 }
 
 
+REFERENCE_CACHE_SIZE = 50_000  # traced results kept per process (a level-1 result is a few hundred bytes)
+_references: OrderedDict[str, dict[str, Any]] = OrderedDict()  # call digest -> traced result, shared by every env
+
+
+def call_key(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([meta["source"], meta["function"], meta["args"], meta.get("kwargs") or {}]).encode()).hexdigest()
+
+
+def _remember(key: str, result: dict[str, Any]) -> None:
+    _references[key] = {k: result[k] for k in ("events", "return_repr", "stdout", "exception")}
+    _references.move_to_end(key)
+    while len(_references) > REFERENCE_CACHE_SIZE:
+        _references.popitem(last=False)
+
+
 FORMATS = ("text", "cwm")
 MODES = {"text": ("output", "trace"), "cwm": ("output", "trace", "next_frame")}
 
@@ -55,11 +71,15 @@ def call_text(function: str, args: list, kwargs: dict) -> str:
 
 def trace_task(source: str, function: str, args: list, kwargs: dict | None = None, reference: dict | None = None,
                ident: str | None = None, source_name: str = "generator:trace", level: int | None = None) -> Task:
+    """A task to trace `function(*args, **kwargs)`. Its split key names the program (source and function), so a job
+    or a warm start that holds the program out never trains on it with other arguments."""
     kwargs = kwargs or {}
     digest = hashlib.sha256(json.dumps([source, function, args, kwargs]).encode()).hexdigest()[:10]
+    program = hashlib.sha256(json.dumps([source, function]).encode()).hexdigest()[:10]
     prompt = f"```python\n{numbered(source)}\n```\n\nThe call: `{call_text(function, args, kwargs)}`"
     return Task(id=ident or f"trace-L{level}-{digest}", prompt=prompt, answer=reference, source=source_name,
-                metadata={"source": source, "function": function, "args": args, "kwargs": kwargs, "level": level})
+                metadata={"source": source, "function": function, "args": args, "kwargs": kwargs, "level": level,
+                          "split_key": f"program-{program}"})
 
 
 def asked_frame(task_id: str, num_frames: int, position: float | None = None) -> int:
@@ -122,7 +142,6 @@ class TraceEnv(SingleTurnEnv):
         self.mode, self.difficulty, self.sandbox_backend, self.format = mode, difficulty, sandbox, format
         self.correct_reward, self.wrong_reward = correct_reward, wrong_reward
         self.system_prompt = PROMPTS[mode] if format == "text" else None  # CWM's trace prompt is the source alone
-        self._references: dict[str, dict[str, Any]] = {}  # the current task's traced result
 
     def sample_task(self, rng) -> Task:
         if self.tasks is not None:
@@ -213,18 +232,28 @@ class TraceEnv(SingleTurnEnv):
         return cwm.parts_text(cwm.frames_parts(expected))
 
     def reference(self, task: Task) -> dict[str, Any]:
-        """The traced result of the task's call: the task file's, or run in the sandbox once per task."""
+        """The traced result of the task's call: the task file's, or run in the sandbox once per call (a process keeps
+        the last REFERENCE_CACHE_SIZE, so the episodes of a group, and every eval, trace a call once)."""
         if isinstance(task.answer, dict) and "events" in task.answer:
             return task.answer
-        if task.id not in self._references:
-            from envs.sandbox import shared_sandbox
-            from envs.trace import run_trace
+        key = call_key(task.metadata)
+        if key not in _references:
+            self.prepare_tasks([task])
+        return _references[key]
 
-            meta = task.metadata
-            result = run_trace(meta["source"], meta["function"], meta["args"], meta.get("kwargs"),
-                               sandbox=shared_sandbox(self.sandbox_backend))
-            self._references = {task.id: {k: result[k] for k in ("events", "return_repr", "stdout", "exception")}}
-        return self._references[task.id]
+    def prepare_tasks(self, tasks: list[Task]) -> None:
+        """Trace the calls of `tasks` not traced yet, 500 per sandbox run (one process start for all of them)."""
+        from envs.sandbox import shared_sandbox
+        from envs.trace import run_traces
+
+        todo = {call_key(t.metadata): t.metadata for t in tasks
+                if not (isinstance(t.answer, dict) and "events" in t.answer) and call_key(t.metadata) not in _references}
+        calls = [{"source": m["source"], "function": m["function"], "args": m["args"], "kwargs": m.get("kwargs") or {}}
+                 for m in todo.values()]
+        for start in range(0, len(calls), 500):
+            chunk = calls[start:start + 500]
+            for key, result in zip(list(todo)[start:start + 500], run_traces(chunk, sandbox=shared_sandbox(self.sandbox_backend))):
+                _remember(key, result)
 
     def score(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
         if len(action) > MAX_ANSWER_CHARS:  # a wall of text with the answer buried in it does not count

@@ -21,6 +21,7 @@ import asyncio
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,9 @@ class RolloutWorker:
         load_env_modules(self.config.env_modules)
         self.engine: RolloutEngine | None = None
         self._starting = asyncio.Lock()
+        self._preparers: dict[str, Any] = {}  # one env per (id, kwargs) that prepares a request's tasks at once
+        self._preparing = threading.Lock()
+        self._prepare_failed: set[str] = set()
 
     async def _engine(self, weights: ShippedWeights | None = None) -> RolloutEngine:
         """The engine, started on first use: from the config's model, or from `weights` shipped through Ray's object
@@ -188,12 +192,40 @@ class RolloutWorker:
                                                                 **(sampling or {})})
         limits = EpisodeLimits.model_validate(env["limits"]) if env.get("limits") else self.config.limits
         jobs = [(seed, Task.model_validate(tasks[i]) if tasks else None) for i, seed in enumerate(seeds)]
+        remote = env.get("url") if env else self.config.env_url
+        if tasks and not remote:
+            await asyncio.to_thread(self._prepare_tasks, env_id, env_kwargs, make_env, [task for _, task in jobs])
         groups = await asyncio.gather(*(
             run_group(engine, make_env, env_id=env_id, group_size=group_size, sampling=turn_sampling,
                       limits=limits, seed=seed, task=task, run_id=run_id, env_kwargs=env_kwargs)
             for seed, task in jobs
         ))
         return [t.model_dump_json() for group in groups for t in group]
+
+    def _prepare_tasks(self, env_id: str, kwargs: dict[str, Any], make_env: Any, tasks: list[Any]) -> None:
+        """Let an in-process env whose per-task setup is costly (its class overrides TextEnv.prepare_tasks) do it for a
+        request's tasks at once, before its episodes reset (Trace-v0: one sandbox run traces every call, instead of
+        one per episode). A failure is logged once and left to the resets, which report it per episode."""
+        import json
+        import logging
+
+        from envs.base import TextEnv
+        from envs.registry import text_env_class
+
+        key = json.dumps([env_id, kwargs], sort_keys=True, default=str)
+        try:
+            with self._preparing:
+                if key not in self._preparers:
+                    cls = text_env_class(env_id)
+                    overrides = cls is not None and cls.prepare_tasks is not TextEnv.prepare_tasks
+                    self._preparers[key] = make_env() if overrides else None
+            if self._preparers[key] is not None:
+                self._preparers[key].prepare_tasks(tasks)
+        except Exception as e:  # noqa: BLE001 - the episodes' own resets meet (and record) the same problem
+            if key not in self._prepare_failed:
+                self._prepare_failed.add(key)
+                logging.getLogger(__name__).warning("%s: preparing %d task(s) failed (%s: %s); each episode's reset "
+                                                    "does its own setup", env_id, len(tasks), type(e).__name__, e)
 
     async def update_weights(self, version: int, weights: str | ShippedWeights) -> int:
         """Reload version `version` in flight: a published dir (files backend), or weights shipped through Ray's object
@@ -217,6 +249,10 @@ class RolloutWorker:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+        for env in self._preparers.values():
+            if env is not None:
+                env.close()
+        self._preparers.clear()
         from envs.sandbox import close_shared_sandboxes
         from envs.swe.containers import close_shared_pools
 

@@ -73,6 +73,16 @@ def sandbox_root():
     return build(log=print)
 
 
+@pytest.fixture
+def fresh_trace_cache(monkeypatch, sandbox_root):
+    """Trace-v0's process-wide reference cache, empty for this test (earlier tests traced some of the same calls)."""
+    from collections import OrderedDict
+
+    import envs.trace_env
+
+    monkeypatch.setattr(envs.trace_env, "_references", OrderedDict())
+
+
 @pytest.fixture(scope="session")
 def docker_ready():
     if shutil.which("docker") is None:

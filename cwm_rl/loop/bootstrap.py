@@ -36,9 +36,19 @@ def bootstrap_model(config: JobConfig, run_dir: Path, say: Callable[[str], None]
     if not (sft_dir / "sft_summary.json").is_file():
         from cwm_rl.sft import run_sft
 
-        sft = c.sft.resolve(config.envs[0], config.seed)
-        say(f"warm start: SFT {sft.steps} steps on {sft.env_id} ...")
-        summary = run_sft(init_dir, sft_dir, sft, force=True)
-        say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%} "
+        sft = c.sft.resolve(config.envs, config.seed)
+        names = [f"{e.id} (weight {e.weight:g})" for e in sft.mix] or [sft.env_id]
+        say(f"warm start: SFT {sft.steps} steps on {', '.join(names)} ...")
+        summary = run_sft(init_dir, sft_dir, sft, force=True, progress=lambda e: _say_eval(e, say) if e["event"] == "eval" else None)
+        by_env = "" if len(summary["by_env"]) == 1 else " (" + ", ".join(
+            f"{k} {v['accuracy_before']:.1%} -> {v['accuracy_after']:.1%}" for k, v in summary["by_env"].items()) + ")"
+        say(f"warm start: held-out accuracy {summary['accuracy_before']:.1%} -> {summary['accuracy_after']:.1%}{by_env} "
             f"after {summary['steps']} steps")
     return sft_dir
+
+
+def _say_eval(event: dict, say: Callable[[str], None]) -> None:
+    """A warm-start eval as one line: the steps pass quietly, the accuracy (per env) does not."""
+    by_env = event["by_env"]
+    detail = "" if len(by_env) == 1 else " (" + ", ".join(f"{k} {v:.1%}" for k, v in by_env.items()) + ")"
+    say(f"warm start: step {event['step']}/{event['steps']}: held-out accuracy {event['accuracy']:.1%}{detail}")

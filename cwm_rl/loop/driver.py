@@ -180,6 +180,8 @@ def finish(run: Run) -> dict[str, Any]:
         "stop_reason": run.stop_reason,
         "eval_accuracy_initial": history[0]["eval_accuracy"] if history else None,
         "eval_accuracy_final": history[-1]["eval_accuracy"] if history else None,
+        "eval_accuracy_by_env": {spec.id: {"initial": history[0].get(f"eval_accuracy/{spec.id}"),
+                                           "final": history[-1].get(f"eval_accuracy/{spec.id}")} for spec in run.config.envs} if history else {},
         "steps": run.trainer.step_count,
         "policy_versions": run.trainer.policy_version,
         **run.counts.to_dict(),

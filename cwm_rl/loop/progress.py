@@ -40,6 +40,7 @@ class ProgressView:
         self.last: dict[str, Any] = {}
         self.rewards: deque[float] = deque(maxlen=10)
         self.evals: list[float] = []
+        self.env_evals: dict[str, list[float]] = {}  # per env, when the job mixes several
         self.status = "starting"
         self.live: Live | None = None
         if enabled and (self.console.is_terminal if live is None else live):
@@ -66,7 +67,11 @@ class ProgressView:
 
     def eval(self, step: int, accuracy: float, per_env: dict[str, float]) -> None:
         self.evals.append(accuracy)
-        self.say(f"eval at step {step}: held-out greedy accuracy {accuracy:.1%}" + ("" if len(per_env) == 1 else f" {per_env}"))
+        if len(per_env) > 1:
+            for env_id, value in per_env.items():
+                self.env_evals.setdefault(env_id, []).append(value)
+        detail = "" if len(per_env) == 1 else " (mean over envs): " + ", ".join(f"{k} {v:.1%}" for k, v in per_env.items())
+        self.say(f"eval at step {step}: held-out greedy accuracy {accuracy:.1%}{detail}")
 
     def panel(self) -> Panel:
         """The live panel (also what a test renders)."""
@@ -78,9 +83,11 @@ class ProgressView:
         grid.add_column(style="bold")
         grid.add_column()
         reward = f"{self.rewards[-1]:+.3f} (last 10: {sum(self.rewards) / len(self.rewards):+.3f})" if self.rewards else "-"
-        evals = "-" if not self.evals else (f"{self.evals[0]:.1%}" if len(self.evals) == 1 else f"{self.evals[0]:.1%} -> {self.evals[-1]:.1%}")
+        evals = _first_to_latest(self.evals)
         grid.add_row("step", f"{done} / {self.total_steps}", "policy version", str(int(m.get("new_policy_version", 0))) if m else "0")
         grid.add_row("train reward", reward, "held-out accuracy", evals)
+        for env_id, values in self.env_evals.items():  # a mix: each env's held-out accuracy, first -> latest
+            grid.add_row("", "", f"  {env_id}", _first_to_latest(values))
         grid.add_row("tokens/s", f"{m['tokens_per_s']:.0f}" if m else "-", "buffer",
                      f"{m['buffer_groups']}/{self.buffer_groups} groups" if m else "-")
         grid.add_row("staleness", f"{m.get('staleness_mean', 0.0):.2f}" if m else "-", "elapsed", f"{time.time() - self.started:.0f} s")
@@ -91,3 +98,7 @@ class ProgressView:
         if self.live is not None:
             self.live.stop()
             self.live = None
+
+
+def _first_to_latest(values: list[float]) -> str:
+    return "-" if not values else (f"{values[0]:.1%}" if len(values) == 1 else f"{values[0]:.1%} -> {values[-1]:.1%}")

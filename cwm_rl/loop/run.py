@@ -121,7 +121,9 @@ def check_held_out(saved: dict[str, list[str]] | None, now: dict[str, list[str]]
     if changed:
         raise ValueError(f"the held-out tasks of {', '.join(changed)} differ from the ones this run held out when it started, so "
                          "evaluation would play tasks it trained on: resume with the env kwargs, task files, seed, eval.num_tasks "
-                         "and model.sft.eval_share it started with (run_dir/config.yaml), or start a new run")
+                         "and model.sft.eval_share it started with (run_dir/config.yaml), or start a new run (a Trace-v0 run "
+                         "started before 2026-12-07 held out single calls; it now holds out whole programs, so only a new run "
+                         "can go on)")
 
 
 def check_run_dir(config: JobConfig, resume: bool) -> Path:

@@ -106,7 +106,7 @@ class Sinks:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def plot(self) -> None:
-        """progress.png: train reward per step and held-out accuracy per eval."""
+        """progress.png: train reward per step and held-out accuracy per eval (per env in a mix)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -115,7 +115,13 @@ class Sinks:
         fig, ax = plt.subplots(figsize=(7, 4))
         if self.history:
             ax.plot([h["step"] + 1 for h in self.history], [h["reward_mean"] for h in self.history], label="train reward (mean)", alpha=0.6)
-        ax.plot([e["step"] for e in self.eval_history], [e["eval_accuracy"] for e in self.eval_history], "o-", label="held-out accuracy (greedy)")
+        steps = [e["step"] for e in self.eval_history]
+        env_ids = [spec.id for spec in self.config.envs]
+        if len(env_ids) == 1:
+            ax.plot(steps, [e["eval_accuracy"] for e in self.eval_history], "o-", label="held-out accuracy (greedy)")
+        for env_id in env_ids if len(env_ids) > 1 else []:  # a mix: one curve per env
+            key = f"eval_accuracy/{env_id}"
+            ax.plot(steps, [e.get(key, float("nan")) for e in self.eval_history], "o-", label=f"held-out accuracy: {env_id}")
         ax.set_xlabel("trainer step")
         ax.set_title(f"{self.run_dir.name}: {self.config.mode} GRPO")
         ax.legend()

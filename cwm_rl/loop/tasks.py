@@ -7,7 +7,7 @@ process starts here, and no reference answer is needed.
     >>> held_out = {spec.id: held_out_tasks(make_task_env(spec), seed=0, num_tasks=5)}
     >>> tasks = TaskMix([spec], seed=0, held_out=held_out, cursors={}, mix_seed=0)
     >>> drawn = tasks.draw(4, env_index=tasks.pick_env())   # (env seed, task) pairs
-    >>> [task["id"] in {t["id"] for t in held_out[spec.id]} for _, task in drawn]   # never a held-out task
+    >>> [split_key(task) in held_out_keys(held_out[spec.id]) for _, task in drawn]   # never a held-out task
     [False, False, False, False]
     >>> tasks.cursors()[spec.id] >= 4   # saved in checkpoints: a resume continues there
     True
@@ -20,7 +20,10 @@ An env offers its tasks in one of two ways (`envs.base.TextEnv`):
   `share` of the distinct tasks a probe of the generator finds.
 - a task list, `env.tasks` (a task file): held-out tasks are the first of a seeded permutation
   (at most `share` of the list), training walks the rest in a fresh seeded order each epoch.
-Either way the driver knows every task it trains on, no trained task is ever evaluated, a resumed
+Tasks that must be held out together share a split key (`split_key`: `metadata["split_key"]`, else
+the task id): Trace-v0 gives every call of one program the program's key, so a held-out program
+is never trained on with other inputs. Either way the driver knows every task it trains on, no
+trained task (nor a task sharing its split key) is ever evaluated, a resumed
 run continues where it stopped, and `cwm-rl model sft` holds out the same tasks (the job's
 held-out set is a prefix of the warm start's when `model.sft.eval_tasks >= eval.num_tasks`).
 """
@@ -64,6 +67,19 @@ def eval_seed(seed: int, k: int) -> int:
     return train_seed(seed, k) + 1
 
 
+def split_key(task: Task | dict[str, Any]) -> str:
+    """What the held-out split is made on: tasks with the same key are held out together (Trace-v0: every call
+    of one program), so a held-out task's key is never trained on. `metadata["split_key"]`, else the task id."""
+    if isinstance(task, Task):
+        return str(task.metadata.get("split_key") or task.id)
+    return str((task.get("metadata") or {}).get("split_key") or task["id"])
+
+
+def held_out_keys(tasks: list[dict[str, Any]]) -> set[str]:
+    """The split keys of held-out tasks (as JSON): no training draw may have one."""
+    return {split_key(t) for t in tasks}
+
+
 def env_name(env: Any) -> str:
     return env.spec.id if getattr(env, "spec", None) else type(env).__name__
 
@@ -86,37 +102,52 @@ def task_list(env: Any) -> list[Task] | None:
 
 
 def held_out_tasks(env: Any, seed: int, num_tasks: int, share: float = 0.25) -> list[dict[str, Any]]:
-    """Up to `num_tasks` distinct held-out tasks of `env` (at most `share` of its tasks), as JSON."""
+    """Up to `num_tasks` held-out tasks of `env`, as JSON: the tasks of its held-out split keys (at most `share` of
+    its keys), one per key first; when there are fewer keys than `num_tasks` (Trace-v0 level 4 has 3 programs),
+    more tasks of the same keys fill the set."""
     listed = task_list(env)
     if listed is not None:
-        if len(listed) < 2:
-            raise ValueError(f"{env_name(env)} has {len(listed)} task: a job needs at least 2 (one held out for eval, "
-                             "the rest to train on); add tasks to its task file")
-        target = max(1, min(num_tasks, math.floor(share * len(listed))))
-        order = task_rng(eval_seed(seed, 0)).permutation(len(listed))
-        return [listed[i].model_dump(mode="json") for i in order[:target]]
-    distinct = len({draw_task(env, train_seed(seed, k)).id for k in range(max(PROBE_DRAWS, 4 * num_tasks))})
+        keys = list(dict.fromkeys(split_key(t) for t in listed))
+        if len(keys) < 2:
+            raise ValueError(f"{env_name(env)} has {len(keys)} distinct task(s) (or split key: one program of Trace-v0): a job "
+                             "needs at least 2 (one held out for eval, the rest to train on); add tasks to its task file")
+        target = max(1, min(num_tasks, math.floor(share * len(keys))))
+        order = task_rng(eval_seed(seed, 0)).permutation(len(keys))
+        by_key: dict[str, list[Task]] = {}
+        for t in listed:
+            by_key.setdefault(split_key(t), []).append(t)
+        held = [keys[i] for i in order[:target]]
+        chosen = [by_key[k][0] for k in held] + [t for k in held for t in by_key[k][1:]]
+        return [t.model_dump(mode="json") for t in chosen[:num_tasks]]
+    distinct = len({split_key(draw_task(env, train_seed(seed, k))) for k in range(max(PROBE_DRAWS, 4 * num_tasks))})
     target = max(1, min(num_tasks, math.floor(share * distinct)))
-    found: dict[str, Task] = {}
-    for k in range(20 * target + 100):
+    found: dict[str, Task] = {}  # split key -> its first task
+    more: dict[str, Task] = {}  # task id -> other tasks of those keys
+    for k in range(20 * num_tasks + 100):
         if len(found) >= target:
-            break
+            keyed = any(key != t.id for key, t in found.items())  # else every key is one task: nothing to fill with
+            if not keyed or len(found) + len(more) >= num_tasks:
+                break
         task = draw_task(env, eval_seed(seed, k))
-        found.setdefault(task.id, task)
-    return [t.model_dump(mode="json") for t in found.values()]
+        key = split_key(task)
+        if key not in found and len(found) < target:
+            found[key] = task
+        elif key in found and task.id != found[key].id and len(found) >= target:
+            more.setdefault(task.id, task)
+    return [t.model_dump(mode="json") for t in [*found.values(), *more.values()][:num_tasks]]
 
 
 class TaskSource:
     """Training tasks of one env: from its generator or its task list, never a held-out one."""
 
-    def __init__(self, env: Any, seed: int, held_out_ids: set[str], cursor: int = 0):
+    def __init__(self, env: Any, seed: int, held_out: set[str], cursor: int = 0):
         self.env = env
         self.name = env_name(env)
         self.base = seed * 10**9
-        self.held_out_ids = held_out_ids
+        self.held_out = held_out  # split keys
         self.cursor = cursor
         listed = task_list(env)
-        self.training = None if listed is None else [t for t in listed if t.id not in held_out_ids]
+        self.training = None if listed is None else [t for t in listed if split_key(t) not in held_out]
         self._epoch: tuple[int, Any] = (-1, None)  # (epoch, its order of the training list)
         if self.training is not None and not self.training:
             raise ValueError(f"{self.name}: every task of its list is held out; lower eval.num_tasks or add tasks")
@@ -135,7 +166,7 @@ class TaskSource:
             seed = self.base + self.cursor
             self.cursor += 1
             task = draw_task(self.env, seed)
-            if task.id not in self.held_out_ids:
+            if split_key(task) not in self.held_out:
                 return seed, task.model_dump(mode="json")
         raise RuntimeError(f"{self.name}: {MAX_HELD_OUT_DRAWS_IN_A_ROW:,} draws in a row were held-out tasks; the task "
                            "space is too small for eval.num_tasks, lower it")
@@ -152,7 +183,7 @@ class TaskMix:
         self.specs = specs
         self.held_out = held_out
         envs = envs or [make_task_env(spec) for spec in specs]
-        self.sources = [TaskSource(env, seed, {t["id"] for t in held_out[spec.id]}, cursors.get(spec.id, 0))
+        self.sources = [TaskSource(env, seed, held_out_keys(held_out[spec.id]), cursors.get(spec.id, 0))
                         for spec, env in zip(specs, envs)]
         self.rng = random.Random(mix_seed)
 

@@ -81,12 +81,54 @@ def test_stop_at_accuracy_needs_eval_every():
 
 def test_the_sft_stage_is_sft_config_with_the_jobs_defaults():
     config = load_config(None, ["seed=3", "envs=[{id: cwm_rl/Math-v0, kwargs: {difficulty: 2}}]", "model.sft.steps=5"])
-    sft = config.model.sft.resolve(config.envs[0], config.seed)
+    sft = config.model.sft.resolve(config.envs, config.seed)
     assert (sft.env_id, sft.env_kwargs, sft.seed, sft.steps) == ("cwm_rl/Math-v0", {"difficulty": 2}, 3, 5)
     assert sft.num_threads == os.cpu_count()  # the warm start runs before the workers: every core
     own = load_config(None, ["model.sft.env_id=cwm_rl/Echo-v0", "model.sft.env_kwargs={}", "model.sft.seed=7"]).model.sft
-    assert own.resolve(config.envs[0], 3).model_dump(include={"env_id", "env_kwargs", "seed"}) == \
+    assert own.resolve(config.envs, 3).model_dump(include={"env_id", "env_kwargs", "seed"}) == \
         {"env_id": "cwm_rl/Echo-v0", "env_kwargs": {}, "seed": 7}
+
+
+def test_a_warm_start_mix_takes_each_envs_kwargs_from_the_job_and_is_checked_up_front():
+    envs = "envs=[{id: cwm_rl/Math-v0, kwargs: {difficulty: 2}}, {id: cwm_rl/Trace-v0, kwargs: {mode: trace}}]"
+    config = load_config(None, [envs, "model.sft.steps=5",
+                                "model.sft.mix=[{id: cwm_rl/Math-v0}, {id: cwm_rl/Trace-v0, weight: 2, kwargs: {mode: output}}]"])
+    sft = config.model.sft.resolve(config.envs, config.seed)
+    assert sft.env_id is None and [(e.id, e.kwargs, e.weight) for e in sft.envs()] == [
+        ("cwm_rl/Math-v0", {"difficulty": 2}, 1.0), ("cwm_rl/Trace-v0", {"mode": "output"}, 2.0)]
+    # Weights unset in the mix are the job's: an env the job only evaluates (weight 0) is not trained on by SFT either.
+    zero = load_config(None, [envs, "envs.1.weight=0", "model.sft.steps=5", "model.sft.eval_every=5", "model.sft.stop_at_accuracy=0.5",
+                              "model.sft.mix=[{id: cwm_rl/Math-v0}, {id: cwm_rl/Trace-v0}]"])
+    resolved = zero.model.sft.resolve(zero.envs, 0)
+    assert [e.weight for e in resolved.envs()] == [1.0, 0.0] and resolved.stop_targets() == {"cwm_rl/Math-v0": 0.5}
+    first_trained = load_config(None, [envs, "envs.0.weight=0", "model.sft.steps=5"])
+    assert first_trained.model.sft.resolve(first_trained.envs, 0).env_id == "cwm_rl/Trace-v0"
+    # A named env keeps the kwargs of the job's env with that id (not the first env's).
+    own = load_config(None, [envs, "model.sft.steps=5", "model.sft.env_id=cwm_rl/Trace-v0"]).model.sft
+    assert own.resolve(load_config(None, [envs]).envs, 0).env_kwargs == {"mode": "trace"}
+    for bad, match in [("model.sft.mix=[{id: cwm_rl/Math-v0}, {id: cwm_rl/Math-v0}]", "names an env twice"),
+                       ("model.sft.stop_at_accuracy={cwm_rl/Echo-v0: 0.5}", r"model\.sft: stop_at_accuracy names \['cwm_rl/Echo-v0'\]"),
+                       ("model.sft.env_id=cwm_rl/Math-v0", "not both")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(None, [envs, "model.sft.steps=5", "model.sft.eval_every=5",
+                               "model.sft.mix=[{id: cwm_rl/Math-v0}, {id: cwm_rl/Trace-v0}]", bad])
+
+
+def test_an_item_of_a_list_is_overridden_by_its_index_and_weight_0_evaluates_only():
+    envs = "envs=[{id: cwm_rl/Math-v0}, {id: cwm_rl/Trace-v0, kwargs: {mode: output}}]"
+    config = load_config(None, [envs, "envs.1.weight=0", "envs.1.kwargs.difficulty=2"])
+    assert [(s.id, s.weight) for s in config.envs] == [("cwm_rl/Math-v0", 1.0), ("cwm_rl/Trace-v0", 0.0)]
+    assert config.envs[1].kwargs == {"mode": "output", "difficulty": 2}
+    with pytest.raises(ValueError, match=r"'envs' is a list of 2; index it with 0\.\.1"):
+        load_config(None, [envs, "envs.2.weight=0"])
+    with pytest.raises(ValueError, match="every env has weight 0"):
+        load_config(None, [envs, "envs.0.weight=0", "envs.1.weight=0"])
+    from cwm_rl.loop.tasks import TaskMix, held_out_tasks, make_task_env
+
+    held_out = {s.id: held_out_tasks(make_task_env(s), seed=0, num_tasks=5) for s in config.envs}
+    mix = TaskMix(config.envs, seed=0, held_out=held_out, cursors={}, mix_seed=0)
+    assert {mix.pick_env() for _ in range(500)} == {0}  # an env of weight 0 is never trained on
+    mix.close()
 
 
 def test_moved_keys_say_where_they_went():

@@ -150,6 +150,73 @@ def test_the_same_seed_gives_the_same_run(tiny_model, tmp_path):
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
+def test_a_mix_trains_on_every_env_by_weight_and_holds_out_each_envs_own_tasks(tiny_model, tmp_path, sandbox_root):
+    """Math and Trace-v0 in one warm start: examples drawn by weight, each env's held-out set (Trace-v0's by program)
+    kept out of training, accuracy per env, a stop target for one env only."""
+    from cwm_rl.loop.tasks import held_out_tasks, split_key
+
+    trace = {"mode": "output", "difficulty": 1}
+    config = SFTConfig(mix=[{"id": MATH, "kwargs": {"difficulty": 1}, "weight": 3}, {"id": "cwm_rl/Trace-v0", "kwargs": trace}],
+                       steps=6, batch_size=16, eval_tasks=10, eval_every=3, stop_at_accuracy={MATH: 1.0}, num_threads=1)
+    events = []
+    summary = run_sft(tiny_model, tmp_path / "out", config, progress=events.append)
+    assert summary["envs"] == [MATH, "cwm_rl/Trace-v0"] and summary["env_id"] is None and not summary["stopped_at_accuracy"]
+    assert set(summary["by_env"]) == {MATH, "cwm_rl/Trace-v0"}
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 3, 6] and all(set(e["by_env"]) == set(summary["by_env"]) for e in evals)
+    for e in evals:  # the reported accuracy is the mean over envs, as a job's eval_accuracy
+        assert e["accuracy"] == pytest.approx(sum(e["by_env"].values()) / 2)
+    assert summary["accuracy_after"] == pytest.approx(sum(v["accuracy_after"] for v in summary["by_env"].values()) / 2)
+    # Each env holds out what a job with the same seed holds out, and trained on other tasks only.
+    trace_held = held_out_tasks(make_env("cwm_rl/Trace-v0", **trace), seed=0, num_tasks=10)
+    math_held = held_out_tasks(make_env(MATH, difficulty=1), seed=0, num_tasks=10)
+    assert set(summary["held_out_ids"]) == {t["id"] for t in trace_held + math_held}
+    assert summary["by_env"]["cwm_rl/Trace-v0"]["num_eval_tasks"] == 10 and len({split_key(t) for t in trace_held}) == 10
+    # 6 steps x 16 examples drawn 3:1; what each env trained on is counted apart (96 draws in all).
+    math_n, trace_n = (summary["by_env"][k]["num_distinct_training_tasks"] for k in (MATH, "cwm_rl/Trace-v0"))
+    assert math_n > trace_n > 5 and math_n + trace_n <= 96
+    # Weight 0: evaluated, never trained on (what a job's transfer measurement needs).
+    only_math = config.model_copy(update={"mix": [config.mix[0], config.mix[1].model_copy(update={"weight": 0})],
+                                          "steps": 2, "stop_at_accuracy": None})
+    zero = run_sft(tiny_model, tmp_path / "zero", only_math)["by_env"]["cwm_rl/Trace-v0"]
+    assert zero["num_distinct_training_tasks"] == 0 and zero["train_accuracy_after"] is None and zero["num_eval_tasks"] == 10
+    with pytest.raises(ValueError, match="every env of mix has weight 0"):
+        SFTConfig(mix=[{"id": MATH, "weight": 0}], steps=1)
+    with pytest.raises(ValueError, match="env_id .* or mix"):
+        SFTConfig(steps=1)
+    with pytest.raises(ValueError, match="not both"):
+        SFTConfig(env_id=MATH, mix=[{"id": MATH}], steps=1)
+    with pytest.raises(ValueError, match="names an env twice"):
+        SFTConfig(mix=[{"id": MATH}, {"id": MATH, "weight": 2}], steps=1)
+    with pytest.raises(ValueError, match="stop_at_accuracy names .*Echo"):
+        SFTConfig(mix=[{"id": MATH}], steps=1, eval_every=1, stop_at_accuracy={"cwm_rl/Echo-v0": 0.5})
+
+
+def test_trace_references_are_traced_in_one_sandbox_run_for_many_tasks(monkeypatch, fresh_trace_cache):
+    """SFT data and a worker's request hand their tasks to env.prepare_tasks: Trace-v0 traces them all in one sandbox
+    run, and a reset of any of them (in any env of the process) then runs nothing."""
+    import envs.trace as trace_pkg
+    from cwm_rl.loop.tasks import draw_task
+
+    runs = []
+    real = trace_pkg.run_traces
+    monkeypatch.setattr(trace_pkg, "run_traces", lambda calls, **kw: runs.append(len(calls)) or real(calls, **kw))
+    env = make_env("cwm_rl/Trace-v0", mode="output", difficulty=2)
+    tasks = [draw_task(env, 10_000 + k) for k in range(40)]
+    env.prepare_tasks(tasks)
+    assert runs == [len({json.dumps([t.metadata["source"], t.metadata["args"]]) for t in tasks})]
+    other = make_env("cwm_rl/Trace-v0", mode="output", difficulty=2)
+    for task in tasks:
+        other.reset(options={"task": task})
+        reference = other.reference_action()
+        _, reward, *_ = other.step(reference)
+        assert reward == 1.0
+    assert len(runs) == 1  # every reset and score took the prepared trace
+    env.reset(options={"task": draw_task(env, 99)})  # an unprepared task is traced on its own, when its reference is asked
+    env.reference_action()
+    assert runs[1:] == [1]
+
+
 class NoReferenceEnv(SingleTurnEnv):
     def sample_task(self, rng) -> Task:
         return Task(id="t", prompt="Say hi.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cwm_rl.types import Trajectory
+from cwm_rl.types import Task, Trajectory
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.slow]
 
@@ -59,3 +59,60 @@ def test_rollout_command_bad_input(tmp_path):
     r = subprocess.run([cli, "model", "play", "--model", str(tmp_path), "--env", "cwm_rl/Nope-v0", "-n", "1", "--out", str(tmp_path / "x.jsonl")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown env id" in r.stderr
+
+
+def test_a_request_of_trace_tasks_is_traced_in_one_sandbox_run_before_its_episodes_reset(tiny_model, monkeypatch, fresh_trace_cache):
+    """The worker hands a request's tasks to an env that prepares tasks (Trace-v0: one sandbox run for every call);
+    an env that does not (Math-v0) gets no extra env made. No engine is needed for this part."""
+    import envs.trace as trace_pkg
+    from cwm_rl.loop.tasks import draw_task
+    from envs import make_env
+    from rollout_workers.actor import RolloutWorker
+    from rollout_workers.config import WorkerConfig
+
+    runs = []
+    real = trace_pkg.run_traces
+    monkeypatch.setattr(trace_pkg, "run_traces", lambda calls, **kw: runs.append(len(calls)) or real(calls, **kw))
+    worker = RolloutWorker(WorkerConfig(engine={"model": str(tiny_model)}, env_id="cwm_rl/Trace-v0").model_dump())
+    kwargs = {"mode": "output", "difficulty": 3}
+    tasks = [draw_task(make_env("cwm_rl/Trace-v0", **kwargs), 5_000 + k) for k in range(8)]
+    _, _, make = worker._env_factory({"id": "cwm_rl/Trace-v0", "kwargs": kwargs})
+    worker._prepare_tasks("cwm_rl/Trace-v0", kwargs, make, tasks)
+    assert runs == [len({json.dumps(t.metadata["args"]) + t.metadata["source"] for t in tasks})]
+    env = make()
+    for task in tasks:  # what each episode's reset does: no sandbox run
+        env.reset(options={"task": task})
+    assert len(runs) == 1
+    _, _, make_math = worker._env_factory({"id": "cwm_rl/Math-v0", "kwargs": {}})
+    worker._prepare_tasks("cwm_rl/Math-v0", {}, make_math, [])
+    assert [type(e).__name__ if e else None for e in worker._preparers.values()] == ["TraceEnv", None]
+
+    # A user env registered with its class (not a "module:Class" string) is prepared too; one whose preparation
+    # fails does not fail the request (each reset then meets the problem and records it per episode).
+    import gymnasium as gym
+
+    from envs import SingleTurnEnv
+
+    class Prepared(SingleTurnEnv):
+        seen: list = []
+        fail = False
+
+        def sample_task(self, rng):
+            return Task(id=f"t{int(rng.integers(100))}", prompt="hi")
+
+        def prepare_tasks(self, tasks):
+            if Prepared.fail:
+                raise RuntimeError("no sandbox here")
+            Prepared.seen.extend(t.id for t in tasks)
+
+    for env_id in ("cwm_rl_test/Prepared-v0",):
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point=Prepared)
+    _, _, make_user = worker._env_factory({"id": "cwm_rl_test/Prepared-v0", "kwargs": {}})
+    worker._prepare_tasks("cwm_rl_test/Prepared-v0", {}, make_user, [Task(id="a", prompt="x"), Task(id="b", prompt="y")])
+    assert Prepared.seen == ["a", "b"]
+    Prepared.fail = True
+    worker._prepare_tasks("cwm_rl_test/Prepared-v0", {}, make_user, [Task(id="c", prompt="z")])  # logged, not raised
+    assert Prepared.seen == ["a", "b"] and worker._prepare_failed
+    worker.shutdown()
+    assert not worker._preparers

@@ -100,6 +100,40 @@ def test_a_user_env_with_a_verifier_and_no_reference_answers_trains(tiny_model, 
 @pytest.mark.vllm
 @pytest.mark.ray
 @pytest.mark.timeout(900)
+def test_the_code_world_model_config_warm_starts_on_its_mix_and_trains_and_evaluates_each_env(tmp_path):
+    """configs/cwm-cpu.yaml, shrunk: a tiny model with CWM's tokenizer, SFT on math + Trace-v0 (CWM format) with an
+    accuracy per env, then RL on both with held-out accuracy per env everywhere; held-out trace programs are never
+    trained on, with any input, in the warm start or in RL."""
+    from cwm_rl.loop.tasks import split_key
+    from cwm_rl.store import RolloutStore
+
+    run_dir = tmp_path / "run"
+    settings = [f"run_dir={run_dir}", "model.sft.steps=6", "model.sft.eval_every=3", "model.sft.eval_tasks=8",
+                "eval.num_tasks=8", "eval.every_steps=0", "steps=3", "envs.0.max_tokens=8", "envs.1.max_tokens=8", *SMALL_JOB]
+    code, out = train([str(Path(QUICKSTART).with_name("cwm-cpu.yaml"))], settings)
+    assert code == 0, out[-4000:]
+    assert "warm start: step 3/6: held-out accuracy" in out and "cwm_rl/Trace-v0" in out, out[-3000:]
+    sft = json.loads((run_dir / "model" / "sft" / "sft_summary.json").read_text())
+    assert sft["envs"] == ["cwm_rl/Math-v0", "cwm_rl/Trace-v0"] and sft["by_env"]["cwm_rl/Trace-v0"]["num_eval_tasks"] == 8
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and set(summary["eval_accuracy_by_env"]) == set(sft["envs"])
+    assert all(f"eval_accuracy/{env_id}" in summary["eval_history"][-1] for env_id in sft["envs"])
+    with RolloutStore(run_dir, create=False) as store:
+        rows = store.query(limit=None)
+        evaluated = [store.get(r.trajectory_id) for r in rows if r.status == "eval" and r.env_id == "cwm_rl/Trace-v0"]
+        trained = [store.get(r.trajectory_id) for r in rows if r.status != "eval" and r.env_id == "cwm_rl/Trace-v0"]
+        assert {r.env_id for r in rows if r.status != "eval"} == set(sft["envs"])  # both envs were played for training
+    assert evaluated and trained
+    assert all(t.finish_reason != "env_error" for t in evaluated + trained), {t.error for t in evaluated + trained}
+    held_out_programs = {split_key(t.task) for t in evaluated}
+    assert len(held_out_programs) == 8 and {t.task_id for t in evaluated} <= set(sft["held_out_ids"])
+    assert not held_out_programs & {split_key(t.task) for t in trained}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.timeout(900)
 def test_a_mix_of_code_trace_and_multi_turn_echo_trains_with_per_env_limits(tiny_model, tmp_path, server):
     """Code in-process, Trace on an env server named by URL, Echo (3 turns, its own limits) in-process."""
     run_dir = tmp_path / "run"

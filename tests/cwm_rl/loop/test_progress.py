@@ -47,6 +47,21 @@ def test_on_a_terminal_the_live_panel_shows_the_run_numbers():
     assert "step    3" in out.getvalue()  # the lines still scroll above the panel
 
 
+def test_a_mix_shows_each_envs_held_out_accuracy_in_the_panel_and_the_eval_lines():
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=True, color_system=None)
+    view = ProgressView(enabled=True, total_steps=10, buffer_groups=16, title="runs/x", console=console)
+    view.eval(0, 0.47, {"cwm_rl/Math-v0": 0.6, "cwm_rl/Trace-v0": 0.34})
+    view.eval(10, 0.57, {"cwm_rl/Math-v0": 0.725, "cwm_rl/Trace-v0": 0.415})
+    panel = Console(file=io.StringIO(), width=160, record=True)
+    panel.print(view.panel())
+    text = panel.export_text()
+    view.close()
+    assert "47.0% -> 57.0%" in text  # the mean over envs
+    assert "cwm_rl/Math-v0" in text and "60.0% -> 72.5%" in text and "cwm_rl/Trace-v0" in text and "34.0% -> 41.5%" in text
+    assert "eval at step 10: held-out greedy accuracy 57.0% (mean over envs): cwm_rl/Math-v0 72.5%, cwm_rl/Trace-v0 41.5%" in out.getvalue()
+
+
 def test_disabled_view_prints_nothing():
     out = io.StringIO()
     view = ProgressView(enabled=False, total_steps=10, buffer_groups=16, title="x", console=Console(file=out, force_terminal=True))

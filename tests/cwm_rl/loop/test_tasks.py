@@ -44,11 +44,11 @@ def test_task_source_skips_held_out_tasks_and_resumes_from_its_cursor():
     held_out = held_out_tasks(env, seed=0, num_tasks=10)
     held_ids = {t["id"] for t in held_out}
     assert len(held_ids) == len(held_out) == 10
-    source = TaskSource(env, seed=0, held_out_ids=held_ids)
+    source = TaskSource(env, seed=0, held_out=held_ids)
     drawn = [source.next_task() for _ in range(200)]
     assert not {t["id"] for _, t in drawn} & held_ids
     assert len({seed for seed, _ in drawn}) == 200  # every draw a fresh seed
-    resumed = TaskSource(make_env("cwm_rl/Math-v0", difficulty=1), seed=0, held_out_ids=held_ids, cursor=source.cursor)
+    resumed = TaskSource(make_env("cwm_rl/Math-v0", difficulty=1), seed=0, held_out=held_ids, cursor=source.cursor)
     assert [resumed.next_task() for _ in range(5)] == [source.next_task() for _ in range(5)]
 
 
@@ -82,7 +82,7 @@ def test_a_task_list_is_split_into_disjoint_held_out_and_training_tasks(tmp_path
     held_ids = {t["id"] for t in held_out}
     assert len(held_ids) == 3  # a quarter of 12, whatever was asked for
     assert held_ids == {t["id"] for t in held_out_tasks(make_env("cwm_rl/Math-v0", tasks_path=str(path)), seed=0, num_tasks=100)}
-    source = TaskSource(env, seed=0, held_out_ids=held_ids)
+    source = TaskSource(env, seed=0, held_out=held_ids)
     first_epoch = [t["id"] for _, t in (source.next_task() for _ in range(9))]
     assert sorted(first_epoch) == sorted({f"q{i}" for i in range(12)} - held_ids)  # every training task once per epoch
     second_epoch = [t["id"] for _, t in (source.next_task() for _ in range(9))]
@@ -93,6 +93,35 @@ def test_a_task_list_is_split_into_disjoint_held_out_and_training_tasks(tmp_path
     path.write_text(json.dumps({"id": "only", "question": "1 + 1 = ?", "answer": "2"}) + "\n")
     with pytest.raises(ValueError, match="needs at least 2"):
         held_out_tasks(make_env("cwm_rl/Math-v0", tasks_path=str(path)), seed=0, num_tasks=10)
+
+
+def test_trace_programs_are_held_out_whole_not_only_their_inputs(tmp_path):
+    """Trace-v0's split key is the program: no call of a held-out program is trained on, from the generator or a file."""
+    from cwm_rl.loop.tasks import split_key
+
+    env = make_env("cwm_rl/Trace-v0", difficulty=1)
+    held_out = held_out_tasks(env, seed=0, num_tasks=50)
+    keys = {split_key(t) for t in held_out}
+    assert len(keys) == len(held_out) == 50 and all(k.startswith("program-") for k in keys)
+    source = TaskSource(env, seed=0, held_out=keys)
+    drawn = [source.next_task()[1] for _ in range(3000)]
+    assert not {split_key(t) for t in drawn} & keys
+    # The generator reuses programs with other inputs (2,916 level-1 programs, 20 inputs each): the split must see it.
+    programs = Counter(split_key(t) for t in drawn)
+    assert max(programs.values()) > 1 and len({t["id"] for t in drawn}) > len(programs)
+
+    # A task file: two calls of one program share its key, so both go to the same side.
+    calls = [("def f(x):\n    return x + 1\n", [1]), ("def f(x):\n    return x + 1\n", [2])] + \
+        [(f"def f(x):\n    return x * {k}\n", [k]) for k in range(2, 10)]
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps({"id": f"c{i}", "source": s, "function": "f", "args": a}) + "\n" for i, (s, a) in enumerate(calls)))
+    listed = make_env("cwm_rl/Trace-v0", tasks_path=str(path))
+    for seed in range(6):
+        held = held_out_tasks(listed, seed=seed, num_tasks=2, share=0.25)
+        held_keys = {split_key(t) for t in held}
+        training = TaskSource(listed, seed=seed, held_out=held_keys).training
+        assert len(held_keys) == 2 and not {split_key(t) for t in training} & held_keys
+        assert len(training) + len(held) + (1 if split_key(listed.tasks[0]) in held_keys else 0) == len(calls)
 
 
 def test_an_env_that_offers_no_tasks_is_named_in_the_error():
