@@ -246,13 +246,17 @@ class TraceEnv(SingleTurnEnv):
         from envs.sandbox import shared_sandbox
         from envs.trace import run_traces
 
-        todo = {call_key(t.metadata): t.metadata for t in tasks
-                if not (isinstance(t.answer, dict) and "events" in t.answer) and call_key(t.metadata) not in _references}
-        calls = [{"source": m["source"], "function": m["function"], "args": m["args"], "kwargs": m.get("kwargs") or {}}
-                 for m in todo.values()]
-        for start in range(0, len(calls), 500):
-            chunk = calls[start:start + 500]
-            for key, result in zip(list(todo)[start:start + 500], run_traces(chunk, sandbox=shared_sandbox(self.sandbox_backend))):
+        todo: dict[str, dict[str, Any]] = {}  # call key -> the call, each call once
+        for t in tasks:
+            if not (isinstance(t.answer, dict) and "events" in t.answer):
+                m = t.metadata
+                todo.setdefault(call_key(m), {"source": m["source"], "function": m["function"], "args": m["args"],
+                                              "kwargs": m.get("kwargs") or {}})
+        pending = [(key, call) for key, call in todo.items() if key not in _references]
+        for start in range(0, len(pending), 500):
+            chunk = pending[start:start + 500]
+            results = run_traces([call for _, call in chunk], sandbox=shared_sandbox(self.sandbox_backend))
+            for (key, _), result in zip(chunk, results, strict=True):
                 _remember(key, result)
 
     def score(self, task: Task, action: str) -> tuple[float, dict[str, Any]]:
