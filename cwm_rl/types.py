@@ -134,6 +134,7 @@ class Turn(_Model):
     observation_span: Span | None = Field(default=None, description="Tokens of the rendered observation (loss mask 0).")
     generate_s: float = Field(default=0.0, ge=0, description="Seconds spent generating this turn.")
     env_s: float = Field(default=0.0, ge=0, description="Seconds the env took to step this turn.")
+    verify_s: float = Field(default=0.0, ge=0, description="Of env_s, seconds an in-process env spent scoring the turn (its verifier); 0 where unknown (an env server).")
 
 
 class Trajectory(_Model):

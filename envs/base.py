@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from typing import Any
 
 import gymnasium as gym
@@ -65,6 +66,7 @@ class TextEnv(gym.Env[Messages, str]):
     system_prompt: str | None = None
 
     tasks: list[Task] | None = None  # a fixed task list (a task file): `sample_task` picks from it; None = a generator
+    verify_s: float = 0.0  # seconds the last step spent scoring (SingleTurnEnv sets it; the job's step timeline reads it)
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -141,6 +143,7 @@ class TextEnv(gym.Env[Messages, str]):
             raise RuntimeError("the episode is over; call reset() to start a new one")
         if not isinstance(action, str):
             raise TypeError(f"an action is the model's text (str), got {type(action).__name__}")
+        self.verify_s = 0.0
         observation, reward, terminated, truncated, info = self.respond(action)
         observation = as_messages(observation)
         self.num_turns += 1
@@ -205,5 +208,7 @@ class SingleTurnEnv(TextEnv):
 
     def respond(self, action: str) -> StepResult:
         assert self.task is not None
+        started = time.perf_counter()
         reward, info = self.score(self.task, action)
+        self.verify_s = time.perf_counter() - started  # the step timeline's `verify` (cwm_rl/loop/timeline.py)
         return [], reward, True, False, info

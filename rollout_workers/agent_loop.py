@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +89,25 @@ def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
     return end_of_turn, tokenizer.encode(end_of_turn, add_special_tokens=False)
 
 
+_PROMPT_IDS: OrderedDict[tuple, list[int]] = OrderedDict()  # (tokenizer, first messages) -> token ids, most recent last
+_PROMPT_IDS_MAX = 256  # a group's samples reset together: the cache need only outlive the groups in flight
+
+
+def first_prompt_ids(tokenizer: Any, observation: list[dict[str, Any]]) -> list[int]:
+    """The token ids of a first observation rendered by the chat template, made once for the samples of a
+    group (they all reset to the same task): rendering and tokenising were a tenth of a worker's CPU."""
+    key = (id(tokenizer), getattr(tokenizer, "name_or_path", ""), json.dumps(observation, sort_keys=True, default=str))
+    ids = _PROMPT_IDS.get(key)
+    if ids is None:
+        ids = tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True), add_special_tokens=False)
+        _PROMPT_IDS[key] = ids
+        if len(_PROMPT_IDS) > _PROMPT_IDS_MAX:
+            _PROMPT_IDS.popitem(last=False)  # the least recently used
+    else:
+        _PROMPT_IDS.move_to_end(key)
+    return list(ids)
+
+
 async def run_episode(
     engine: RolloutEngine,
     env: Any,
@@ -142,8 +163,7 @@ async def run_episode(
                     raw_ids, stop_ids = encode_raw(tokenizer, observation)
                     tokens.add_context(raw_ids)
                 else:
-                    tokens.add_context(tokenizer.encode(render(tokenizer, observation, add_generation_prompt=True),
-                                                        add_special_tokens=False))
+                    tokens.add_context(first_prompt_ids(tokenizer, observation))
             except RawPromptError as e:  # the model cannot read this env's format: say so on every episode
                 result.update(finish_reason="env_error", error=f"env reset: {e}")
                 reset_ok = False
@@ -184,6 +204,7 @@ async def run_episode(
             started = time.perf_counter()
             stepped = await env_call(env.astep(action), "step")
             turn.env_s = time.perf_counter() - started
+            turn.verify_s = min(getattr(env, "verify_s", 0.0), turn.env_s)  # in-process envs time their verifier
             if stepped is None:
                 break
             observation, reward, terminated, truncated, info = stepped

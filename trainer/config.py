@@ -75,6 +75,7 @@ class BatchConfig(_Config):
 
     micro_batch_tokens: int = Field(default=4096, ge=16, description="Token budget of one forward/backward (rows x padded length).")
     step_tokens: int = Field(default=2048, ge=1, description="A step waits for this many generated tokens with non-zero advantage (used by the job's buffer).")
+    share_prompts: bool = Field(default=True, description="RL steps read the prompt a group's samples share once, in one row with each sample's own tokens (same logprobs, far fewer tokens; sdpa attention). False: one padded row per sample.")
 
 
 class OptimConfig(_Config):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cwm_rl.types import TrainingRecord, Trajectory
-from trainer.batching import MicroBatch, Sample, collate, pack, prepare_samples, shard_by_group
+from trainer.batching import MicroBatch, Sample, SharedRows, collate, collate_shared, pack, pack_shared, prepare_samples, shard_by_group
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import LossConfig, TrainerConfig
 from trainer.loss import LossInputs, clip_flags, policy_loss, ratios, sft_loss, token_weights
@@ -46,9 +46,13 @@ def token_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float
     those are most of the step's time. Logits are divided by the sampling temperature so the numbers
     compare with vLLM's processed logprobs."""
     first = first_loss_position(batch.loss_mask)
-    keep = batch.input_ids.shape[1] - first + 1  # positions first-1 .. T-1 predict tokens first .. T (T: none)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    logits = logits[:, :-1].float() / temperature  # [B, keep-1, V]
+    if batch.shared is None:
+        keep = batch.input_ids.shape[1] - first + 1  # positions first-1 .. T-1 predict tokens first .. T (T: none)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        logits = logits[:, :-1]  # [B, T-first, V]
+    else:  # prompts read once per row; only loss tokens get logits, from the row position that predicts each
+        return _shared_token_logprobs(model, batch, first, temperature, with_entropy)
+    logits = logits.float() / temperature  # [B, T-first, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     taken = log_probs.gather(-1, batch.input_ids[:, first:, None]).squeeze(-1)  # [B, T-first]
     logprobs = torch.nn.functional.pad(taken, (first, 0))
@@ -57,6 +61,68 @@ def token_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float
         with torch.no_grad():
             entropy = torch.nn.functional.pad(-(log_probs.exp() * log_probs).sum(-1), (first, 0))
     return logprobs, entropy
+
+
+def _shared_token_logprobs(model: torch.nn.Module, batch: MicroBatch, first: int, temperature: float,
+                           with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` for a batch whose samples share prompts (`batch.shared`): [B, T] like the plain path,
+    non-zero on loss tokens only. Each loss token occupies a row position, so the [N, vocab] logits stay
+    within the micro-batch's token budget however many samples share a row."""
+    shared = batch.shared
+    keep = shared.input_ids.shape[1] - first + 1  # no row position before first-1 predicts a loss token
+    row_logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids,
+                       attention_mask=shared_attention_mask(model, shared), logits_to_keep=keep).logits  # [R, keep, V]
+    rows, positions = batch.loss_mask.nonzero(as_tuple=True)  # [N] each: the loss tokens
+    where = shared.predicting[rows, positions] - (first - 1)
+    logits = row_logits[shared.row_of[rows], where].float() / temperature  # [N, V]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.zeros(batch.loss_mask.shape, dtype=log_probs.dtype, device=log_probs.device)
+    logprobs = logprobs.index_put((rows, positions), log_probs.gather(-1, batch.input_ids[rows, positions, None]).squeeze(-1))
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.zeros_like(logprobs).index_put((rows, positions), -(log_probs.exp() * log_probs).sum(-1))
+    return logprobs, entropy
+
+
+def shared_attention_mask(model: torch.nn.Module, shared: SharedRows) -> Any:
+    """The attention mask of `shared`'s rows in the form the model takes: one per layer type where its
+    config names layer types (full and sliding-window layers differ), else one 4D mask."""
+    config = getattr(model, "module", model).config  # under DDP, the wrapped model's
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return {kind: shared.attention_mask(window if kind == "sliding_attention" else None) for kind in set(layer_types)}
+    return shared.attention_mask()
+
+
+def can_share_prompts(model: torch.nn.Module) -> bool:
+    """Rows of shared prompts need a 4D boolean mask: sdpa takes one; a sliding window needs the config to
+    name its layers' types (the model then takes a mask per type)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:  # linear-attention, recurrent or chunked layers would read the other samples' segments
+        return set(layer_types) <= {"full_attention", "sliding_attention"}
+    return getattr(config, "sliding_window", None) is None
+
+
+def shared_rows_match(model: torch.nn.Module, pad_token_id: int) -> bool:
+    """Do rows of shared prompts give this model the logprobs of one row per sample? Checked once on a few
+    tokens when the trainer starts: a model whose layers read the mask otherwise then reads samples whole."""
+    vocab = model.config.vocab_size
+    prompt, answers = [7 % vocab, 11 % vocab, 13 % vocab, 17 % vocab], [[19 % vocab, 23 % vocab], [29 % vocab, 31 % vocab, 37 % vocab]]
+    samples = [Sample(token_ids=prompt + a, loss_mask=[0] * len(prompt) + [1] * len(a), behaviour_logprobs=[0.0] * (len(prompt) + len(a)))
+               for a in answers]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        shared, rows = collate_shared([samples], pad_token_id)
+        plain = collate(rows, pad_token_id)
+        a, _ = token_logprobs(model, shared.to(device), 1.0)
+        b, _ = token_logprobs(model, plain.to(device), 1.0)
+    mask = plain.loss_mask.bool().to(device)
+    return bool(torch.allclose(a[mask].float(), b[mask].float(), atol=1e-3, rtol=1e-3))
 
 
 def first_loss_position(loss_mask: torch.Tensor) -> int:
@@ -111,6 +177,12 @@ class Trainer:
             self.model.gradient_checkpointing_enable()
         self.vocab_size = self.model.config.vocab_size
         self.pad_token_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        # A group's samples share their prompt: read it once per group (config.batch.share_prompts) where the model allows.
+        self.share_prompts = (config.batch.share_prompts and can_share_prompts(self.model)
+                              and shared_rows_match(self.model, self.pad_token_id))
+        if config.batch.share_prompts and not self.share_prompts:
+            log.info("trainer.batch.share_prompts: this model (attention %r, layer types %s) reads every sample whole",
+                     getattr(self.model.config, "_attn_implementation", None), getattr(self.model.config, "layer_types", None))
         self.reference = None
         if config.loss.kl_coef > 0:  # a frozen copy of the starting weights
             self.reference = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).to(self.device).eval()
@@ -156,7 +228,7 @@ class Trainer:
 
         totals: dict[str, float] = {}
         loss_total = 0.0
-        for batch, rows, last in self._micro_batches(samples):
+        for batch, rows, last in self._micro_batches(samples, share_prompts=self.share_prompts):
             with self._sync(last), self._autocast():
                 logprobs, entropy = token_logprobs(self.wrapped, batch, cfg.loss.temperature, with_entropy=True)
                 ref_logprobs = None
@@ -206,10 +278,21 @@ class Trainer:
 
     # -- pieces of a step ----------------------------------------------------------------------------
 
-    def _micro_batches(self, samples: Sequence[Sample]):
+    def _micro_batches(self, samples: Sequence[Sample], share_prompts: bool = False):
         """(micro-batch, its samples, is_last). A rank with nothing to do runs one zero-weight batch so that
-        every rank joins the gradient all-reduce."""
-        rows = pack(samples, self.config.batch.micro_batch_tokens)
+        every rank joins the gradient all-reduce. `share_prompts`: samples with the same prompt share a row."""
+        budget = self.config.batch.micro_batch_tokens
+        if share_prompts and samples:
+            batches = pack_shared(samples, budget)
+            for i, prompt_sets in enumerate(batches):
+                if all(len(p) == 1 for p in prompt_sets):  # nothing shared here: plain rows, no [L, L] masks
+                    rows = [p[0] for p in prompt_sets]
+                    yield collate(rows, self.pad_token_id).to(self.device), rows, i == len(batches) - 1
+                    continue
+                batch, rows = collate_shared(prompt_sets, self.pad_token_id)
+                yield batch.to(self.device), rows, i == len(batches) - 1
+            return
+        rows = pack(samples, budget)
         if not rows:
             dummy = Sample(token_ids=[self.pad_token_id, self.pad_token_id], loss_mask=[0, 0], behaviour_logprobs=[0.0, 0.0])
             rows = [[dummy]]

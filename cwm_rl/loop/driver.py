@@ -18,6 +18,7 @@ module that owns it:
 | publish the new version (HF checkpoint dir, or Ray's object store) | `trainer/publish.py` |
 | held-out greedy eval | `cwm_rl/loop/evaluation.py` |
 | console, metrics.jsonl, TensorBoard, W&B, summary, plot | `cwm_rl/loop/sinks.py` |
+| where each step's time went (`time/*` metrics) | `cwm_rl/loop/timeline.py` |
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ from cwm_rl.config import JobConfig
 from cwm_rl.loop.evaluation import evaluate
 from cwm_rl.loop.run import Run, check_run_dir, setup_run
 from cwm_rl.loop.sinks import Sinks
+from cwm_rl.loop.timeline import Timeline
 from trainer.group import TrainerLost
 
 
 def train_loop(run: Run) -> None:
     """The RL loop: keep workers busy, collect, store, buffer, step, publish -> reload, log, eval, checkpoint.
     Async mode steps the trainer in a thread of its own, so finished calls are replaced while it trains."""
-    c, store, buffer, trainer, workers = run.config, run.store, run.buffer, run.trainer, run.workers
-    run.rl_started = time.time()
+    run.rl_started, run.timeline = time.time(), Timeline()
+    c, store, buffer, trainer, workers, timeline = run.config, run.store, run.buffer, run.trainer, run.workers, run.timeline
     run.stop_reason = run.stop_reason or _limit_reached(run)
     if run.stop_reason is None:
         fill(run)  # the first groups are played while the initial eval runs (same weights)
@@ -52,9 +54,13 @@ def train_loop(run: Run) -> None:
             run.endpoints.check()  # restart dead env servers, take back the ones answering again
             if run.stop_reason is None:
                 fill(run)  # 1. every worker busy, unless the buffer is full (backpressure); sync: one round
+            timeline.workers_busy(workers.in_flight_groups() > 0)
             # 2. Finished groups: stored first (nothing is lost), then buffered; groups that met a dead env server are played again.
-            for request, trajectories in workers.collect(timeout=0.2 if stepping is None else 0.05):
-                store.add(trajectories)
+            #    Waiting here with no step under way is the trainer idling for rollouts (the step timeline's `idle`).
+            for request, trajectories in timeline.timed(workers.collect(timeout=0.2 if stepping is None else 0.05), "idle"):
+                with timeline.phase("store"):
+                    store.add(trajectories)
+                timeline.add_rollouts(trajectories)
                 good, unavailable = workers.requeue_unavailable(request, trajectories)
                 if unavailable:
                     store.mark_dropped([t.trajectory_id for t in unavailable], "env_unavailable")
@@ -63,6 +69,7 @@ def train_loop(run: Run) -> None:
                 run.counts.trajectories_stored += len(trajectories)
                 run.counts.trajectories_dropped_other += len(unavailable)
                 run.counts.generated_tokens += sum(t.num_generated_tokens for t in trajectories)
+            timeline.workers_busy(workers.in_flight_groups() > 0)  # sync: idle from here until the next round
             if workers.lost is not None:
                 run.stop_reason = "rollout_workers_lost"
             elif run.signal_watch.stop:
@@ -81,7 +88,9 @@ def train_loop(run: Run) -> None:
                 continue
             # 4. A trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
             batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
-            workers.wait_reloads()
+            with timeline.phase("reload"):
+                workers.wait_reloads()
+            timeline.start_train()
             future = trainer_thread.submit(trainer.step, batch)
             if c.mode == "sync":  # the next round is played with the new weights
                 finish_step(run, batch, future)
@@ -102,7 +111,9 @@ def finish_step(run: Run, batch: list, step: Future) -> None:
     """`after_step` once the trainer step is done; a trainer rank that died stops the job (its batch stays
     stored as buffered: a resume trains on it)."""
     try:
-        after_step(run, batch, step.result())
+        result = step.result()
+        run.timeline.end_train()
+        after_step(run, batch, result)
     except TrainerLost as e:
         run.stop_reason, run.trainer_lost = "trainer_lost", str(e)
 
@@ -110,8 +121,9 @@ def finish_step(run: Run, batch: list, step: Future) -> None:
 def after_step(run: Run, batch: list, result: Any) -> None:
     """What follows a trainer step: record it, publish the new version (every worker reloads it in flight;
     sync: before it gets new work), log, and evaluate and checkpoint on schedule."""
-    c, trainer, workers = run.config, run.trainer, run.workers
-    run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids, result.records)
+    c, trainer, workers, timeline = run.config, run.trainer, run.workers, run.timeline
+    with timeline.phase("store"):
+        run.store.mark_step(result.metrics["step"], result.trained_ids, result.dropped_ids, result.records)
     _count_step(run, result)
     for warning in result.warnings:
         run.sinks.say(f"trainer: {warning}")
@@ -122,14 +134,18 @@ def after_step(run: Run, batch: list, result: Any) -> None:
     published = time.perf_counter()
     if trainer.step_count % c.publish.every_steps == 0:
         version = trainer.policy_version
-        workers.reload(version, trainer.publish(version), wait=c.mode == "sync")
+        with timeline.phase("publish"):
+            weights = trainer.publish(version)
+        with timeline.phase("reload"):  # async: sent, waited for before the next step; sync: waited for here
+            workers.reload(version, weights, wait=c.mode == "sync")
     result.metrics["publish_s"] = time.perf_counter() - published
-    run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch)})
+    run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch), **timeline.next_step()})
     last_eval_step = run.sinks.eval_history[-1]["step"]  # the loop evaluates before its first step
     if c.eval.every_steps and trainer.step_count - last_eval_step >= c.eval.every_steps:
-        evaluate_and_log(run)
+        evaluate_and_log(run)  # counted in the next step's timeline, as is the checkpoint
     if c.checkpoint_every and trainer.step_count % c.checkpoint_every == 0:
-        run.checkpoint()
+        with timeline.phase("checkpoint"):
+            run.checkpoint()
 
 
 def _limit_reached(run: Run) -> str | None:
@@ -144,9 +160,10 @@ def _limit_reached(run: Run) -> str | None:
 def evaluate_and_log(run: Run) -> None:
     """Greedy accuracy on the held-out tasks of every env: stored (status eval) and logged."""
     run.sinks.set_status("evaluating")
-    result = evaluate(run.workers, run.endpoints, run.config, run.tasks.held_out, step=run.trainer.step_count,
-                      policy_version=run.trainer.policy_version, say=run.sinks.say,
-                      store=lambda trajectories: run.store.add(trajectories, status="eval"))
+    with run.timeline.phase("eval"):
+        result = evaluate(run.workers, run.endpoints, run.config, run.tasks.held_out, step=run.trainer.step_count,
+                          policy_version=run.trainer.policy_version, say=run.sinks.say,
+                          store=lambda trajectories: run.store.add(trajectories, status="eval"))
     run.sinks.log_eval(result)
 
 
@@ -160,8 +177,9 @@ def _loop_metrics(run: Run, batch: list) -> dict[str, Any]:
     """What the loop knows about a step beyond the trainer: reward, buffer, throughput, wall time, learning signal."""
     now = time.time()
     return {"reward_mean": sum(t.return_ for t in batch) / max(len(batch), 1), "buffer_groups": len(run.buffer),
-            "in_flight_groups": run.workers.pending_groups(),
+            "in_flight_groups": run.workers.pending_groups(), "generated_tokens": run.counts.generated_tokens,
             "tokens_per_s": run.counts.generated_tokens / max(now - run.rl_started, 1e-9), "wall_s": now - run.started,
+            "rl_s": now - run.rl_started,
             **run.signal_watch.metrics()}
 
 

@@ -30,6 +30,7 @@ from cwm_rl.loop.preflight import check_engine_config
 from cwm_rl.loop.signal_watch import SignalWatch
 from cwm_rl.loop.sinks import Counts, Sinks
 from cwm_rl.loop.tasks import TaskMix, job_tasks
+from cwm_rl.loop.timeline import Timeline
 from cwm_rl.loop.workers import RolloutWorkers, start_ray
 from envs.swe_env import EPISODES_IN_FLIGHT_VAR
 
@@ -58,6 +59,7 @@ class Run:
     workers: RolloutWorkers | None = None
     signal_watch: SignalWatch | None = None  # groups without a learning signal: warn, log, stop
     counts: Counts = field(default_factory=Counts)
+    timeline: Timeline = field(default_factory=Timeline)  # where each step's wall time went (time/* metrics)
     environ_before: dict[str, str | None] = field(default_factory=dict)  # what set_environ replaced, restored by close
 
     def set_environ(self, values: dict[str, str]) -> None:

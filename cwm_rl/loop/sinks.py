@@ -106,13 +106,16 @@ class Sinks:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def plot(self) -> None:
-        """progress.png: train reward per step and held-out accuracy per eval (per env in a mix)."""
+        """progress.png: train reward per step and held-out accuracy per eval (per env in a mix); below, where
+        each step's wall time went (the trainer lane of `cwm_rl/loop/timeline.py`, and the workers' idle time)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        timed = [h for h in self.history if "time/step_s" in h]
+        fig, axes = plt.subplots(2 if timed else 1, 1, figsize=(7, 7 if timed else 4), squeeze=False)
+        ax = axes[0][0]
         if self.history:
             ax.plot([h["step"] + 1 for h in self.history], [h["reward_mean"] for h in self.history], label="train reward (mean)", alpha=0.6)
         steps = [e["step"] for e in self.eval_history]
@@ -126,6 +129,8 @@ class Sinks:
         ax.set_title(f"{self.run_dir.name}: {self.config.mode} GRPO")
         ax.legend()
         ax.grid(alpha=0.3)
+        if timed:
+            plot_timeline(axes[1][0], timed)
         fig.tight_layout()
         fig.savefig(self.run_dir / "progress.png", dpi=100)
         plt.close(fig)
@@ -138,3 +143,20 @@ class Sinks:
             self.wandb.finish()
         if self.metrics_file is not None:
             self.metrics_file.close()
+
+
+def plot_timeline(ax: Any, history: list[dict[str, float]]) -> None:
+    """Stacked seconds of each step's trainer lane, and the workers' idle seconds as a line."""
+    groups = {"train": ["train"], "waiting for rollouts": ["idle"], "eval + checkpoint": ["eval", "checkpoint"],
+              "publish + reload": ["publish", "reload"], "store + loop": ["store", "other"]}
+    x = [h["step"] + 1 for h in history]
+    ax.stackplot(x, *([sum(h.get(f"time/{p}_s", 0.0) for p in parts) for h in history] for parts in groups.values()),
+                 labels=list(groups), alpha=0.8)
+    ax.plot(x, [h.get("time/rollout_idle_s", 0.0) for h in history], "k--", lw=1, label="workers idle (buffer full)")
+    mean = {k: sum(h.get(f"time/{k}_s", 0.0) for h in history) / len(history) for k in ("step", "train", "idle", "generate")}
+    ax.set_title(f"where each step's time went: {mean['step']:.2f} s a step, {mean['train']:.2f} s training, "
+                 f"{mean['idle']:.2f} s waiting for rollouts", fontsize=9)
+    ax.set_xlabel("trainer step")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)

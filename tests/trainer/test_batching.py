@@ -340,3 +340,29 @@ def test_shard_more_ranks_than_groups():
     shards = [shard_by_group(samples, rank, 3) for rank in range(3)]
     assert sorted(len(s) for s in shards) == [0, 0, 2]
     assert [s.trajectory_id for s in itertools.chain(*shards)] == ["x0", "x1"]
+
+
+def test_samples_sharing_a_prompt_share_a_row_laid_out_prompt_then_each_answer():
+    from trainer.batching import collate_shared, pack_shared, shared_prompt_sets
+
+    a = Sample(token_ids=[5, 6, 7, 10, 11], loss_mask=[0, 0, 0, 1, 1], behaviour_logprobs=[0.0] * 5, group_id="g")
+    b = Sample(token_ids=[5, 6, 7, 20], loss_mask=[0, 0, 0, 1], behaviour_logprobs=[0.0] * 4, group_id="g")
+    other = Sample(token_ids=[5, 6, 8, 30], loss_mask=[0, 0, 0, 1], behaviour_logprobs=[0.0] * 4, group_id="h")
+    sets = shared_prompt_sets([a, other, b], max_row_tokens=100)
+    assert sets == [[a, b], [other]]
+    assert shared_prompt_sets([a, b], max_row_tokens=5) == [[a], [b]]  # a row stays within the budget
+    (batch_sets,) = pack_shared([a, other, b], micro_batch_tokens=100)
+    batch, rows = collate_shared(batch_sets, pad_token_id=0)
+    assert rows == [a, b, other] and batch.input_ids.shape == (3, 5)
+    shared = batch.shared
+    assert shared.input_ids.tolist() == [[5, 6, 7, 10, 11, 20], [5, 6, 8, 30, 0, 0]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]
+    assert shared.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 1, -1, -1]]
+    assert shared.row_of.tolist() == [0, 0, 1]
+    # b's answer token (20, its position 3) is predicted by the prompt's last position (2), not a's answer
+    assert shared.predicting[1, 3] == 2 and shared.predicting[0, 4] == 3 and shared.predicting[0, 3] == 2
+    mask = shared.attention_mask()[0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True]  # b's token sees the prompt and itself
+    assert mask[4].tolist() == [True, True, True, True, True, False]
+    assert shared.attention_mask()[1, 0, 4].tolist() == [False, False, False, False, True, False]  # padding: itself only
+    assert shared.attention_mask(sliding_window=2)[0, 0, 5].tolist() == [False, False, True, False, False, True]

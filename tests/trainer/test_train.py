@@ -249,3 +249,114 @@ def test_a_step_records_what_it_did_with_each_trajectory(tiny_model, sample_grou
         assert all(v != NO_VERSION for v in (t.policy_versions[i] for i in generated))
     assert clipped > 0
     assert result.metrics["clip_high_frac"] + result.metrics["clip_low_frac"] > 0
+
+
+def _shared_prompt_samples() -> list:
+    """Two groups sharing their prompts (answers of different lengths, one with an observation between two
+    answers, as a multi-turn episode has), and a lone sample with a longer prompt."""
+    from trainer.batching import Sample
+
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for group, (prompt_len, answers) in enumerate([(7, [3, 5, 2, 4]), (9, [6, 1, 3])]):
+        prompt = torch.randint(3, 200, (prompt_len,), generator=g).tolist()
+        for k, n in enumerate(answers):
+            own = torch.randint(3, 200, (n,), generator=g).tolist()
+            mask = [1] * n
+            if k == 1:  # answer, observation (mask 0), answer
+                own += torch.randint(3, 200, (3,), generator=g).tolist() + torch.randint(3, 200, (2,), generator=g).tolist()
+                mask += [0, 0, 0, 1, 1]
+            samples.append(Sample(token_ids=prompt + own, loss_mask=[0] * prompt_len + mask,
+                                  behaviour_logprobs=[0.0] * (prompt_len + len(own)), group_id=f"g{group}", trajectory_id=f"t{group}{k}"))
+    lone = torch.randint(3, 200, (15,), generator=g).tolist()
+    samples.append(Sample(token_ids=lone, loss_mask=[0] * 12 + [1] * 3, behaviour_logprobs=[0.0] * 15, group_id="g2", trajectory_id="t20"))
+    return samples
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_shared_prompt_rows_give_every_sample_the_logprobs_and_gradients_of_its_own_row(tiny_model, sliding_window):
+    """A group's prompt read once, each sample's own tokens after it (attending to the prompt and themselves):
+    the logprobs, entropies and gradients of every loss token are those of one padded row per sample,
+    also where sliding-window layers see only the last few positions (window 4: much shorter than the rows)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.batching import collate, collate_shared, pack_shared
+    from trainer.train import can_share_prompts, token_logprobs
+
+    extra = {} if sliding_window is None else {"sliding_window": sliding_window}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, **extra)
+    assert can_share_prompts(model) and "sliding_attention" in model.config.layer_types
+    samples = _shared_prompt_samples()
+    (prompt_sets,) = pack_shared(samples, micro_batch_tokens=10_000)
+    shared, rows = collate_shared(prompt_sets, pad_token_id=0)
+    assert shared.shared.input_ids.shape[0] == 3 and shared.shared.input_ids.numel() < sum(s.num_tokens for s in samples)
+    plain = collate(rows, pad_token_id=0)
+    assert torch.equal(shared.input_ids, plain.input_ids) and torch.equal(shared.loss_mask, plain.loss_mask)
+    mask = plain.loss_mask.bool()
+
+    def run(batch):
+        model.zero_grad()
+        logprobs, entropy = token_logprobs(model, batch, temperature=0.7, with_entropy=True)
+        (logprobs * batch.loss_mask).sum().backward()
+        return logprobs.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp_shared, ent_shared, grads_shared = run(shared)
+    lp_plain, ent_plain, grads_plain = run(plain)
+    assert mask.sum() == 31
+    torch.testing.assert_close(lp_shared[mask], lp_plain[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_shared[mask], ent_plain[mask], rtol=1e-5, atol=1e-5)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_shared[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    if sliding_window:  # the window mattered: without it the long rows' logprobs differ
+        unwindowed = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        with torch.no_grad():
+            lp_full, _ = token_logprobs(unwindowed, plain, temperature=0.7)
+        assert not torch.allclose(lp_full[mask], lp_plain[mask], atol=1e-3)
+
+
+def test_a_step_on_shared_prompt_rows_trains_like_one_row_per_sample(tiny_model, sample_groups):
+    shared = Trainer(config(batch={"share_prompts": True}, optim=LINEAR_ADAM), tiny_model)
+    plain = Trainer(config(batch={"share_prompts": False}, optim=LINEAR_ADAM), tiny_model)
+    assert shared.share_prompts and not plain.share_prompts
+    batch = sample_groups(shared.model, num_groups=3, group_size=4, max_new_tokens=6)
+    m1, m2 = shared.step(batch).metrics, plain.step(batch).metrics
+    assert m1["sequences"] == m2["sequences"] == 12
+    for key in ("loss", "grad_norm", "entropy", "mismatch_kl"):
+        torch.testing.assert_close(m1[key], m2[key], rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(shared.model.state_dict().items(), plain.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_models_without_sdpa_read_every_sample_whole(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train import can_share_prompts
+
+    assert not can_share_prompts(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"))
+
+
+def test_models_whose_layers_are_not_all_attention_read_every_sample_whole(tiny_model):
+    """Linear-attention or recurrent layers ignore the mask (a segment would read the one before it): the
+    trainer checks the layer types, and a probe at start-up compares shared and plain rows on a few tokens."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train import can_share_prompts, shared_rows_match
+
+    hybrid = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa", layer_types=["linear_attention", "full_attention"],
+                                                    sliding_window=None))
+    assert not can_share_prompts(hybrid)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert shared_rows_match(model, pad_token_id=0)
+
+    class Leaky(torch.nn.Module):  # a model that lets every position see the whole row, whatever the mask says
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            kwargs.pop("position_ids", None)
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    assert not shared_rows_match(Leaky(model), pad_token_id=0)

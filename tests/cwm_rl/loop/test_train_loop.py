@@ -41,7 +41,7 @@ class FakeWorkers:
         time.sleep(0.01)
         done, self.pending = self.pending, []
         for call in done:
-            yield call, [SimpleNamespace(trajectory_id=f"t{call}", num_generated_tokens=8, return_=1.0)]
+            yield call, [SimpleNamespace(trajectory_id=f"t{call}", num_generated_tokens=8, return_=1.0, turns=[])]
 
     def requeue_unavailable(self, request, trajectories):
         return trajectories, []
