@@ -16,8 +16,9 @@ answers: 127 tokens a group instead of 400). The loss still sees the plain [B, T
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -99,16 +100,21 @@ def pack(samples: Sequence[Sample], micro_batch_tokens: int) -> list[list[Sample
     """Split samples into micro-batches whose padded size (rows x longest row) fits the budget.
 
     Longest first, filled in order; a sequence longer than the budget gets a batch of its own."""
+    return _pack_rows(samples, micro_batch_tokens, length=lambda s: s.num_tokens)
+
+
+def _pack_rows(rows: Sequence[Any], micro_batch_tokens: int, length: Callable[[Any], int]) -> list[list[Any]]:
+    """Rows into micro-batches of at most `micro_batch_tokens` (rows x longest row), longest first."""
     if micro_batch_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-    batches: list[list[Sample]] = []
-    current: list[Sample] = []
-    for sample in sorted(samples, key=lambda s: s.num_tokens, reverse=True):
-        longest = current[0].num_tokens if current else sample.num_tokens
+    batches: list[list[Any]] = []
+    current: list[Any] = []
+    for row in sorted(rows, key=length, reverse=True):
+        longest = length(current[0]) if current else length(row)
         if current and longest * (len(current) + 1) > micro_batch_tokens:
             batches.append(current)
             current = []
-        current.append(sample)
+        current.append(row)
     if current:
         batches.append(current)
     return batches
@@ -199,17 +205,7 @@ def pack_shared(samples: Sequence[Sample], micro_batch_tokens: int) -> list[list
     budget, longest first; a set longer than the budget gets a batch of its own."""
     if micro_batch_tokens < 1:
         raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
-    batches: list[list[list[Sample]]] = []
-    current: list[list[Sample]] = []
-    for prompt_set in sorted(shared_prompt_sets(samples, micro_batch_tokens), key=row_length, reverse=True):
-        longest = row_length(current[0]) if current else row_length(prompt_set)
-        if current and longest * (len(current) + 1) > micro_batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(prompt_set)
-    if current:
-        batches.append(current)
-    return batches
+    return _pack_rows(shared_prompt_sets(samples, micro_batch_tokens), micro_batch_tokens, length=row_length)
 
 
 def collate_shared(prompt_sets: Sequence[Sequence[Sample]], pad_token_id: int) -> tuple[MicroBatch, list[Sample]]:
