@@ -46,13 +46,11 @@ def token_logprobs(model: torch.nn.Module, batch: MicroBatch, temperature: float
     those are most of the step's time. Logits are divided by the sampling temperature so the numbers
     compare with vLLM's processed logprobs."""
     first = first_loss_position(batch.loss_mask)
-    if batch.shared is None:
-        keep = batch.input_ids.shape[1] - first + 1  # positions first-1 .. T-1 predict tokens first .. T (T: none)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-        logits = logits[:, :-1]  # [B, T-first, V]
-    else:  # prompts read once per row; only loss tokens get logits, from the row position that predicts each
+    if batch.shared is not None:  # prompts read once per row; only loss tokens get logits
         return _shared_token_logprobs(model, batch, first, temperature, with_entropy)
-    logits = logits.float() / temperature  # [B, T-first, V]
+    keep = batch.input_ids.shape[1] - first + 1  # positions first-1 .. T-1 predict tokens first .. T (T: none)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    logits = logits[:, :-1].float() / temperature  # [B, keep-1, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     taken = log_probs.gather(-1, batch.input_ids[:, first:, None]).squeeze(-1)  # [B, T-first]
     logprobs = torch.nn.functional.pad(taken, (first, 0))
@@ -285,11 +283,11 @@ class Trainer:
         if share_prompts and samples:
             batches = pack_shared(samples, budget)
             for i, prompt_sets in enumerate(batches):
-                if all(len(p) == 1 for p in prompt_sets):  # nothing shared here: plain rows, no [L, L] masks
+                if any(len(p) > 1 for p in prompt_sets):
+                    batch, rows = collate_shared(prompt_sets, self.pad_token_id)
+                else:  # nothing shared here: plain rows, no [L, L] masks
                     rows = [p[0] for p in prompt_sets]
-                    yield collate(rows, self.pad_token_id).to(self.device), rows, i == len(batches) - 1
-                    continue
-                batch, rows = collate_shared(prompt_sets, self.pad_token_id)
+                    batch = collate(rows, self.pad_token_id)
                 yield batch.to(self.device), rows, i == len(batches) - 1
             return
         rows = pack(samples, budget)
