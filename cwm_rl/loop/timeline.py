@@ -95,7 +95,7 @@ class Timeline:
         """The episode time of finished trajectories: generation, env, verification (summed over turns)."""
         for t in trajectories:
             for turn in t.turns:
-                verify = getattr(turn, "verify_s", 0.0)
+                verify = turn.verify_s
                 self.episode_seconds["generate"] += turn.generate_s
                 self.episode_seconds["env"] += max(turn.env_s - verify, 0.0)
                 self.episode_seconds["verify"] += verify
