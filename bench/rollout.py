@@ -63,8 +63,12 @@ def prompts_for(model: str, num_episodes: int, turns: int) -> tuple[list[list[in
 def start_raw(model: str, num_episodes: int, max_model_len: int):
     from vllm import LLM
 
+    from rollout_workers.engine import cwm_as_llama_args
+
+    # The same model code as ours (RolloutEngine's cwm_as_llama: vLLM's Llama for a CWM checkpoint), so the ratio is
+    # what our loop adds, not which implementation vLLM picked.
     return LLM(model=model, dtype="float32", max_model_len=max_model_len, kv_cache_memory_bytes=2**28,
-               max_num_seqs=num_episodes, enforce_eager=True, seed=0)
+               max_num_seqs=num_episodes, enforce_eager=True, seed=0, **cwm_as_llama_args(model))
 
 
 def raw_tokens_per_s(llm, prompts: list[list[int]], max_tokens: int) -> float:

@@ -3,8 +3,8 @@
 For each seed, one after the other on this machine:
 - cwm-rl: the quickstart, `cwm-rl train configs/quickstart.yaml --set seed=N` (a tiny model, SFT on
   2-digit addition until 50% held-out accuracy, then async GRPO with a vLLM rollout worker for
-  `max_minutes`), with its evals every 10 steps off (`eval.every_steps=0`: TRL evaluates nothing
-  inside its budget either; each eval stalls the quickstart's loop ~3 s);
+  `max_minutes` or its step cap), with its in-job evals off (`eval.every_steps=0`: TRL evaluates
+  nothing inside its budget either; each eval stalls the quickstart's loop ~3 s);
 - TRL: `trl.GRPOTrainer` from the same warm start (the job's `model/sft`), for the same RL seconds
   (a callback stops it), with HF `generate` in the training process (synchronous, all the CPU's
   threads), on the same training tasks in the same order, the same prompts (the same chat-template
@@ -17,7 +17,7 @@ Model loading and engine start-up are outside both budgets. Both systems' polici
 generate, our env's reward) on the job's 200 held-out tasks, as is the warm start ("before").
 
     pip install -e '.[bench]'                   # TRL (with datasets, accelerate): only this bench needs it
-    .venv/bin/python bench/vs_trl.py --seeds 0 1 2        # about 20 minutes a seed
+    .venv/bin/python bench/vs_trl.py --seeds 0 1 2        # about 13 minutes a seed
 
 Per system: steps, generated tokens/s, trained (loss) tokens/s, steps per minute, held-out accuracy
 before / after and gain per minute (at the end and at each mark); then cwm-rl / TRL ratios, and

@@ -4,7 +4,9 @@ Format as CWM: optional reasoning in `<think> ... </think>` (with `think=True`, 
 `</think>` is required and only the text after it is graded), the final answer in exactly one
 `\\boxed{}`. Reward `correct_reward` (+1) or `wrong_reward` (-1; set 0 for 1/0 rewards); a
 format violation, a verifier timeout or an unparseable gold answer scores as wrong, with the
-reason in `info`. Grading is `rewards.math.grade_math` (math-verify in a hard-timeout pool).
+reason in `info`. Grading is `rewards.math.grade_math`: the format and plain-integer answers in
+this process (then on the event loop, no thread: `astep`), anything else by math-verify in a
+hard-timeout pool.
 
 Tasks come from the seeded arithmetic generator (`difficulty` 1-5, `operators` to keep only some
 of a level's operators, e.g. `difficulty=2, operators="+"` for 2-digit addition) unless
@@ -22,13 +24,17 @@ from envs.base import SingleTurnEnv
 from envs.tools import PythonToolMixin
 from envs.tasks import read_task_file
 from envs.tasks.math_tasks import DIFFICULTY_LEVELS, arithmetic_task, check_operators, load_math_tasks
-from rewards.math import grade_math
+from rewards.math import grade_math, grades_in_process
 
 PROMPT_PLAIN = "Solve the problem. Put your final answer within \\boxed{}, exactly once."
 PROMPT_THINK = (
     "Solve the problem. First reason inside <think> ... </think>, then give your final answer "
     "after </think> within \\boxed{}, exactly once."
 )
+
+
+# The methods a reset or step runs: the async twins stay on the event loop only when none is overridden.
+_LOOP_SAFE = ("reset", "step", "respond", "score", "sample_task", "first_messages", "_gold")
 
 
 class MathEnv(PythonToolMixin, SingleTurnEnv):
@@ -82,6 +88,26 @@ class MathEnv(PythonToolMixin, SingleTurnEnv):
             "extracted": verdict.extracted,
             "gold": verdict.gold,
         }
+
+    def _on_loop(self) -> bool:
+        """May the async twins skip the thread? Only with MathEnv's own code: a subclass's reset, step or score may be slow."""
+        cls = type(self)
+        return self.tool_calls == 0 and all(getattr(cls, name) is getattr(MathEnv, name) for name in _LOOP_SAFE)
+
+    async def areset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """On the event loop: drawing or taking a task builds nothing, and a thread hop costs more than the reset."""
+        if not self._on_loop():
+            return await super().areset(seed=seed, options=options)
+        return self.reset(seed=seed, options=options)
+
+    async def astep(self, action: str):
+        """On the event loop when grading needs no math-verify (a plain-integer answer or a format error: microseconds);
+        in a thread when it does, when the action may be a tool call, or in a subclass."""
+        task = self.task
+        if (task is not None and not self.done and isinstance(action, str) and self._on_loop()
+                and grades_in_process(action, self._gold(task), think=self.think)):
+            return self.step(action)
+        return await super().astep(action)
 
     def reference_action(self) -> str | None:
         if self.task is None:

@@ -3,9 +3,11 @@
 Strict by design, because a lenient grader gets reward-hacked: no credit without exactly one
 `\\boxed{}` in the answer part (two boxes such as `\\boxed{gold} \\boxed{other}` score nothing),
 and with `think=True` exactly one `</think>`, with the box after it. These format checks are
-cheap and run in the caller's process. The equivalence check (math-verify, which runs sympy on
-model output and can hang in C code) runs in a `VerifierPool` worker under a hard timeout, with
-math-verify's own signal-based timeouts switched off (they fail outside the main thread).
+cheap and run in the caller's process, as does comparing two plain integers ("72" against "072":
+math-verify would compare the same sympy Integers). Any other equivalence check (math-verify,
+which runs sympy on model output and can hang in C code) runs in a `VerifierPool` worker under a
+hard timeout, with math-verify's own signal-based timeouts switched off (they fail outside the
+main thread).
 
 Outcomes (`MathVerdict.status`): "correct", "wrong", "format_error", "timeout" (the verifier was
 killed at its time or memory limit; no credit), "error" (a verifier failure such as an unparseable gold answer: a dataset
@@ -28,6 +30,7 @@ from rewards.pool import PoolResult, VerifierPool, default_pool
 MAX_RESPONSE_CHARS = 20_000
 THINK_END = "</think>"
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,50}")  # a plain integer: graded without math-verify (`_integer_verdict`)
 _MATH_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed")  # an unescaped $ (not the \$ of money), or a box
 
 
@@ -119,10 +122,12 @@ def grade_math(
     pool: VerifierPool | None = None,
     max_response_chars: int = MAX_RESPONSE_CHARS,
 ) -> MathVerdict:
-    """Grade `response` against `gold`: the format in-process, equivalence in `pool` (blocking)."""
+    """Grade `response` against `gold`: the format and plain integers in-process, other equivalence in `pool` (blocking)."""
     checked = _check_response(response, gold, think, max_response_chars)
     if isinstance(checked, MathVerdict):
         return checked
+    if (verdict := _integer_verdict(checked, gold)) is not None:
+        return verdict
     result = (pool or default_pool()).run(verify_in_worker, checked, gold, timeout_s=timeout_s)
     return _verdict(result, checked, gold, timeout_s)
 
@@ -140,8 +145,17 @@ async def agrade_math(
     checked = _check_response(response, gold, think, max_response_chars)
     if isinstance(checked, MathVerdict):
         return checked
+    if (verdict := _integer_verdict(checked, gold)) is not None:
+        return verdict
     result = await (pool or default_pool()).arun(verify_in_worker, checked, gold, timeout_s=timeout_s)
     return _verdict(result, checked, gold, timeout_s)
+
+
+def grades_in_process(response: str, gold: str, *, think: bool = False, max_response_chars: int = MAX_RESPONSE_CHARS) -> bool:
+    """Does grading `response` stay in this process (a format error, or a plain-integer answer against a plain-integer
+    gold: microseconds, no math-verify)? An env may then grade on its event loop rather than in a thread."""
+    checked = _check_response(response, gold, think, max_response_chars)
+    return isinstance(checked, MathVerdict) or _integer_verdict(checked, gold) is not None
 
 
 def _check_response(response: str, gold: str, think: bool, max_response_chars: int) -> str | MathVerdict:
@@ -155,6 +169,17 @@ def _check_response(response: str, gold: str, think: bool, max_response_chars: i
     if error is not None:
         return MathVerdict("format_error", error, None, gold)
     return extract_boxed(answer)[0].strip()
+
+
+def _integer_verdict(extracted: str, gold: str) -> MathVerdict | None:
+    """The verdict when the boxed answer and the gold are both plain integers ("72", "-5", "007"), compared in
+    this process: math-verify would parse both to the same sympy Integer, and a round trip to the pool costs
+    more than the rest of grading (an arithmetic task's step). None for anything else: math-verify decides."""
+    if not (_INTEGER.fullmatch(extracted) and _INTEGER.fullmatch(gold.strip())):
+        return None
+    if int(extracted) == int(gold):
+        return MathVerdict("correct", f"boxed answer {extracted!r} matches gold {gold!r}", extracted, gold)
+    return MathVerdict("wrong", f"boxed answer {extracted!r} does not match gold {gold!r}", extracted, gold)
 
 
 def _verdict(result: PoolResult, extracted: str, gold: str, timeout_s: float) -> MathVerdict:

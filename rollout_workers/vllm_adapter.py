@@ -5,12 +5,15 @@ In-flight reloads must know how many tokens each running request has when the we
 helpers read it from vLLM's output processor and engine-core client, attributes that are not
 part of vLLM's API and may move in any release. They were written against vLLM 0.32.0
 (`TESTED_VLLM`); `tests/rollout_workers/test_vllm_adapter.py` runs each one on the installed
-vLLM, so an upgrade that moves them fails there, by name, not somewhere deep in a job.
+vLLM (`executor_env` and `executor_backend`: `test_engine.py`, on its shared engine), so an
+upgrade that moves them fails there, by name, not somewhere deep in a job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from typing import Any
 
 TESTED_VLLM = "0.32.0"  # the vLLM release these internals were read from
@@ -38,6 +41,31 @@ async def drain_outputs(async_llm: Any, max_wait_s: float = 1.0) -> None:
         await asyncio.sleep(0.001)
     for _ in range(3):  # the output handler task may hold one batch it took before the queue emptied
         await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def executor_env(backend: str | None):
+    """The environment for starting an engine with `backend`: vLLM's CPU platform turns the "uni" executor (the model
+    in the engine-core process) into "mp" (a worker process of its own) unless VLLM_ENABLE_V1_MULTIPROCESSING is 0.
+    That variable also makes an offline `vllm.LLM` run its engine core in-process, so it is set only while an AsyncLLM
+    (whose engine core is always a process of its own) starts, and its engine-core process inherits it."""
+    if backend != "uni":
+        yield
+        return
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+
+
+def executor_backend(async_llm: Any) -> str:
+    """The executor an AsyncLLM ended up with ("uni" or "mp")."""
+    return async_llm.vllm_config.parallel_config.distributed_executor_backend
 
 
 def shutdown_offline_llm(llm: Any) -> None:

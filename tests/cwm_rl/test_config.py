@@ -51,6 +51,15 @@ def test_unknown_keys_and_bad_values_name_the_field():
         load_config(None, ["rollout.group_size=0"])
 
 
+def test_extra_engine_args_may_not_repeat_an_engine_field():
+    with pytest.raises(ValueError, match=r"extra_engine_args\.block_size is set by cwm-rl: use the engine's `block_size` field"):
+        load_config(QUICKSTART, ["rollout.engine.extra_engine_args={block_size: 32}"])
+    with pytest.raises(ValueError, match=r"extra_engine_args\.logprobs_mode .*processed logprobs"):
+        load_config(QUICKSTART, ["rollout.engine.extra_engine_args={logprobs_mode: raw_logprobs}"])
+    config = load_config(QUICKSTART, ["rollout.engine.extra_engine_args={swap_space: 1}"])  # any other vLLM argument passes
+    assert config.rollout.engine.extra_engine_args == {"swap_space": 1}
+
+
 def test_bad_override_syntax_and_files():
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         apply_overrides({}, ["trainer.optim.lr"])

@@ -63,6 +63,46 @@ def test_rewards_and_reasons():
     assert reward == -1.0 and info["verdict"] == "format_error"
 
 
+@pytest.mark.parametrize("answer, on_loop", [("\\boxed{GOLD}", True), ("\\boxed{-99999}", True), ("no box", True),
+                                             ("\\boxed{GOLD.0}", False), ("\\boxed{\\frac{GOLD}{1}}", False)])
+async def test_astep_grades_as_step_does_on_the_loop_only_without_math_verify(monkeypatch, answer, on_loop):
+    # Plain integers and format errors are graded on the event loop, the rest in a thread: the results are the same.
+    import asyncio
+
+    threaded = []
+    to_thread = asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread", lambda fn, *a, **k: threaded.append(fn.__name__) or to_thread(fn, *a, **k))
+    sync_env, async_env = make_env("cwm_rl/Math-v0", difficulty=2), make_env("cwm_rl/Math-v0", difficulty=2)
+    sync_env.reset(seed=7)
+    await async_env.areset(seed=7)
+    action = answer.replace("GOLD", str(sync_env.task.answer))
+    expected = sync_env.step(action)
+    assert await async_env.astep(action) == expected
+    assert threaded == ([] if on_loop else ["step"])
+    assert async_env.done and async_env.transcript == sync_env.transcript
+    with pytest.raises(RuntimeError, match="episode is over"):
+        await async_env.astep(action)
+
+
+async def test_a_subclass_is_reset_and_stepped_in_a_thread(monkeypatch):
+    # Its own score (or reset, or step) may be slow: only MathEnv's own code runs on the event loop.
+    import asyncio
+
+    from envs.math_env import MathEnv
+
+    class Lenient(MathEnv):
+        def score(self, task, action):
+            return 1.0, {}
+
+    threaded = []
+    to_thread = asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread", lambda fn, *a, **k: threaded.append(fn.__name__) or to_thread(fn, *a, **k))
+    env = Lenient(difficulty=2)
+    await env.areset(seed=7)
+    assert (await env.astep(f"\\boxed{{{env.task.answer}}}"))[1] == 1.0
+    assert threaded == ["reset", "step"]
+
+
 def test_one_zero_rewards_and_think_format():
     env = make_env("cwm_rl/Math-v0", think=True, wrong_reward=0.0)
     env.reset(seed=0)

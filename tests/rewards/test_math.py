@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rewards.math import MathVerdict, agrade_math, check_format, extract_boxed, grade_math, verify_in_worker
+from rewards.math import MathVerdict, agrade_math, check_format, extract_boxed, grade_math, grades_in_process, verify_in_worker
 from rewards.pool import VerifierPool
 
 # sympy evaluates this integer power tower in C when comparing: it never finishes.
@@ -180,6 +180,38 @@ def test_overlong_response_is_a_format_error_without_verifying(closed_pool):
     assert verdict.reason == f"response is {len(response)} chars; limit is 20000"
     short = grade("\\boxed{72}" + "x" * 50, "72", closed_pool, max_response_chars=20)
     assert short.reason == "response is 60 chars; limit is 20"
+
+
+# ---- grade_math: plain integers, graded without math-verify ------------------------------------
+
+INTEGER_PAIRS = [("72", "72"), ("007", "7"), ("+5", "5"), ("-0", "0"), ("-5", "5"), ("71", "72"), ("10", "1"),
+                 ("123456789012345678901234567890", "123456789012345678901234567890"), ("72", " 72 "), ("72", "-72")]
+
+
+@pytest.mark.parametrize("boxed, gold", INTEGER_PAIRS)
+def test_plain_integers_are_graded_in_process_as_math_verify_grades_them(closed_pool, boxed, gold):
+    response = f"So \\boxed{{{boxed}}}."
+    assert grades_in_process(response, gold)
+    verdict = grade(response, gold, closed_pool)  # the closed pool raises if it is asked
+    assert verdict.status == ("correct" if verify_in_worker(boxed, gold) else "wrong"), verdict.reason
+    assert verdict.extracted == boxed
+
+
+@pytest.mark.parametrize("boxed, gold", [("72.0", "72"), ("1,000", "1000"), ("\\frac{4}{2}", "2"), ("٧٢", "72"), ("72", "7/1"),
+                                         ("1" * 51, "1" * 51)])
+def test_anything_but_two_plain_integers_goes_to_math_verify(pool, boxed, gold):
+    assert not grades_in_process(f"\\boxed{{{boxed}}}", gold)
+    assert grade(f"\\boxed{{{boxed}}}", gold, pool).status == ("correct" if verify_in_worker(boxed, gold) else "wrong")
+
+
+async def test_agrade_math_grades_plain_integers_in_process(closed_pool):
+    assert (await agrade_math("\\boxed{72}", "72", pool=closed_pool)).status == "correct"
+    assert (await agrade_math("\\boxed{-72}", "72", pool=closed_pool)).status == "wrong"
+
+
+def test_format_errors_are_graded_in_process():
+    assert grades_in_process("no box", "72") and grades_in_process("\\boxed{1} \\boxed{2}", "72")
+    assert not grades_in_process("<think>x</think>\\boxed{1/2}", "0.5", think=True)
 
 
 # ---- grade_math: verifier failures ------------------------------------------------------------

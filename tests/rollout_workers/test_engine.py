@@ -53,3 +53,54 @@ async def test_reload_mid_generation_tags_versions_and_uses_new_weights(engine, 
         assert set(after.versions) == {start_version + 1}
     finally:
         await engine.update_weights(start_version + 2, str(tiny_model))  # back to the original weights
+
+
+async def test_cwm_runs_as_llama_in_the_engine_core_process(engine, engine_env_before):
+    import os
+
+    import psutil
+
+    from rollout_workers import vllm_adapter
+
+    assert engine.engine.vllm_config.model_config.architectures == ["LlamaForCausalLM"]  # cwm_as_llama (logprobs: above)
+    assert vllm_adapter.executor_backend(engine.engine) == "uni"
+    children = psutil.Process().children(recursive=True)
+    assert not [c for c in children if "VLLM::Worker" in " ".join(c.cmdline())], "a separate model worker process started"
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == engine_env_before, "the executor's setting leaked out of the engine's start"
+
+
+async def test_a_reload_keeping_kv_caches_never_reuses_an_old_weights_prefix(engine, tiny_model, perturbed_model, transformers_logprobs):
+    # keep_kv_cache_on_reload keeps the prefix cache too; a request started after the reload must not read a prefix's
+    # keys and values computed with the old weights (the prompt spans whole 16-token blocks, cached by the first call).
+    start_version, config = engine.version, engine.config
+    prompt = prompt_ids(engine, "Repeat exactly, then stop: alpha beta gamma delta epsilon zeta eta theta iota kappa")
+    assert len(prompt) > 32
+    sampling = SamplingConfig(max_tokens=16, ignore_eos=True)
+    await engine.generate(prompt, sampling)
+    engine.config = config.model_copy(update={"keep_kv_cache_on_reload": True})
+    try:
+        await engine.update_weights(start_version + 1, str(perturbed_model))
+        gen = await engine.generate(prompt, sampling)
+        reference = transformers_logprobs(perturbed_model, prompt + gen.token_ids)[len(prompt) - 1:]
+        worst = max(abs(o - r) for o, r in zip(gen.logprobs, reference))
+        assert worst < LOGPROB_TOLERANCE, f"the new version's tokens differ from its weights by {worst}: an old prefix was reused"
+    finally:
+        engine.config = config
+        await engine.update_weights(start_version + 2, str(tiny_model))
+
+
+async def test_sampled_logprobs_read_flat_lists_or_each_position():
+    from types import SimpleNamespace
+
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    from rollout_workers.engine import _sampled_logprobs
+
+    one = FlatLogprobs()
+    for token, logprob in ((5, -0.5), (7, -1.5)):
+        one.append({token: Logprob(logprob)})
+    assert _sampled_logprobs(SimpleNamespace(token_ids=[5, 7], logprobs=one)) == [-0.5, -1.5]
+    top = FlatLogprobs()  # more than the sampled token at a position (logprobs > 0): read by token
+    top.append({5: Logprob(-0.5), 9: Logprob(-0.1)})
+    top.append({3: Logprob(-0.2), 7: Logprob(-1.5)})
+    assert _sampled_logprobs(SimpleNamespace(token_ids=[5, 7], logprobs=top)) == [-0.5, -1.5]
