@@ -177,7 +177,11 @@ def _integer_verdict(extracted: str, gold: str) -> MathVerdict | None:
     more than the rest of grading (an arithmetic task's step). None for anything else: math-verify decides."""
     if not (_INTEGER.fullmatch(extracted) and _INTEGER.fullmatch(gold.strip())):
         return None
-    if int(extracted) == int(gold):
+    return _equivalence_verdict(int(extracted) == int(gold), extracted, gold)
+
+
+def _equivalence_verdict(equal: bool, extracted: str, gold: str) -> MathVerdict:
+    if equal:
         return MathVerdict("correct", f"boxed answer {extracted!r} matches gold {gold!r}", extracted, gold)
     return MathVerdict("wrong", f"boxed answer {extracted!r} does not match gold {gold!r}", extracted, gold)
 
@@ -190,9 +194,7 @@ def _verdict(result: PoolResult, extracted: str, gold: str, timeout_s: float) ->
         return MathVerdict("timeout", f"math-verify ran out of memory on {extracted!r}; no credit", extracted, gold)
     if result.status == "error":
         return MathVerdict("error", f"verifier failed: {result.error}", extracted, gold)
-    if result.value:
-        return MathVerdict("correct", f"boxed answer {extracted!r} matches gold {gold!r}", extracted, gold)
-    return MathVerdict("wrong", f"boxed answer {extracted!r} does not match gold {gold!r}", extracted, gold)
+    return _equivalence_verdict(bool(result.value), extracted, gold)
 
 
 # ---- inside the pool's workers --------------------------------------------------------------

@@ -17,8 +17,8 @@ carries the new version. Prefix-cache entries are salted with the version a requ
 under, so a request added after a reload never reuses a prefix computed with older weights (with
 `keep_kv_cache_on_reload`, one added before it but still waiting may, as running ones keep their
 KV). Requests return one final output (no per-step streaming to Python), and the recorded counts
-split their tokens by version; the counts come from vLLM internals,
-read only in `rollout_workers/vllm_adapter.py` (its test pins them to the installed vLLM).
+split their tokens by version; the counts come from vLLM internals, read only in
+`rollout_workers/vllm_adapter.py` (its test pins them to the installed vLLM).
 
 Behaviour logprobs are vLLM's "processed" logprobs: the log-probability of the sampled token
 under the distribution actually sampled from (after temperature and top-p/top-k), which is
