@@ -24,6 +24,10 @@ if [ -z "$PYTHON" ]; then
 fi
 [ -n "$PYTHON" ] || { echo "cwm-rl needs Python 3.11 or 3.12: apt-get install python3.11 python3.11-venv" >&2; exit 1; }
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || APT_PACKAGES+=("python3-venv")
+# g++ and the Python headers: torch.compile's C++ kernels (vLLM with enforce_eager: false, as the quickstart runs it).
+command -v g++ >/dev/null || APT_PACKAGES+=("g++")
+"$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || APT_PACKAGES+=("$(basename "$(command -v "$PYTHON")")-dev")
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

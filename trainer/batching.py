@@ -210,54 +210,41 @@ def pack_shared(samples: Sequence[Sample], micro_batch_tokens: int) -> list[list
 
 def collate_shared(prompt_sets: Sequence[Sequence[Sample]], pad_token_id: int) -> tuple[MicroBatch, list[Sample]]:
     """The plain [B, T] batch of every sample of `prompt_sets` (what the loss reads) with the rows the
-    model reads (`SharedRows`), and the samples in the batch's order."""
+    model reads (`SharedRows`), and the samples in the batch's order. Built as Python lists, then one
+    tensor each: a step's hundreds of samples would otherwise cost thousands of small tensor writes."""
     rows = [s for prompt_set in prompt_sets for s in prompt_set]
     batch = collate(rows, pad_token_id)
     length = max(row_length(p) for p in prompt_sets)
-    input_ids = torch.full((len(prompt_sets), length), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(prompt_sets), length), dtype=torch.long)
-    segment = torch.full((len(prompt_sets), length), -1, dtype=torch.long)
-    row_of = torch.zeros(len(rows), dtype=torch.long)
-    predicting = torch.zeros(batch.input_ids.shape, dtype=torch.long)
-    b = 0
+    width = batch.input_ids.shape[1]
+    input_ids, position_ids, segment, row_of, predicting = [], [], [], [], []
     for r, prompt_set in enumerate(prompt_sets):
         prompt = prompt_length(prompt_set[0])
-        input_ids[r, :prompt] = torch.tensor(prompt_set[0].token_ids[:prompt], dtype=torch.long)
-        position_ids[r, :prompt] = torch.arange(prompt)
-        segment[r, :prompt] = 0
-        start = prompt
+        ids, positions, segments = prompt_set[0].token_ids[:prompt], list(range(prompt)), [0] * prompt
         for k, s in enumerate(prompt_set, 1):
-            own = s.num_tokens - prompt
-            input_ids[r, start:start + own] = torch.tensor(s.token_ids[prompt:], dtype=torch.long)
-            position_ids[r, start:start + own] = torch.arange(prompt, s.num_tokens)
-            segment[r, start:start + own] = k
+            start, n = len(ids), s.num_tokens
+            ids += s.token_ids[prompt:]
+            positions += range(prompt, n)
+            segments += [k] * (n - prompt)
             # Token t is predicted by the position holding token t - 1: in the prompt, or in the sample's own segment.
-            before = torch.arange(s.num_tokens - 1)
-            predicting[b, 1:s.num_tokens] = torch.where(before < prompt, before, start + before - prompt)
-            row_of[b] = r
-            start += own
-            b += 1
-    batch.shared = SharedRows(input_ids, position_ids, segment, row_of, predicting)
+            predicting.append([0] + list(range(min(prompt, n - 1))) + list(range(start, start + n - 1 - prompt)) + [0] * (width - n))
+            row_of.append(r)
+        pad = length - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        position_ids.append(positions + [0] * pad)
+        segment.append(segments + [-1] * pad)
+    batch.shared = SharedRows(*(torch.tensor(t, dtype=torch.long) for t in (input_ids, position_ids, segment, row_of, predicting)))
     return batch, rows
 
 
 def collate(rows: Sequence[Sample], pad_token_id: int) -> MicroBatch:
     """Right-pad `rows` to the longest. Position 0 never carries loss (nothing predicts it)."""
     length = max(s.num_tokens for s in rows)
-    num_rows = len(rows)
-    input_ids = torch.full((num_rows, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((num_rows, length), dtype=torch.long)
-    loss_mask = torch.zeros((num_rows, length))
-    behaviour = torch.zeros((num_rows, length))
-    advantages = torch.zeros((num_rows, length))
-    for i, s in enumerate(rows):
-        n = s.num_tokens
-        input_ids[i, :n] = torch.tensor(s.token_ids)
-        attention_mask[i, :n] = 1
-        loss_mask[i, :n] = torch.tensor(s.loss_mask, dtype=torch.float)
-        behaviour[i, :n] = torch.tensor(s.behaviour_logprobs)
-        advantages[i, :n] = s.advantage
-    loss_mask[:, 0] = 0
+    pads = [length - s.num_tokens for s in rows]
+    input_ids = torch.tensor([s.token_ids + [pad_token_id] * p for s, p in zip(rows, pads)], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * s.num_tokens + [0] * p for s, p in zip(rows, pads)], dtype=torch.long)
+    loss_mask = torch.tensor([[0] * min(s.num_tokens, 1) + s.loss_mask[1:] + [0] * p for s, p in zip(rows, pads)], dtype=torch.float)
+    behaviour = torch.tensor([s.behaviour_logprobs + [0.0] * p for s, p in zip(rows, pads)], dtype=torch.float)
+    advantages = torch.tensor([[s.advantage] * s.num_tokens + [0.0] * p for s, p in zip(rows, pads)], dtype=torch.float)
     return MicroBatch(input_ids, attention_mask, loss_mask, behaviour, advantages)
 
 

@@ -380,15 +380,17 @@ def training_records(rows: Sequence[Sample], inputs: LossInputs, config: LossCon
     detached = dataclasses.replace(inputs, logprobs=inputs.logprobs.detach())
     ratio, is_weight = ratios(detached, config)
     flags = clip_flags(ratio, inputs.advantages, inputs.loss_mask, config)
+    # Three [B, T] tensors to Python once; each row's mask-1 positions are picked from the lists.
+    logprobs, is_weights, clipped = detached.logprobs.float().cpu().tolist(), is_weight.float().cpu().tolist(), flags.cpu().tolist()
     records = []
     for i, sample in enumerate(rows):
         if not sample.trajectory_id:
             continue  # the zero-weight stand-in batch
-        positions = torch.tensor([p for p, m in enumerate(sample.loss_mask) if m], dtype=torch.long)
+        positions = [p for p, m in enumerate(sample.loss_mask) if m]
         records.append(TrainingRecord(trajectory_id=sample.trajectory_id, step=step, advantage=sample.advantage,
-                                      trainer_logprobs=detached.logprobs[i, positions].float().cpu().tolist(),
-                                      is_weights=is_weight[i, positions].float().cpu().tolist(),
-                                      clipped=flags[i, positions].cpu().tolist()))
+                                      trainer_logprobs=[logprobs[i][p] for p in positions],
+                                      is_weights=[is_weights[i][p] for p in positions],
+                                      clipped=[clipped[i][p] for p in positions]))
     return records
 
 

@@ -87,9 +87,8 @@ def train_loop(run: Run) -> None:
                     or (c.mode == "sync" and workers.pending):
                 continue
             # 4. A trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
+            # The workers may still be loading the last version: the step overlaps it (the next publish waits for it).
             batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
-            with timeline.phase("reload"):
-                workers.wait_reloads()
             timeline.start_train()
             future = trainer_thread.submit(trainer.step, batch)
             if c.mode == "sync":  # the next round is played with the new weights
@@ -136,7 +135,7 @@ def after_step(run: Run, batch: list, result: Any) -> None:
         version = trainer.policy_version
         with timeline.phase("publish"):
             weights = trainer.publish(version)
-        with timeline.phase("reload"):  # async: sent, waited for before the next step; sync: waited for here
+        with timeline.phase("reload"):  # async: waits for the last reload, sends this one; sync: waited for here
             workers.reload(version, weights, wait=c.mode == "sync")
     result.metrics["publish_s"] = time.perf_counter() - published
     run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch), **timeline.next_step()})

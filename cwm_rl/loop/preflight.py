@@ -4,7 +4,8 @@
 transformers, torch or vLLM) and raises a ValueError when `rollout.engine.max_model_len` is
 longer than the model's context (vLLM would refuse it at engine start, and Ray would restart the
 worker for minutes), or when, on vLLM's CPU backend, the model's head size is one the CPU
-attention kernels lack (the engine starts, then fails on its first generation). `setup_run`
+attention kernels lack (the engine starts, then fails on its first generation), or when it would
+compile the model on the CPU (`enforce_eager: false`) with no C++ compiler there. `setup_run`
 calls it once the model directory is known. The checks that need no model (an unknown dtype,
 `rollout.limits.max_total_tokens` over `max_model_len`) are `JobConfig`'s own. What only the
 engine finds out (a KV cache too small, say) fails at engine start, once: `RolloutWorkers`
@@ -46,6 +47,10 @@ def check_engine_config(config: JobConfig, model_dir: Path) -> None:
         limit, key = context
         raise ValueError(f"rollout.engine.max_model_len ({max_model_len}) is longer than the model's context ({key} {limit} "
                          f"in {path}): set rollout.engine.max_model_len <= {limit}")
+    if not config.rollout.engine.enforce_eager and cpp_compiler() is None and on_cpu_backend():
+        raise ValueError("rollout.engine.enforce_eager is false: vLLM compiles the model into C++ kernels on the CPU, and no C++ "
+                         "compiler was found (g++, or $CXX): install g++ and the Python headers (`bash scripts/setup.sh` does), "
+                         "or set rollout.engine.enforce_eager=true")
     size = head_size(text)
     if size is not None and size not in CPU_ATTENTION_HEAD_SIZES and on_cpu_backend():
         raise ValueError(f"model.path {model_dir}: head size {size} is not one vLLM's CPU attention supports "
@@ -75,6 +80,13 @@ def head_size(hf: dict[str, Any]) -> int | None:
     if isinstance(hf.get("hidden_size"), int) and isinstance(hf.get("num_attention_heads"), int) and hf["num_attention_heads"]:
         return hf["hidden_size"] // hf["num_attention_heads"]
     return None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU kernels would use ($CXX, else g++ or clang++ on PATH), or None."""
+    import shutil
+
+    return next((found for name in (os.environ.get("CXX"), "g++", "clang++") if name and (found := shutil.which(name))), None)
 
 
 def on_cpu_backend() -> bool:

@@ -257,9 +257,11 @@ class RolloutWorkers:
 
     def reload(self, version: int, weights: str | Path | ShippedWeights, *, wait: bool = False, only: list[int] | None = None) -> None:
         """Every worker (or `only` these) reloads version `version` in flight, from a published dir or weights shipped
-        through Ray's object store; `wait` blocks until done."""
+        through Ray's object store; `wait` blocks until done. The reloads sent before are waited for first: a worker
+        loads one version at a time, in order, while the trainer's next step runs beside the last one."""
         import ray
 
+        self.wait_reloads()
         weights = str(weights) if isinstance(weights, Path) else weights
         self.published = (version, weights)
         refs = [self.actors[w].update_weights.remote(version, weights) for w in (only or range(len(self.actors)))]
@@ -269,7 +271,8 @@ class RolloutWorkers:
             self.reloads += refs
 
     def wait_reloads(self) -> None:
-        """Wait for the reloads sent so far: staleness is judged against the version the workers hold."""
+        """Wait for the reloads sent so far (a failed one is logged: the worker gets the weights again when its lost work is
+        re-submitted)."""
         import ray
 
         for ref in self.reloads:

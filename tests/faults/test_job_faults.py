@@ -40,7 +40,7 @@ def _play(run_dir: Path, model: Path, steps: int, resume: bool, at_line: str | N
     if resume:
         args = [cli, "train", "--resume", str(run_dir), "--set", f"steps={steps}"]
     else:
-        settings = [f"run_dir={run_dir}", f"model.path={model}", f"steps={steps}", "eval.num_tasks=4", "eval.every_steps=100",
+        settings = [f"run_dir={run_dir}", f"model.path={model}", "rollout.engine.enforce_eager=true", f"steps={steps}", "eval.num_tasks=4", "eval.every_steps=100",
                     "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
                     "trainer.batch.step_tokens=32", "checkpoint_every=2", "trainer.filters.drop_zero_advantage_groups=false"]
         args = [cli, "train", str(REPO_ROOT / "configs" / "quickstart.yaml")] + [a for s in settings for a in ("--set", s)]

@@ -30,8 +30,10 @@ async def engine(tiny_model, engine_env_before):
     from rollout_workers.config import EngineConfig
     from rollout_workers.engine import RolloutEngine
 
-    # The quickstart's engine settings: the model in the engine-core process, 16-token KV blocks (prefix caching).
-    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="uni", block_size=16))
+    # The quickstart's engine settings: the model in the engine-core process, 16-token KV blocks (prefix caching), compiled
+    # (torch.compile: the reload tests check that new weights reach the compiled model). Job tests elsewhere run eager.
+    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="uni", block_size=16,
+                                     enforce_eager=False))
     yield eng
     eng.shutdown()
 

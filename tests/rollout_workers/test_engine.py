@@ -63,6 +63,9 @@ async def test_cwm_runs_as_llama_in_the_engine_core_process(engine, engine_env_b
     from rollout_workers import vllm_adapter
 
     assert engine.engine.vllm_config.model_config.architectures == ["LlamaForCausalLM"]  # cwm_as_llama (logprobs: above)
+    from vllm.config import CompilationMode
+
+    assert engine.engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # compiled: the reloads above reach it
     assert vllm_adapter.executor_backend(engine.engine) == "uni"
     children = psutil.Process().children(recursive=True)
     assert not [c for c in children if "VLLM::Worker" in " ".join(c.cmdline())], "a separate model worker process started"

@@ -127,7 +127,7 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
         job_log = open(tmp_path / "job.log", "w")
         job = subprocess.Popen(
             [str(BIN / "cwm-rl"), "train", str(ROOT / "configs/quickstart.yaml"), "--set", f"run_dir={run_dir}",
-             "--set", "steps=5", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
+             "--set", "steps=5", "--set", "rollout.engine.enforce_eager=true", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
              "--set", "eval.every_steps=0", "--set", "logging.progress=false", "--set", "max_minutes=10",
              "--set", f"ray_address={cluster.address}", "--set", "publish.backend=object_store",
              "--set", "rollout.resources={rollout: 1}", "--set", "trainer.resources={head: 1}",

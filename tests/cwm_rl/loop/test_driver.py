@@ -25,7 +25,7 @@ from cwm_rl.store import RolloutStore
 def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, tmp_path, fault_report):
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=50", "eval.num_tasks=8", "eval.every_steps=2",
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "steps=50", "eval.num_tasks=8", "eval.every_steps=2",
                 "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
                 "trainer.batch.step_tokens=32", "checkpoint_every=2", "logging.tensorboard=true",
                 # the random tiny model never scores, so keep zero-advantage groups: the loop still steps and publishes
@@ -141,7 +141,7 @@ def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path, 
     gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=8", "eval.num_tasks=8", "eval.every_steps=4",
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "steps=8", "eval.num_tasks=8", "eval.every_steps=4",
                 f"envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 1}}, servers: 1, urls: ['{gone}']}}]",
                 "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
                 "trainer.batch.step_tokens=32", "checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false"]

@@ -90,7 +90,7 @@ def test_a_user_env_with_a_verifier_and_no_reference_answers_trains(tiny_model, 
     assert code == 1 and "my_envs/Parity-v0 is not registered in this process; pass --import MODULE" in out, both[-2000:]
 
     # A warm start is the one stage that needs reference answers; the error says so and how to go without.
-    code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "model.path=null", "model.sft.steps=5",
+    code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "rollout.engine.enforce_eager=true", "model.path=null", "model.sft.steps=5",
                                      "envs=[{id: my_envs/Parity-v0}]", "env_modules=[my_envs]", *SMALL_JOB], cwd=tmp_path)
     assert code != 0
     assert "has no reference_action()" in out and "model.sft.steps=0" in out, out[-3000:]
@@ -140,7 +140,7 @@ def test_a_mix_of_code_trace_and_multi_turn_echo_trains_with_per_env_limits(tiny
     envs = ("[{id: cwm_rl/Code-v0}, "
             f"{{id: cwm_rl/Trace-v0, url: '{server.url}'}}, "
             "{id: cwm_rl/Echo-v0, kwargs: {num_rounds: 3}, limits: {max_turns: 3, max_total_tokens: 256}, max_tokens: 4}]")
-    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=6", "eval.num_tasks=4", "eval.every_steps=0",
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "steps=6", "eval.num_tasks=4", "eval.every_steps=0",
                 f"envs={envs}", *SMALL_JOB]
     code, out = train([QUICKSTART], settings)
     assert code == 0, out[-4000:]

@@ -60,6 +60,18 @@ def test_a_head_size_the_cpu_attention_lacks_is_refused_on_cpu(tiny_model, tmp_p
     check_engine_config(load_config(None, []), tiny_model)  # head size 64 is fine
 
 
+def test_compiling_on_the_cpu_without_a_cpp_compiler_is_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
+    compiled = load_config(None, ["rollout.engine.enforce_eager=false"])
+    check_engine_config(compiled, tiny_model)  # g++ is here (scripts/setup.sh installs it)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ValueError, match=r"^rollout.engine.enforce_eager is false: .* no C\+\+ compiler was found .* set "
+                                         r"rollout.engine.enforce_eager=true$"):
+        check_engine_config(compiled, tiny_model)
+    check_engine_config(load_config(None, ["rollout.engine.enforce_eager=true"]), tiny_model)  # eager needs none
+
+
 def test_an_unknown_dtype_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"rollout.engine.dtype 'fp32' is not a dtype vLLM knows: set rollout.engine.dtype "
                                          r"to one of float32, bfloat16, float16, half, float, auto"):

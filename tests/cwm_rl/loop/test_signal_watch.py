@@ -164,7 +164,7 @@ def test_a_job_without_learning_signal_stops_checkpointed_and_says_why(tiny_mode
     is ever made, and the job stops by itself with the likely cause, a checkpoint and a summary."""
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "steps=50", "eval.num_tasks=4", "max_minutes=8",
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "steps=50", "eval.num_tasks=4", "max_minutes=8",
                 "envs=[{id: cwm_rl/Math-v0, kwargs: {difficulty: 3}}]", "trainer.filters.drop_zero_advantage_groups=true",
                 "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=8", "rollout.sampling.max_tokens=8",
                 "eval.max_tokens=8", "trainer.batch.step_tokens=32", "checkpoint_every=0", "logging.tensorboard=false",
