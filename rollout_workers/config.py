@@ -25,7 +25,7 @@ class EngineConfig(_Config):
     kv_cache_gib: float = Field(default=0.25, gt=0, description="KV-cache memory in GiB (CPU RAM on the CPU backend).")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences batched per engine step.")
     seed: int | None = Field(default=None, description="Engine sampling seed; None = the job's seed (0 outside a job).")
-    enforce_eager: bool = Field(default=True, description="Skip torch.compile and graph capture (fast start; right for CPU and tests).")
+    enforce_eager: bool = Field(default=True, description="Skip torch.compile and graph capture (fast start). false compiles the model at engine start (~15-35 s on the CPU, needs g++ and the Python headers): ~1.15x the quickstart's tokens/s.")
     keep_kv_cache_on_reload: bool = Field(default=False, description="On reload keep in-flight KV caches (faster, approximate) instead of recomputing prefixes.")
     executor: Literal["auto", "uni", "mp"] = Field(default="auto", description="Where vLLM runs the model: 'uni' in the engine-core process (on a CPU with few cores the best: no worker process spinning on a shared-memory queue; 1.2x tokens/s on 0.7x the CPU on 2 cores), 'mp' in a worker process of its own (vLLM's CPU default: OpenMP threads bound to cores), 'auto' lets vLLM choose.")
     block_size: int | None = Field(default=None, ge=1, description="KV-cache block in tokens; None = vLLM's (128 on the CPU). Prefix caching reuses whole blocks only, so many short prompts that share a system prompt need small blocks (16 in the quickstart: 1.4x the rollout side's tokens/s).")

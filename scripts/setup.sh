@@ -27,7 +27,7 @@ fi
 # g++ and the Python headers: torch.compile's C++ kernels (vLLM with enforce_eager: false, as the quickstart runs it).
 command -v g++ >/dev/null || APT_PACKAGES+=("g++")
 "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
-  || APT_PACKAGES+=("$(basename "$(command -v "$PYTHON")")-dev")
+  || APT_PACKAGES+=("$("$PYTHON" -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])')")
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -86,8 +86,8 @@ def train_loop(run: Run) -> None:
             if run.stop_reason is not None or not buffer.ready(c.trainer.batch.step_tokens, c.buffer_groups) \
                     or (c.mode == "sync" and workers.pending):
                 continue
-            # 4. A trainer step on the oldest groups (sync: all of them), judged against the version the workers hold.
-            # The workers may still be loading the last version: the step overlaps it (the next publish waits for it).
+            # 4. A trainer step on the oldest groups (sync: all of them). Async: the workers may still be loading the last
+            #    version; the step trains beside that, and the next publish waits for it.
             batch = buffer.take(c.trainer.batch.step_tokens if c.mode == "async" else math.inf)
             timeline.start_train()
             future = trainer_thread.submit(trainer.step, batch)
@@ -133,9 +133,11 @@ def after_step(run: Run, batch: list, result: Any) -> None:
     published = time.perf_counter()
     if trainer.step_count % c.publish.every_steps == 0:
         version = trainer.policy_version
+        with timeline.phase("reload"):  # the last version loaded before a new one is published (which may prune it)
+            workers.wait_reloads()
         with timeline.phase("publish"):
             weights = trainer.publish(version)
-        with timeline.phase("reload"):  # async: waits for the last reload, sends this one; sync: waited for here
+        with timeline.phase("reload"):  # async: sent (the next step trains while the workers load it); sync: waited for
             workers.reload(version, weights, wait=c.mode == "sync")
     result.metrics["publish_s"] = time.perf_counter() - published
     run.sinks.log_step({**result.metrics, **_loop_metrics(run, batch), **timeline.next_step()})

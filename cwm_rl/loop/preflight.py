@@ -47,10 +47,13 @@ def check_engine_config(config: JobConfig, model_dir: Path) -> None:
         limit, key = context
         raise ValueError(f"rollout.engine.max_model_len ({max_model_len}) is longer than the model's context ({key} {limit} "
                          f"in {path}): set rollout.engine.max_model_len <= {limit}")
-    if not config.rollout.engine.enforce_eager and cpp_compiler() is None and on_cpu_backend():
-        raise ValueError("rollout.engine.enforce_eager is false: vLLM compiles the model into C++ kernels on the CPU, and no C++ "
-                         "compiler was found (g++, or $CXX): install g++ and the Python headers (`bash scripts/setup.sh` does), "
-                         "or set rollout.engine.enforce_eager=true")
+    if not config.rollout.engine.enforce_eager and on_cpu_backend():
+        missing = [what for what, found in (("a C++ compiler ($CXX, else g++)", cpp_compiler()), ("Python.h", python_headers()))
+                   if not found]
+        if missing:
+            raise ValueError(f"rollout.engine.enforce_eager is false: vLLM compiles the model into C++ kernels on the CPU, and "
+                             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing here: install g++ and the "
+                             "Python headers (`bash scripts/setup.sh` does), or set rollout.engine.enforce_eager=true")
     size = head_size(text)
     if size is not None and size not in CPU_ATTENTION_HEAD_SIZES and on_cpu_backend():
         raise ValueError(f"model.path {model_dir}: head size {size} is not one vLLM's CPU attention supports "
@@ -83,10 +86,17 @@ def head_size(hf: dict[str, Any]) -> int | None:
 
 
 def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile's CPU kernels would use ($CXX, else g++ or clang++ on PATH), or None."""
+    """The C++ compiler torch.compile's CPU kernels use ($CXX, else g++) if it is on PATH, else None."""
     import shutil
 
-    return next((found for name in (os.environ.get("CXX"), "g++", "clang++") if name and (found := shutil.which(name))), None)
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def python_headers() -> bool:
+    """Whether Python.h is there: Inductor's CPU kernels include it."""
+    import sysconfig
+
+    return (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 def on_cpu_backend() -> bool:

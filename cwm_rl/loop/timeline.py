@@ -3,8 +3,8 @@
 A step's interval runs from the previous step's log line to its own. Two lanes share it:
 
 - the trainer lane (the driver's thread, in seconds that add up to `time/step_s`): `train` (a
-  trainer step running), and while none runs: `publish`, `reload` (waiting for workers to load the
-  new weights), `store` (writing trajectories), `eval`, `checkpoint`, `idle` (waiting for rollouts:
+  trainer step running), and while none runs: `publish`, `reload` (waiting for workers to load a
+  version), `store` (writing trajectories), `eval`, `checkpoint`, `idle` (waiting for rollouts:
   the buffer is not ready) and `other` (the loop's own bookkeeping). Work done while a step trains
   overlaps it and is not counted again: only what holds the next step up is on this lane.
 - the rollout lane (the workers): `rollout_idle` (no request in flight: the buffer is full, or the

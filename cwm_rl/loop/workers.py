@@ -73,6 +73,8 @@ def start_ray(address: str | None, num_cpus: float) -> bool:
 def engine_fix(reason: str, config: JobConfig, model_dir: Path) -> str:
     """What to change when an engine did not start for `reason` (vLLM's error line)."""
     engine = config.rollout.engine
+    if not engine.enforce_eager and any(word in reason.lower() for word in ("inductor", "compil", "python.h", "c++")):
+        return "set rollout.engine.enforce_eager=true (no torch.compile), or install g++ and the Python headers"
     if any(word in reason.lower() for word in ("memory", "kv cache", "cache blocks")):
         return (f"raise rollout.engine.kv_cache_gib (now {engine.kv_cache_gib}) or lower rollout.engine.max_model_len "
                 f"(now {engine.max_model_len})")
@@ -271,8 +273,8 @@ class RolloutWorkers:
             self.reloads += refs
 
     def wait_reloads(self) -> None:
-        """Wait for the reloads sent so far (a failed one is logged: the worker gets the weights again when its lost work is
-        re-submitted)."""
+        """Wait for the reloads sent so far. A failed one is logged: its worker died, and a restarted worker is brought up
+        to date when the loop finds it (`collect`)."""
         import ray
 
         for ref in self.reloads:

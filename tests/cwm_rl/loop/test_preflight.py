@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cwm_rl.config import load_config
+from cwm_rl.loop import preflight
 from cwm_rl.loop.preflight import CPU_ATTENTION_HEAD_SIZES, check_engine_config
 from rollout_workers.actor import root_cause
 
@@ -64,12 +65,26 @@ def test_compiling_on_the_cpu_without_a_cpp_compiler_is_refused(tiny_model, tmp_
     monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")
     compiled = load_config(None, ["rollout.engine.enforce_eager=false"])
     check_engine_config(compiled, tiny_model)  # g++ is here (scripts/setup.sh installs it)
+    path = os.environ["PATH"]
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on PATH
     monkeypatch.delenv("CXX", raising=False)
-    with pytest.raises(ValueError, match=r"^rollout.engine.enforce_eager is false: .* no C\+\+ compiler was found .* set "
-                                         r"rollout.engine.enforce_eager=true$"):
+    with pytest.raises(ValueError, match=r"^rollout.engine.enforce_eager is false: .* a C\+\+ compiler \(\$CXX, else g\+\+\) is "
+                                         r"missing here: .* set rollout.engine.enforce_eager=true$"):
         check_engine_config(compiled, tiny_model)
     check_engine_config(load_config(None, ["rollout.engine.enforce_eager=true"]), tiny_model)  # eager needs none
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setattr(preflight, "python_headers", lambda: False)  # a compiler, no Python.h
+    with pytest.raises(ValueError, match=r"and Python.h is missing here: install g\+\+ and the Python headers"):
+        check_engine_config(compiled, tiny_model)
+
+
+def test_an_engine_whose_compile_failed_is_told_to_run_eager(tiny_model):
+    from cwm_rl.loop.workers import engine_fix
+
+    reason = "torch._inductor.exc.InductorError: CppCompileError: C++ compile error: fatal error: Python.h: No such file"
+    assert engine_fix(reason, load_config(None, ["rollout.engine.enforce_eager=false"]), tiny_model).startswith(
+        "set rollout.engine.enforce_eager=true")
+    assert "kv_cache_gib" in engine_fix("No available memory for the cache blocks", load_config(None, []), tiny_model)
 
 
 def test_an_unknown_dtype_is_refused_naming_the_key():
@@ -141,7 +156,7 @@ def test_an_engine_that_cannot_start_stops_the_job_once_with_its_cause(tiny_mode
     started = time.monotonic()
     r = subprocess.run([CLI, "train", str(ROOT / "configs" / "quickstart.yaml"), "--set", f"run_dir={run_dir}",
                         "--set", f"model.path={tiny_model}", "--set", "rollout.engine.kv_cache_gib=0.00001",
-                        "--set", "logging.progress=false"],
+                        "--set", "logging.progress=false", "--set", "rollout.engine.enforce_eager=true"],
                        capture_output=True, text=True, timeout=360, env={**os.environ, "COLUMNS": "200"})
     elapsed = time.monotonic() - started
     output = r.stdout + r.stderr

@@ -101,7 +101,7 @@ class FakeBuffer(list):
 
 
 def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
-    config = load_config(ROOT / "configs/quickstart.yaml", overrides=["rollout.engine.enforce_eager=true", f"mode={mode}", f"steps={steps}",
+    config = load_config(ROOT / "configs/quickstart.yaml", overrides=[f"mode={mode}", f"steps={steps}",
                                                                      "eval.every_steps=0", "checkpoint_every=0"])
     trainer = FakeTrainer()
     workers = trainer.workers = FakeWorkers(trainer)
