@@ -5,7 +5,7 @@ transformers, torch or vLLM) and raises a ValueError when `rollout.engine.max_mo
 longer than the model's context (vLLM would refuse it at engine start, and Ray would restart the
 worker for minutes), or when, on vLLM's CPU backend, the model's head size is one the CPU
 attention kernels lack (the engine starts, then fails on its first generation), or when it would
-compile the model on the CPU (`enforce_eager: false`) with no C++ compiler there. `setup_run`
+compile the model on the CPU (`enforce_eager: false`) without a C++ compiler or Python.h. `setup_run`
 calls it once the model directory is known. The checks that need no model (an unknown dtype,
 `rollout.limits.max_total_tokens` over `max_model_len`) are `JobConfig`'s own. What only the
 engine finds out (a KV cache too small, say) fails at engine start, once: `RolloutWorkers`
