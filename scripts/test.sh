@@ -40,7 +40,7 @@ fi
 export CWM_RL_FAULT_REPORT="${CWM_RL_FAULT_REPORT:-/tmp/cwm-rl-faults.jsonl}"
 rm -f "$CWM_RL_FAULT_REPORT"
 set +e
-.venv/bin/python -m pytest --durations=25 "$@"
+.venv/bin/python -m pytest --durations=40 "$@"
 rc=$?
 set -e
 if [ -s "$CWM_RL_FAULT_REPORT" ]; then

@@ -161,6 +161,8 @@ def _limit_reached(run: Run) -> str | None:
 def evaluate_and_log(run: Run) -> None:
     """Greedy accuracy on the held-out tasks of every env: stored (status eval) and logged."""
     run.sinks.set_status("evaluating")
+    with run.timeline.phase("reload"):  # the eval plays the version it reports: the last one sent is loaded first
+        run.workers.wait_reloads()
     with run.timeline.phase("eval"):
         result = evaluate(run.workers, run.endpoints, run.config, run.tasks.held_out, step=run.trainer.step_count,
                           policy_version=run.trainer.policy_version, say=run.sinks.say,

@@ -6,8 +6,9 @@ buffer, env servers, workers, metric files) and `run.close()` stops them; `run_j
 `driver.py` does exactly that around the loop.
 
 Setup order matters: user env modules are imported before any env is made, the model is made and
-warm-started before Ray and the engines start (the warm start gets every core), and on resume
-the store hands back what the checkpoint had not trained on yet. A config the engine cannot
+warm-started before Ray and the engines start (the warm start gets every core), the engines start
+while the trainer's actors are made (each takes seconds of imports), and on resume the store hands
+back what the checkpoint had not trained on yet. A config the engine cannot
 serve is refused once the model is known (`preflight.py`), before the trainer, Ray or vLLM start.
 """
 
@@ -192,15 +193,21 @@ def setup_run(run: Run, resume: bool) -> None:
 
     run.store = RolloutStore(run_dir)
     # Ray (local, or the cluster at ray_address) holds the trainer's and the workers' actors.
-    run.sinks.set_status("starting the trainer")
     t = c.trainer
     run.ray_started = start_ray(c.ray_address, num_cpus=c.rollout.num_workers + t.num_workers * t.num_cpus)
-    run.trainer = TrainerGroup(t, run.model_dir, run_dir=run_dir, publish=c.publish, resume=resume, num_threads=c.trainer_threads)
-    published = run.trainer.initial_weights(resume)  # a resumed run's workers load its newest weights first
     if c.publish.backend == "object_store":  # workers on other nodes cannot read model_dir: it travels to them
         from trainer.publish import ship_model_dir
 
         run.shipped_model = ship_model_dir(run.model_dir)
+    run.endpoints = EnvEndpoints(c.envs, run_dir / "env_servers", c.env_modules, say,
+                                 episodes_in_flight=episodes_in_flight(c) * c.rollout.num_workers,
+                                 limits=[c.env_limits(i) for i in range(len(c.envs))])
+    # The engines start (vLLM's imports and profiling: most of a job's start) while the trainer's actors are made.
+    run.sinks.set_status("starting rollout workers and the trainer")
+    run.workers = RolloutWorkers(c, run.model_dir, run.endpoints, say=say, stopping=lambda: run.stop_reason is not None,
+                                 shipped_model=run.shipped_model)
+    run.trainer = TrainerGroup(t, run.model_dir, run_dir=run_dir, publish=c.publish, resume=resume, num_threads=c.trainer_threads)
+    run.workers.start_engines(published=run.trainer.initial_weights(resume))  # a resumed run's workers load its newest weights
 
     saved = run.trainer.data_cursor or {}
     check_held_out(saved.get("held_out"), run.tasks.held_out_ids())
@@ -212,11 +219,4 @@ def setup_run(run: Run, resume: bool) -> None:
     if resume:  # trajectories stored but never trained on come back; so do those trained after the checkpoint
         run.store.rewind(run.trainer.step_count - 1)  # a checkpoint at step_count N holds steps 0..N-1; step N was lost
         run.buffer.add(run.store.buffered())
-
-    run.endpoints = EnvEndpoints(c.envs, run_dir / "env_servers", c.env_modules, say,
-                                 episodes_in_flight=episodes_in_flight(c) * c.rollout.num_workers,
-                                 limits=[c.env_limits(i) for i in range(len(c.envs))])
-    run.sinks.set_status("starting rollout workers")
-    run.workers = RolloutWorkers(c, run.model_dir, run.endpoints, say=say, stopping=lambda: run.stop_reason is not None,
-                                 published=published, shipped_model=run.shipped_model)
     run.sinks.open()

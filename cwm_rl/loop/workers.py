@@ -10,7 +10,8 @@ worker mid-run.
 Why it is built this way:
 - A worker plays `groups_per_request` groups per call and has `requests_in_flight` calls
   outstanding, so its engine never waits for the driver.
-- Every engine is started before the job goes on (`start_engines`): one that cannot start (a
+- The engines start as the actors are made and the job waits for them (`start_engines`) after making
+  the trainer's actors, which start meanwhile. An engine that cannot start (a
   config vLLM refuses) stops the job at once with vLLM's reason and the key to change; it is not
   retried, since a restart would fail the same way. Only a worker whose engine had started is.
 - A worker that dies is restarted by Ray (`max_restarts`); the calls it lost are asked again once
@@ -100,8 +101,8 @@ class RolloutWorkers:
     """The worker actors of a job and the calls in flight to them (see the module docstring)."""
 
     def __init__(self, config: JobConfig, model_dir: Path, endpoints: EnvEndpoints, *, say: Callable[[str], None],
-                 stopping: Callable[[], bool], published: tuple[int, Any] | None = None, shipped_model: ShippedWeights | None = None):
-        """`published`: the version the workers must load before they play (a resumed run); `shipped_model`: the base
+                 stopping: Callable[[], bool], shipped_model: ShippedWeights | None = None):
+        """Make the actors and have them start their engines; `start_engines` waits for them. `shipped_model`: the base
         model through Ray's object store (publish.backend: object_store), for workers that cannot read `model_dir`."""
         from rollout_workers.actor import rollout_worker_actor
 
@@ -112,7 +113,9 @@ class RolloutWorkers:
         self.pending: dict[Any, Request] = {}  # ray ref -> the request it answers
         self.replays: deque[Request] = deque()  # groups to play again: their env server was unreachable
         self.reloads: list[Any] = []  # update_weights calls not yet waited for
-        self.published = published or (0, shipped_model or str(model_dir))  # (version, weights) the workers should hold
+        self.published: tuple[int, Any] = (0, shipped_model or str(model_dir))  # (version, weights) the workers should hold
+        self.model_dir = model_dir
+        self.engine_starts: list[Any] = []  # the actors' start_engine calls, waited for by start_engines
         self.lost: str | None = None  # why a worker is gone for good (the job stops)
         self.groups_replayed = 0
         self.incarnations = [0] * config.rollout.num_workers  # times each worker was restarted (and brought up to date)
@@ -123,9 +126,7 @@ class RolloutWorkers:
             worker_class = rollout_worker_actor(num_cpus=1, num_gpus=r.num_gpus, resources=r.resources).options(
                 max_restarts=WORKER_RESTARTS, runtime_env={"env_vars": job_env})
             self.actors = [worker_class.remote(self.worker_config) for _ in range(r.num_workers)]
-            self.start_engines(model_dir, shipped_model)
-            if self.published[0] > 0:  # resumed: the workers start from the base model, bring them up to date
-                self.reload(*self.published, wait=True)
+            self.engine_starts = [actor.start_engine.remote(shipped_model) for actor in self.actors]
         except BaseException:
             self.close()
             raise
@@ -286,15 +287,16 @@ class RolloutWorkers:
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
-    def start_engines(self, model_dir: Path, shipped_model: ShippedWeights | None = None) -> None:
-        """Start every worker's engine now. One that fails stops the job in one line (the cause, the key to
-        change); every actor is killed without restart first, as a restarted one would fail the same way."""
+    def start_engines(self, published: tuple[int, Any] | None = None) -> None:
+        """Wait until every worker's engine has started, then, with `published` (a resumed run's newest version), have
+        them load it. An engine that fails stops the job in one line (the cause, the key to change); every actor is
+        killed without restart first, as a restarted one would fail the same way."""
         import ray
 
         from rollout_workers.actor import EngineStartError, root_cause
 
-        refs = [actor.start_engine.remote(shipped_model) for actor in self.actors]
-        for w, ref in enumerate(refs):
+        starts, self.engine_starts = self.engine_starts, []
+        for w, ref in enumerate(starts):
             try:
                 ray.get(ref)
             except Exception as e:
@@ -306,7 +308,11 @@ class RolloutWorkers:
                 else:  # the actor died (or never started): Ray's text is all there is
                     reason = root_cause(str(e)) or (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise RuntimeError(f"rollout worker {w} could not start its vLLM engine: {reason.rstrip('.')}; "
-                                   f"{engine_fix(reason, self.config, model_dir)}") from None
+                                   f"{engine_fix(reason, self.config, self.model_dir)}") from None
+        if published is not None:
+            self.published = tuple(published)
+            if published[0] > 0:  # resumed: the workers started from the base model
+                self.reload(*published, wait=True)
 
     @property
     def run_id(self) -> str:

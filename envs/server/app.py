@@ -266,6 +266,7 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         yield
         task.cancel()
         await sessions.close_all()
+        await asyncio.to_thread(_close_shared_containers)
 
     app = FastAPI(title="cwm-rl env server", lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
@@ -360,6 +361,17 @@ def _describe_invalid_body(request: Request, errors: list[dict[str, Any]]) -> st
         else:
             problems.append(f"{'.'.join(str(p) for p in loc)}: {err['msg']}")
     return "the request body is not valid: " + "; ".join(problems)
+
+
+def _close_shared_containers() -> None:
+    """Remove the containers this process keeps beside the sessions (SWE's warm pool, shared Docker sandboxes). Their
+    atexit hooks would, but a server stopped with SIGTERM (a service manager, `docker stop`) exits by the signal
+    uvicorn raises again after its shutdown, and atexit never runs then."""
+    from envs.sandbox import close_shared_sandboxes
+    from envs.swe.containers import close_shared_pools
+
+    close_shared_pools()
+    close_shared_sandboxes()
 
 
 def serve(config: EnvServerConfig) -> None:

@@ -47,7 +47,7 @@ def trace_model(tiny_cwm_model, trace_data, tmp_path_factory) -> tuple[Path, dic
     out = tmp_path_factory.mktemp("models") / "tiny-cwm-trace"
     summary = run_sft(tiny_cwm_model, out, SFTConfig(
         env_id="cwm_rl/Trace-v0", env_kwargs={"format": "cwm", "mode": "next_frame", "tasks_path": str(trace_data[0])},
-        steps=80, batch_size=32, lr=3e-3, eval_tasks=40, eval_max_new_tokens=40, num_threads=1))
+        steps=80, batch_size=32, lr=3e-3, eval_tasks=40, eval_max_new_tokens=40, num_threads=2))
     return out, summary
 
 

@@ -22,10 +22,12 @@ PORTS = {"CWM_RL_RAY_PORT": 26379, "CWM_RL_RAY_CLIENT_PORT": 26380, "CWM_RL_ENV_
 STEPS = 2
 # Short but real: two RL steps (each publishes a version that the worker reloads through Ray's object
 # store), small evals, and 1-digit addition after a short warm start: on 2-digit addition nearly every
-# group is all wrong (no learning signal) and a step can take minutes to come. max_minutes only guards.
+# group is all wrong (no learning signal). Small steps and a small buffer (a step is taken once it is
+# full, signal or not) make each step come in seconds. max_minutes only guards.
 # The driver's shell reads these (compose puts them in its command line), hence the quotes.
 SHORT_JOB = (f"--set steps={STEPS} --set max_minutes=8 --set eval.num_tasks=20 --set model.sft.steps=50 "
              "--set model.sft.batch_size=16 --set model.sft.eval_tasks=20 "
+             "--set trainer.batch.step_tokens=256 --set buffer_groups=16 --set rollout.requests_in_flight=4 "
              "--set 'envs=[{id: cwm_rl/Math-v0, kwargs: {difficulty: 1, operators: \"+\"}, "
              f"url: \"http://127.0.0.1:{PORTS['CWM_RL_ENV_PORT']}\"}}]'")
 # What the run volume holds after the job: the summary, and the newest policy version a stored trajectory

@@ -254,6 +254,29 @@ def test_env_server_kill_9_mid_episode(name, prepared, tmp_path, fault_report):
         servers.close()
 
 
+@pytest.mark.docker
+def test_a_swe_env_server_stopped_with_sigterm_removes_its_warm_containers(minicalc_images, tmp_path):
+    """SIGTERM, as a service manager or `docker stop` sends it: the server ends its sessions and removes the containers
+    it kept warm for the next episodes (atexit alone would not: uvicorn raises the signal again after its shutdown)."""
+    servers = EnvServers(EnvSpec(id=SWE, servers=1), log_dir=tmp_path)
+    client = None
+    try:
+        (url,) = servers.urls
+        server = servers.local[0].proc
+        client = RemoteEnv(url, SWE, env_kwargs={**SWE_KWARGS, "pool_size": 2})
+        client.reset(seed=0)
+        held = wait_for(lambda: containers(owner(server.pid)) if len(containers(owner(server.pid))) >= 3 else None, 60)
+        assert held, f"the episode's container and two warm ones: {described(containers(owner(server.pid)))}"
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        left = containers(owner(server.pid))
+        assert left == [], f"containers of the stopped server remain: {described(left)}"
+    finally:
+        if client is not None:
+            client.close()
+        servers.close()
+
+
 # -- the Docker daemon restarts under a SWE env server -------------------------------------------------
 class PrivateDockerd:
     """A Docker daemon of this test's own: its data root, exec root, pid file and socket under `root`, no

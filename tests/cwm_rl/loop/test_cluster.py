@@ -129,9 +129,12 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
             [str(BIN / "cwm-rl"), "train", str(ROOT / "configs/quickstart.yaml"), "--set", f"run_dir={run_dir}",
              "--set", "steps=5", "--set", "rollout.engine.enforce_eager=true", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
              "--set", "eval.every_steps=0", "--set", "logging.progress=false", "--set", "max_minutes=10",
+             # Steps come fast (placement and recovery are tested here, not learning): 1-digit addition, which 60 SFT steps
+             # partly learn, small steps, and a small buffer (a step is taken when it is full, signal or not).
+             "--set", "trainer.batch.step_tokens=256", "--set", "buffer_groups=16", "--set", "rollout.requests_in_flight=4",
              "--set", f"ray_address={cluster.address}", "--set", "publish.backend=object_store",
              "--set", "rollout.resources={rollout: 1}", "--set", "trainer.resources={head: 1}",
-             "--set", f'envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 2, operators: "+"}}, url: "http://127.0.0.1:{env_port}"}}]'],
+             "--set", f'envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 1, operators: "+"}}, url: "http://127.0.0.1:{env_port}"}}]'],
             env=env, stdout=job_log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
         def wait(condition, what: str, timeout: float = 400, state=lambda: "") -> None:
@@ -168,6 +171,11 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
         assert summary["stop_reason"] == "steps" and summary["steps"] == 5, summary
         assert summary["rollout_worker_restarts"] >= 1, summary
         after = stored_ids(run_dir)
+        # Evals: the initial one on version 0, the final one right after the last step's reload was sent, on that version
+        # (not the old weights while the worker still wrote the shipped ones to its node).
+        with sqlite3.connect(f"file:{run_dir / 'rollouts.sqlite'}?mode=ro", uri=True) as db:
+            eval_versions = set(db.execute("SELECT DISTINCT oldest_version, newest_version FROM trajectories WHERE status = 'eval'"))
+        assert eval_versions == {(0, 0), (summary["policy_versions"], summary["policy_versions"])}, eval_versions
         assert before <= after and len(after) > len(before)  # nothing stored before the loss went missing
         assert not list(Path("/dev/shm").glob("cwm-rl-weights-*"))  # the restarted worker removed what the dead one left
         resubmitted = re.findall(r"re-submitting its (\d+) call", (tmp_path / "job.log").read_text())

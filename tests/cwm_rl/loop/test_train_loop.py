@@ -56,10 +56,10 @@ class FakeWorkers:
         return len(self.pending)
 
     def wait_reloads(self):
-        pass
+        self.reloads_sent = 0
 
     def reload(self, version, path, wait=False):
-        pass
+        self.reloads_sent = getattr(self, "reloads_sent", 0) + (not wait)
 
 
 class FakeTrainer:
@@ -136,3 +136,22 @@ def test_sync_waits_for_the_step_before_the_next_round(no_eval):
     driver.train_loop(run)
     assert trainer.step_count == 2 and run.stop_reason == "steps"
     assert workers.fills_during_step == [0, 0]  # the next round is played with the new weights
+
+
+def test_an_eval_after_a_step_waits_for_the_reload_it_reports(monkeypatch):
+    """Async, a step's reload is sent and not waited for; an eval right after it must play the new version, not
+    the old weights (the object-store backend writes the weights out first: requests could slip in before)."""
+    played_with_reloads_pending = []
+
+    def evaluate(workers, *args, **kwargs):
+        played_with_reloads_pending.append(getattr(workers, "reloads_sent", 0))
+        return SimpleNamespace(step=kwargs["step"], policy_version=kwargs["policy_version"])
+
+    monkeypatch.setattr(driver, "evaluate", evaluate)
+    run, workers, trainer = fake_run("async", steps=3)
+    run.config.eval.every_steps = 1
+    run.tasks = SimpleNamespace(held_out={})
+    run.sinks.log_eval = lambda result: run.sinks.eval_history.append({"step": result.step})
+    driver.train_loop(run)
+    assert len(played_with_reloads_pending) == 4 and trainer.step_count == 3  # the initial eval, one after every step
+    assert played_with_reloads_pending == [0, 0, 0, 0], "an eval started while a reload was still on its way"
