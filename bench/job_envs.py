@@ -107,21 +107,28 @@ def job_config(name: str, run_dir: Path, model: Path, steps: int):
 
 class PhaseTimer:
     """Times stages of the job's setup by wrapping the functions that run them (in this process only, restored
-    after): Ray's start, the rollout workers' start (actor process, vLLM import, engine start) and the trainer's."""
+    after): Ray's start, the trainer's, and the rollout workers' (actor process, vLLM import, engine start: from
+    making the actors to the end of `start_engines`, which the trainer's start overlaps); `worker_engine_wait_s` is
+    what was left of it once the trainer had started."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.saved: list[tuple[Any, str, Any]] = []
+        self.workers_made: float | None = None
 
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
+    def wrap(self, owner: Any, attr: str, name: str, since_workers_made: str | None = None) -> None:
         original = getattr(owner, attr)
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
+            if name == "workers_init_s":
+                self.workers_made = started
             try:
                 return original(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+                if since_workers_made and self.workers_made is not None:
+                    self.seconds[since_workers_made] = time.perf_counter() - self.workers_made
 
         self.saved.append((owner, attr, original))
         setattr(owner, attr, timed)
@@ -132,7 +139,8 @@ class PhaseTimer:
         import trainer.group
 
         self.wrap(run, "start_ray", "ray_start_s")
-        self.wrap(workers.RolloutWorkers, "start_engines", "worker_engine_start_s")
+        self.wrap(workers.RolloutWorkers, "__init__", "workers_init_s")
+        self.wrap(workers.RolloutWorkers, "start_engines", "worker_engine_wait_s", since_workers_made="worker_engine_start_s")
         self.wrap(trainer.group.TrainerGroup, "__init__", "trainer_init_s")
         return self
 
@@ -514,7 +522,7 @@ def main() -> None:
                 "job_setup_s": round(job["setup_s"], 1), "job_initial_eval_s": round(job["initial_eval_s"], 1),
                 "job_rl_s": job["rl_s"], "job_wall_s": round(job["wall_s"], 1),
                 "bare_engine_start_s": round(bare["engine_start_s"], 1),
-                **{f"job_{k}": round(job[k], 1) for k in ("ray_start_s", "worker_engine_start_s", "trainer_init_s") if k in job},
+                **{f"job_{k}": round(job[k], 1) for k in ("ray_start_s", "worker_engine_start_s", "worker_engine_wait_s", "trainer_init_s") if k in job},
                 "job_trainer_busy_s": round(job["trainer_busy_s"], 1),
                 "job_trainer_busy_share": round(job["trainer_busy_share"], 2),
                 "job_mean_in_flight_groups": round(job["mean_in_flight_groups"], 1),

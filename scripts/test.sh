@@ -20,7 +20,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 DOCKERD_PID=""
+BUILD_PID=""
 stop_dockerd() {
+  if [ -n "$BUILD_PID" ]; then
+    kill -- "-$BUILD_PID" 2>/dev/null || true  # its process group: the script and its docker build
+    wait "$BUILD_PID" 2>/dev/null || true
+  fi
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
     wait "$DOCKERD_PID" 2>/dev/null || true
@@ -34,6 +39,15 @@ if ! docker info >/dev/null 2>&1; then
   DOCKERD_PID=$!
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
   docker info >/dev/null 2>&1 || { echo "dockerd did not start:" >&2; tail -20 /tmp/cwm-rl-dockerd.log >&2; exit 1; }
+fi
+
+# The whole suite: the compose stack's images (tests/deploy) are built in the background while the first tests run,
+# at low priority (about 5 minutes on a cold machine, mostly one core and the disk). The compose test runs the same
+# build script, which waits for this one and finds its images built (or builds them itself if this one failed).
+if [ "$#" -eq 0 ]; then
+  echo "==> building the compose stack's images in the background (log: /tmp/cwm-rl-build-images.log)"
+  setsid nice -n 10 bash docker/build_images.sh >/tmp/cwm-rl-build-images.log 2>&1 &
+  BUILD_PID=$!
 fi
 
 # The fault tests append what each fault cost here (tests/conftest.py: fault_report); printed at the end.

@@ -8,8 +8,8 @@ attention kernels lack (the engine starts, then fails on its first generation), 
 compile the model on the CPU (`enforce_eager: false`) without a C++ compiler or Python.h. `setup_run`
 calls it once the model directory is known. The checks that need no model (an unknown dtype,
 `rollout.limits.max_total_tokens` over `max_model_len`) are `JobConfig`'s own. What only the
-engine finds out (a KV cache too small, say) fails at engine start, once: `RolloutWorkers`
-starts every engine before anything else and does not retry one that never started.
+engine finds out (a KV cache too small, say) fails at engine start, once: the job waits for every
+engine before its loop starts (`RolloutWorkers.start_engines`) and does not retry one that never started.
 """
 
 from __future__ import annotations

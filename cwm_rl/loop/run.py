@@ -1,8 +1,8 @@
 """Everything one run holds, and how it is set up and torn down (`setup_run`, `Run.close`).
 
 `check_run_dir(config, resume)` refuses a run dir that holds a run (unless resuming), `Run(...)`
-holds the parts, `setup_run(run, resume)` makes them (model, store, Ray, the trainer's actors, tasks,
-buffer, env servers, workers, metric files) and `run.close()` stops them; `run_job` in
+holds the parts, `setup_run(run, resume)` makes them (model, store, Ray, env servers, workers, the
+trainer's actors, tasks, buffer, metric files) and `run.close()` stops them; `run_job` in
 `driver.py` does exactly that around the loop.
 
 Setup order matters: user env modules are imported before any env is made, the model is made and
@@ -207,10 +207,10 @@ def setup_run(run: Run, resume: bool) -> None:
     run.workers = RolloutWorkers(c, run.model_dir, run.endpoints, say=say, stopping=lambda: run.stop_reason is not None,
                                  shipped_model=run.shipped_model)
     run.trainer = TrainerGroup(t, run.model_dir, run_dir=run_dir, publish=c.publish, resume=resume, num_threads=c.trainer_threads)
-    run.workers.start_engines(published=run.trainer.initial_weights(resume))  # a resumed run's workers load its newest weights
-
     saved = run.trainer.data_cursor or {}
     check_held_out(saved.get("held_out"), run.tasks.held_out_ids())
+    run.workers.start_engines(published=run.trainer.initial_weights(resume))  # a resumed run's workers load its newest weights
+
     run.tasks.continue_from(saved.get("cursors", {}), mix_seed=c.seed * 7919 + run.trainer.step_count)
     run.buffer = Buffer(signal_only=c.trainer.filters.drop_zero_advantage_groups)
     run.signal_watch = SignalWatch(c.stop_without_signal_groups, c.warn_without_signal_groups, c.rollout.sampling.max_tokens,

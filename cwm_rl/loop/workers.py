@@ -1,7 +1,8 @@
 """The job's rollout workers: Ray actors with one vLLM engine each, kept busy, restarted when they die.
 
-`RolloutWorkers(config, model_dir, endpoints, say=..., stopping=...)` starts the actors (Ray is
-started by the run, `start_ray`); `fill(tasks, budget)` keeps their calls in flight, `collect(timeout)` yields finished
+`RolloutWorkers(config, model_dir, endpoints, say=..., stopping=...)` starts the actors and their engines (Ray is
+started by the run, `start_ray`), `start_engines(published)` waits for the engines (call it before anything else);
+`fill(tasks, budget)` keeps their calls in flight, `collect(timeout)` yields finished
 calls as (request, trajectories), `requeue_unavailable` splits off the groups that met a dead env
 server, `reload(version, path)` makes every worker reload in flight, `close()` stops them. The
 driver's loop (`driver.py`) is the reference use; `tests/cwm_rl/loop/test_driver.py` kills a
@@ -348,9 +349,14 @@ class RolloutWorkers:
         return True
 
     def close(self) -> None:
-        """Shut the engines down (a dead worker has nothing to shut down)."""
+        """Shut the engines down (a dead worker has nothing to shut down). Workers whose engine start was never waited
+        for (the trainer failed to start meanwhile) are killed: a shutdown would wait for the start to finish."""
         import ray
 
+        if self.engine_starts:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            self.actors, self.engine_starts = [], []
         for actor in self.actors:
             try:
                 ray.get(actor.shutdown.remote(), timeout=60)

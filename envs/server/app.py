@@ -250,7 +250,10 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def create_app(config: EnvServerConfig) -> FastAPI:
+def create_app(config: EnvServerConfig, close_shared_on_exit: bool = False) -> FastAPI:
+    """The env server's app. `close_shared_on_exit`: its shutdown also removes the containers the process keeps beside
+    the sessions (`cwm-rl env serve`, whose process is the server's; not a server run in a thread of a process that
+    goes on using them)."""
     metrics = ServerMetrics.create()
     sessions = SessionManager(config, metrics)
 
@@ -265,8 +268,11 @@ def create_app(config: EnvServerConfig) -> FastAPI:
         task = asyncio.create_task(reaper())
         yield
         task.cancel()
-        await sessions.close_all()
-        await asyncio.to_thread(_close_shared_containers)
+        try:
+            await sessions.close_all()
+        finally:
+            if close_shared_on_exit:
+                await asyncio.to_thread(_close_shared_containers)
 
     app = FastAPI(title="cwm-rl env server", lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
@@ -376,7 +382,7 @@ def _close_shared_containers() -> None:
 
 def serve(config: EnvServerConfig) -> None:
     """Run the server in the foreground until Ctrl-C (the process is the server's: it tunes the GC)."""
-    app = create_app(config)
+    app = create_app(config, close_shared_on_exit=True)
     # A trivial step allocates a few hundred objects, so at CPython's default gen-0 threshold (700)
     # the collector runs every other request and keeps rescanning long-lived objects: ~15% of a
     # trivial step's cost. Freeze what exists now (modules, the app) and collect less often.

@@ -31,6 +31,7 @@ BIN = Path(sys.executable).parent
 
 
 IP = "127.0.0.3"
+STEPS = 12  # the node is lost after step 2: steps take seconds, so the job must not be able to finish before that
 
 
 class Cluster:
@@ -127,7 +128,7 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
         job_log = open(tmp_path / "job.log", "w")
         job = subprocess.Popen(
             [str(BIN / "cwm-rl"), "train", str(ROOT / "configs/quickstart.yaml"), "--set", f"run_dir={run_dir}",
-             "--set", "steps=5", "--set", "rollout.engine.enforce_eager=true", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
+             "--set", f"steps={STEPS}", "--set", "rollout.engine.enforce_eager=true", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
              "--set", "eval.every_steps=0", "--set", "logging.progress=false", "--set", "max_minutes=10",
              # Steps come fast (placement and recovery are tested here, not learning): 1-digit addition, which 60 SFT steps
              # partly learn, small steps, and a small buffer (a step is taken when it is full, signal or not).
@@ -168,7 +169,7 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
 
         assert job.wait(timeout=700) == 0, (tmp_path / "job.log").read_text()[-4000:]
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["stop_reason"] == "steps" and summary["steps"] == 5, summary
+        assert summary["stop_reason"] == "steps" and summary["steps"] == STEPS, summary
         assert summary["rollout_worker_restarts"] >= 1, summary
         after = stored_ids(run_dir)
         # Evals: the initial one on version 0, the final one right after the last step's reload was sent, on that version
