@@ -113,22 +113,23 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # phase -> when it last started
         self.saved: list[tuple[Any, str, Any]] = []
-        self.workers_made: float | None = None
 
-    def wrap(self, owner: Any, attr: str, name: str, since_workers_made: str | None = None) -> None:
+    def wrap(self, owner: Any, attr: str, name: str, since: tuple[str, str] | None = None) -> None:
+        """Time `owner.attr` as phase `name`; `since` = (an earlier phase, a key): also the time from that phase's start
+        to this one's end, under the key."""
         original = getattr(owner, attr)
 
         def timed(*args, **kwargs):
-            started = time.perf_counter()
-            if name == "workers_init_s":
-                self.workers_made = started
+            started = self.started[name] = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-                if since_workers_made and self.workers_made is not None:
-                    self.seconds[since_workers_made] = time.perf_counter() - self.workers_made
+                ended = time.perf_counter()
+                self.seconds[name] = self.seconds.get(name, 0.0) + ended - started
+                if since and since[0] in self.started:
+                    self.seconds[since[1]] = ended - self.started[since[0]]
 
         self.saved.append((owner, attr, original))
         setattr(owner, attr, timed)
@@ -140,7 +141,7 @@ class PhaseTimer:
 
         self.wrap(run, "start_ray", "ray_start_s")
         self.wrap(workers.RolloutWorkers, "__init__", "workers_init_s")
-        self.wrap(workers.RolloutWorkers, "start_engines", "worker_engine_wait_s", since_workers_made="worker_engine_start_s")
+        self.wrap(workers.RolloutWorkers, "start_engines", "worker_engine_wait_s", since=("workers_init_s", "worker_engine_start_s"))
         self.wrap(trainer.group.TrainerGroup, "__init__", "trainer_init_s")
         return self
 

@@ -25,10 +25,10 @@ stall the job's loop), and used again at the first `check()` after it answered.
 What a server held goes with it: its sandboxes (bubblewrap, started with a parent-death signal)
 die with its process; its Docker containers (SWE episodes, warm pools, Docker sandboxes: labelled
 with its pid) are removed by `reap_containers_of` once it is gone: in a thread when the job restarts
-a dead one, at once when the job stops one (a server stopped with SIGTERM removes its warm ones itself,
-`envs/server/app.py`; this is the backstop, and what a server killed with -9 left). Otherwise they would stay until the next pool on the
-machine (it reaps dead owners' containers) or the job's end. `tests/faults/test_env_faults.py` kills
-servers mid-episode and counts what is left.
+a dead one, at once when the job stops one (a server stopped with SIGTERM removes its warm ones
+itself, `envs/server/app.py`: this is the backstop, and what a server killed with -9 left). Otherwise
+they would stay until the next pool on the machine (it reaps dead owners' containers) or the job's end.
+`tests/faults/test_env_faults.py` kills servers mid-episode and counts what is left.
 """
 
 from __future__ import annotations

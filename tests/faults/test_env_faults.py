@@ -265,7 +265,7 @@ def test_a_swe_env_server_stopped_with_sigterm_removes_its_warm_containers(minic
         server = servers.local[0].proc
         client = RemoteEnv(url, SWE, env_kwargs={**SWE_KWARGS, "pool_size": 2})
         client.reset(seed=0)
-        held = wait_for(lambda: containers(owner(server.pid)) if len(containers(owner(server.pid))) >= 3 else None, 60)
+        held = wait_for(lambda: len(containers(owner(server.pid))) >= 3, 60)
         assert held, f"the episode's container and two warm ones: {described(containers(owner(server.pid)))}"
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)

@@ -130,8 +130,9 @@ def test_job_on_two_nodes_survives_losing_the_worker_node(tmp_path, fault_report
             [str(BIN / "cwm-rl"), "train", str(ROOT / "configs/quickstart.yaml"), "--set", f"run_dir={run_dir}",
              "--set", f"steps={STEPS}", "--set", "rollout.engine.enforce_eager=true", "--set", "model.sft.steps=60", "--set", "model.sft.eval_tasks=50", "--set", "eval.num_tasks=20",
              "--set", "eval.every_steps=0", "--set", "logging.progress=false", "--set", "max_minutes=10",
-             # Steps come fast (placement and recovery are tested here, not learning): 1-digit addition, which 60 SFT steps
-             # partly learn, small steps, and a small buffer (a step is taken when it is full, signal or not).
+             # Steps come fast (placement and recovery are tested here, not learning): 1-digit addition (a right answer in
+             # a group is far likelier than on 2 digits), small steps, and a small buffer (a step is taken once it is full,
+             # signal or not).
              "--set", "trainer.batch.step_tokens=256", "--set", "buffer_groups=16", "--set", "rollout.requests_in_flight=4",
              "--set", f"ray_address={cluster.address}", "--set", "publish.backend=object_store",
              "--set", "rollout.resources={rollout: 1}", "--set", "trainer.resources={head: 1}",

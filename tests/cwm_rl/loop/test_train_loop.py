@@ -25,6 +25,7 @@ class FakeWorkers:
     def __init__(self, trainer):
         self.trainer, self.calls, self.fills_during_step, self.fills_before_eval = trainer, 0, [], 0
         self.pending, self.lost, self.evaluated = [], None, False
+        self.reloads_sent = 0  # reloads sent and not yet waited for
 
     def fill(self, tasks, budget, one_round=False):
         if one_round and self.pending:
@@ -59,7 +60,7 @@ class FakeWorkers:
         self.reloads_sent = 0
 
     def reload(self, version, path, wait=False):
-        self.reloads_sent = getattr(self, "reloads_sent", 0) + (not wait)
+        self.reloads_sent += not wait
 
 
 class FakeTrainer:
@@ -144,7 +145,7 @@ def test_an_eval_after_a_step_waits_for_the_reload_it_reports(monkeypatch):
     played_with_reloads_pending = []
 
     def evaluate(workers, *args, **kwargs):
-        played_with_reloads_pending.append(getattr(workers, "reloads_sent", 0))
+        played_with_reloads_pending.append(workers.reloads_sent)
         return SimpleNamespace(step=kwargs["step"], policy_version=kwargs["policy_version"])
 
     monkeypatch.setattr(driver, "evaluate", evaluate)
