@@ -24,9 +24,13 @@ Behaviour logprobs are vLLM's "processed" logprobs: the log-probability of the s
 under the distribution actually sampled from (after temperature and top-p/top-k), which is
 what importance ratios need. At temperature 1 without top-p/top-k they equal the raw model's.
 
-On the CPU (`EngineConfig` fields): `executor="uni"` keeps the model in vLLM's engine-core process,
-`block_size` sets the KV-cache block prefix caching reuses, and `cwm_as_llama` (on by default) runs a
-CwmForCausalLM checkpoint with vLLM's own Llama code rather than its Transformers backend.
+On the CPU (`EngineConfig` fields): `executor="inproc"` runs vLLM's engine core and the model in this
+process (vLLM's `LLMEngine`, stepped by a thread that owns it: `_EngineThread`), so no engine step's outputs
+are serialised between processes; `executor="uni"` keeps the model in vLLM's engine-core process (an
+`AsyncLLM`, the path every other executor takes too); `block_size` sets the KV-cache block prefix caching
+reuses, and `cwm_as_llama` (on by default) runs a CwmForCausalLM checkpoint with vLLM's own Llama code
+rather than its Transformers backend. Both paths keep the same reload protocol and version bookkeeping;
+in-process, a reload runs between two engine steps, so it needs no pause.
 
 Scripts that create an engine need an `if __name__ == "__main__":` guard: vLLM starts its
 engine-core and worker processes with multiprocessing.
@@ -38,6 +42,9 @@ import asyncio
 import gc
 import itertools
 import json
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,13 +93,17 @@ class RolloutEngine:
         if config.model is None:
             raise ValueError("EngineConfig.model is not set: name the Hugging Face model directory the engine should load")
         self.config = config
-        self.version = version
-        chosen: dict[str, Any] = {} if config.executor == "auto" else {"distributed_executor_backend": config.executor}
+        self._thread: _EngineThread | None = None  # the thread stepping an in-process engine (executor "inproc")
+        self._version = version
+        self._ids = itertools.count()
+        chosen: dict[str, Any] = {}
+        if config.executor != "auto":
+            chosen["distributed_executor_backend"] = "uni" if config.executor == "inproc" else config.executor
         if config.block_size is not None:
             chosen["block_size"] = config.block_size
         if config.cwm_as_llama and not {"hf_overrides", "model_impl"} & config.extra_engine_args.keys():
             chosen.update(cwm_as_llama_args(config.model))
-        args = AsyncEngineArgs(**{
+        engine_args = {
             "model": config.model,
             "dtype": config.dtype,
             "max_model_len": config.max_model_len,
@@ -104,12 +115,32 @@ class RolloutEngine:
             "disable_log_stats": True,  # vLLM's per-step Prometheus stats: a tenth of the frontend's CPU, read by nobody here
             **chosen,
             **config.extra_engine_args,
-        })
+        }
+        if config.executor == "inproc":  # vLLM's engine core in this process, stepped by a thread of ours
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+
+            def start() -> Any:
+                with vllm_adapter.executor_env("uni"):
+                    return LLMEngine.from_engine_args(EngineArgs(**engine_args), enable_multiprocessing=False)
+
+            self._thread = _EngineThread(start, version)
+            self.engine = self._thread.engine
+            return
+        args = AsyncEngineArgs(**engine_args)
         with vllm_adapter.executor_env(args.distributed_executor_backend):
             self.engine = AsyncLLM.from_engine_args(args)
-        self._ids = itertools.count()
         self._active: dict[str, list[tuple[int, int]]] = {}  # engine request id -> reloads seen while it ran
         self._reload_lock = asyncio.Lock()
+
+    @property
+    def version(self) -> int:
+        """The policy version of the weights loaded now: tokens sampled from here on carry it."""
+        return self._thread.version if self._thread is not None else self._version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        self._version = version
 
     @property
     def tokenizer(self):
@@ -132,6 +163,8 @@ class RolloutEngine:
             skip_clone=True,  # made for this request alone: vLLM need not deep-copy it
         )
         request_id = f"gen-{next(self._ids)}"
+        if self._thread is not None:
+            return await self._thread.generate(request_id, prompt_token_ids, params)
         async with self._reload_lock:  # a request starts under a known version
             # The salt keeps prefix-cache hits within one policy version: a request never reuses a prefix's keys and
             # values computed with older weights (kept across reloads with keep_kv_cache_on_reload).
@@ -147,19 +180,13 @@ class RolloutEngine:
             raise
         finally:
             self._active.pop(collector.request_id, None)
-        completion = output.outputs[0]
-        versions = [start_version] * len(completion.token_ids)
-        for num_before, version in reloads:
-            versions[num_before:] = [version] * (len(versions) - num_before)
-        return Generation(
-            token_ids=list(completion.token_ids),
-            logprobs=_sampled_logprobs(completion),
-            versions=versions,
-            finish_reason=completion.finish_reason or "abort",
-        )
+        return _generation(output, start_version, reloads)
 
     async def update_weights(self, version: int, path: str) -> None:
         """Reload the published checkpoint at `path` in place; later tokens carry `version`."""
+        if self._thread is not None:
+            await self._thread.update_weights(version, path, clear_cache=not self.config.keep_kv_cache_on_reload)
+            return
         async with self._reload_lock:
             await self.engine.pause_generation(mode="keep", clear_cache=not self.config.keep_kv_cache_on_reload)
             try:
@@ -175,12 +202,219 @@ class RolloutEngine:
 
     def in_flight(self) -> list[int]:
         """Tokens generated so far by each running request (e.g. to time a reload in a test)."""
-        counts = (vllm_adapter.num_output_tokens(self.engine, r) for r in self._active)
+        active = self._thread.running_ids() if self._thread is not None else list(self._active)
+        counts = (vllm_adapter.num_output_tokens(self.engine, r) for r in active)
         return [n for n in counts if n is not None]
 
     def shutdown(self) -> None:
-        """Stop the engine's processes. Idempotent."""
-        if self.engine is not None:
+        """Stop the engine (its thread or its processes). Idempotent."""
+        if self._thread is not None:
+            self._version = self._thread.version
+            self._thread.stop()
+            self._thread = None
+        elif self.engine is not None:
             self.engine.shutdown()
-            self.engine = None  # AsyncLLM.__del__ runs now, not at interpreter exit (where it raises)
-            gc.collect()
+        self.engine = None  # the engine's __del__ runs now, not at interpreter exit (where AsyncLLM's raises)
+        gc.collect()
+
+
+def _generation(output: Any, start_version: int, reloads: list[tuple[int, int]]) -> Generation:
+    """A finished request's Generation: its tokens carry `start_version`, then each reload's version from the token count
+    the reload saw on."""
+    completion = output.outputs[0]
+    versions = [start_version] * len(completion.token_ids)
+    for num_before, version in reloads:
+        versions[num_before:] = [version] * (len(versions) - num_before)
+    return Generation(token_ids=list(completion.token_ids), logprobs=_sampled_logprobs(completion), versions=versions,
+                      finish_reason=completion.finish_reason or "abort")
+
+
+@dataclass
+class _Request:
+    """A request the engine thread runs: where its Generation goes, the version it started under, its reloads."""
+
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+    internal_id: str  # vLLM's own id for it (the external one plus a random suffix)
+    start_version: int
+    reloads: list[tuple[int, int]] = field(default_factory=list)
+
+
+class _EngineThread:
+    """vLLM's `LLMEngine` in this process, owned by one thread that starts it, adds requests, steps it and reloads its
+    weights (executor "inproc"). Nothing crosses a process boundary: with an engine-core process, every engine step's
+    outputs (a token and a logprob array per running request) are serialised, sent and decoded, which on a CPU with few
+    cores cost about a third of the rollout side's CPU per token. A reload runs between two steps, so the token counts it
+    records per request are exact. Callers on an asyncio loop hand the thread commands and await their results."""
+
+    def __init__(self, start: Callable[[], Any], version: int):
+        self.version = version
+        self.engine: Any = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[str, _Request] = {}  # our request id -> its state (only the thread touches it)
+        self._stopping = False
+        self._failure: BaseException | None = None
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start, started), name="vllm-engine", daemon=True)
+        self._thread.start()
+        started.wait()
+        if self.engine is None:
+            raise self._failure or RuntimeError("the vLLM engine did not start")
+
+    # -- called from the caller's event loop ------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: Any) -> Generation:
+        from vllm.inputs import TokensPrompt
+
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def add() -> None:
+            # Salted with the version it starts under: a prefix cached under older weights is never reused.
+            prompt = TokensPrompt(prompt_token_ids=prompt_token_ids, cache_salt=f"v{self.version}")
+            internal_id = self.engine.add_request(request_id, prompt, params)
+            self._active[request_id] = _Request(loop, done, internal_id, self.version)
+
+        self._send(add, loop, done)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if self._failure is None:
+                self._send(lambda: self._abort(request_id), loop, loop.create_future())
+            raise
+
+    async def update_weights(self, version: int, path: str, clear_cache: bool) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def reload() -> None:
+            self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+            if clear_cache:  # running requests recompute their prefixes with the new weights
+                self.engine.reset_prefix_cache(reset_running_requests=True)
+            for request in self._active.values():
+                num_tokens = vllm_adapter.num_output_tokens(self.engine, request.internal_id)
+                if num_tokens is not None:
+                    request.reloads.append((num_tokens, version))
+            self.version = version
+            _resolve(loop, done, lambda: None)
+
+        self._send(reload, loop, done)
+        await done
+
+    def running_ids(self) -> list[str]:
+        """vLLM's ids of the requests running now (read from another thread: a snapshot)."""
+        return [r.internal_id for r in list(self._active.values())]
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(None)  # wakes the thread if it waits for work
+        self._thread.join()
+
+    def _send(self, command: Callable[[], None], loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        """Run `command` on the engine thread. It settles `done` (a future of `loop`) itself when it succeeds; if it
+        raises, or the engine stops first, the error goes to `done`."""
+        if self._failure is not None:
+            raise RuntimeError(f"the vLLM engine stopped: {self._failure}") from self._failure
+        self._commands.put((command, loop, done))
+        if self._failure is not None:  # it stopped meanwhile, maybe after its last look at the queue
+            self._drain_failed()
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _run(self, start: Callable[[], Any], started: threading.Event) -> None:
+        try:
+            self.engine = start()
+        except BaseException as e:  # noqa: BLE001 (reported to the caller waiting in __init__)
+            self._failure = e
+            return
+        finally:
+            started.set()
+        try:
+            while not self._stopping:
+                self._run_commands(block=not self.engine.has_unfinished_requests())
+                if self._stopping or not self.engine.has_unfinished_requests():
+                    continue
+                finished: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Generation]]] = {}
+                for output in self.engine.step():  # FINAL_ONLY: finished requests only
+                    request = self._active.pop(output.request_id, None)
+                    if request is not None and output.finished:
+                        generation = _generation(output, request.start_version, request.reloads)
+                        finished.setdefault(request.loop, []).append((request.done, generation))
+                for loop, results in finished.items():  # one wake-up of the caller's loop per step
+                    _settle_all(loop, results)
+        except BaseException as e:  # noqa: BLE001 (every waiting request learns why)
+            self._failure = e
+        finally:
+            self._failure = self._failure or RuntimeError("the vLLM engine was shut down")
+            for request in self._active.values():
+                _resolve(request.loop, request.done, None, self._failure)
+            self._active.clear()
+            self._drain_failed()
+            engine, self.engine = self.engine, None
+            engine.engine_core.shutdown()
+
+    def _run_commands(self, block: bool) -> None:
+        """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""
+        try:
+            item = self._commands.get(block=block)
+            while True:
+                if item is not None:
+                    command, loop, done = item
+                    try:
+                        command()
+                    except Exception as e:  # noqa: BLE001 (the caller's error)
+                        _resolve(loop, done, None, e)
+                item = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _abort(self, request_id: str) -> None:
+        if self._active.pop(request_id, None) is not None:
+            self.engine.abort_request([request_id])
+
+    def _drain_failed(self) -> None:
+        """Commands queued after the engine stopped: their callers get the reason instead of waiting forever."""
+        error = RuntimeError(f"the vLLM engine stopped: {self._failure}")
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _resolve(item[1], item[2], None, error)
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, done: asyncio.Future, result: Callable[[], Any] | None,
+             error: BaseException | None = None) -> None:
+    """Set `done` (a future of `loop`) from another thread: `result()` computed here, or `error`."""
+    if error is None:
+        try:
+            value = result()
+        except Exception as e:  # noqa: BLE001
+            value, error = None, e
+
+    def settle() -> None:
+        if done.done():
+            return  # cancelled meanwhile
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody waits
+
+
+def _settle_all(loop: asyncio.AbstractEventLoop, results: list[tuple[asyncio.Future, Any]]) -> None:
+    """Set many futures of `loop` from another thread, in one call."""
+    def settle() -> None:
+        for done, value in results:
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(value)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody waits

@@ -30,12 +30,33 @@ async def engine(tiny_model, engine_env_before):
     from rollout_workers.config import EngineConfig
     from rollout_workers.engine import RolloutEngine
 
-    # The quickstart's engine settings: the model in the engine-core process, 16-token KV blocks (prefix caching), compiled
-    # (torch.compile: the reload tests check that new weights reach the compiled model). Job tests elsewhere run eager.
-    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="uni", block_size=16,
+    # The quickstart's engine settings: vLLM's engine core and the model in this process (executor inproc), 16-token KV
+    # blocks (prefix caching), compiled (torch.compile: the reload tests check that new weights reach the compiled model).
+    # Job tests elsewhere run eager.
+    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="inproc", block_size=16,
                                      enforce_eager=False))
     yield eng
     eng.shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def process_engine(tiny_model, engine_env_before):
+    """An engine whose engine core is a process of its own (vLLM's AsyncLLM; executor uni: the model runs there too),
+    eager: the path a GPU takes, and every config that leaves `executor` at auto."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail(MISSING_VLLM)
+    from rollout_workers.config import EngineConfig
+    from rollout_workers.engine import RolloutEngine
+
+    eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="uni", block_size=16))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(params=["engine", "process_engine"])
+def each_engine(request):
+    """The test runs on the in-process engine (the quickstart's) and on the one with an engine-core process."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ async def test_logprobs_match_transformers(engine, tiny_model, transformers_logp
         assert abs(ours - ref) < LOGPROB_TOLERANCE, f"token {i}: vLLM {ours} vs transformers {ref}"
 
 
-async def test_reload_mid_generation_tags_versions_and_uses_new_weights(engine, tiny_model, perturbed_model, transformers_logprobs):
+async def test_reload_mid_generation_tags_versions_and_uses_new_weights(each_engine, tiny_model, perturbed_model, transformers_logprobs):
+    engine = each_engine
     start_version = engine.version
     prompts = [prompt_ids(engine, f"Repeat exactly: word{i}") for i in range(4)]
     sampling = SamplingConfig(max_tokens=120, ignore_eos=True)
@@ -55,10 +56,9 @@ async def test_reload_mid_generation_tags_versions_and_uses_new_weights(engine, 
         await engine.update_weights(start_version + 2, str(tiny_model))  # back to the original weights
 
 
-async def test_cwm_runs_as_llama_in_the_engine_core_process(engine, engine_env_before):
+async def test_cwm_runs_as_llama_in_this_process(engine, engine_env_before):
     import os
-
-    import psutil
+    import threading
 
     from rollout_workers import vllm_adapter
 
@@ -67,8 +67,24 @@ async def test_cwm_runs_as_llama_in_the_engine_core_process(engine, engine_env_b
 
     assert engine.engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # compiled: the reloads above reach it
     assert vllm_adapter.executor_backend(engine.engine) == "uni"
-    children = psutil.Process().children(recursive=True)
-    assert not [c for c in children if "VLLM::Worker" in " ".join(c.cmdline())], "a separate model worker process started"
+    # The engine core is vLLM's in-process client, and the model is this process's (no engine-core or worker process).
+    assert type(engine.engine.engine_core).__name__ == "InprocClient"
+    assert next(engine.engine.model_executor.driver_worker.worker.model_runner.model.parameters()).device.type == "cpu"
+    assert "vllm-engine" in {t.name for t in threading.enumerate()}, "no engine thread steps the in-process engine"
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == engine_env_before, "the executor's setting leaked out of the engine's start"
+
+
+async def test_the_process_engine_runs_the_model_in_its_engine_core_process(process_engine, engine_env_before):
+    import os
+
+    import psutil
+
+    from rollout_workers import vllm_adapter
+
+    assert vllm_adapter.executor_backend(process_engine.engine) == "uni"
+    children = [" ".join(c.cmdline()) for c in psutil.Process().children(recursive=True)]
+    assert any("VLLM::EngineCore" in c for c in children), children
+    assert not [c for c in children if "VLLM::Worker" in c], "a separate model worker process started"
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == engine_env_before, "the executor's setting leaked out of the engine's start"
 
 
@@ -107,3 +123,83 @@ async def test_sampled_logprobs_read_flat_lists_or_each_position():
     top.append({5: Logprob(-0.5), 9: Logprob(-0.1)})
     top.append({3: Logprob(-0.2), 7: Logprob(-1.5)})
     assert _sampled_logprobs(SimpleNamespace(token_ids=[5, 7], logprobs=top)) == [-0.5, -1.5]
+
+
+async def test_a_cancelled_request_is_aborted_and_the_engine_goes_on(each_engine):
+    engine = each_engine
+    prompt = prompt_ids(engine, "Count to a thousand.")
+    running = asyncio.create_task(engine.generate(prompt, SamplingConfig(max_tokens=600, ignore_eos=True)))
+    while not engine.in_flight():
+        await asyncio.sleep(0.005)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    for _ in range(500):  # the abort reaches the engine
+        if not engine.in_flight():
+            break
+        await asyncio.sleep(0.01)
+    assert engine.in_flight() == [], "the cancelled request still runs"
+    after = await engine.generate(prompt, SamplingConfig(max_tokens=4, ignore_eos=True))
+    assert len(after.token_ids) == 4
+
+
+class _CrashingEngine:
+    """The LLMEngine calls the engine thread makes, with a model that crashes on its first step."""
+
+    def __init__(self):
+        self.requests: list[str] = []
+        self.shut_down = False
+        self.engine_core = self
+
+    def add_request(self, request_id, prompt, params):
+        self.requests.append(request_id)
+        return f"{request_id}-internal"
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        raise RuntimeError("the model crashed")
+
+    def shutdown(self):
+        self.shut_down = True
+
+
+async def test_an_in_process_engine_that_dies_fails_every_waiting_and_later_request():
+    # A fast unit test of the thread's failure path (a real engine cannot be made to crash on demand); the real engine's
+    # normal path is every other test here.
+    from rollout_workers.engine import _EngineThread
+
+    crashing = _CrashingEngine()
+    thread = _EngineThread(lambda: crashing, version=3)
+    with pytest.raises(RuntimeError, match="the model crashed"):
+        await asyncio.wait_for(thread.generate("a", [1, 2, 3], None), 10)
+    thread._thread.join(10)
+    assert crashing.shut_down, "the dead engine was not shut down"
+    with pytest.raises(RuntimeError, match="the vLLM engine stopped: the model crashed"):
+        await thread.generate("b", [1], None)
+    with pytest.raises(ValueError, match="no model"):
+        _EngineThread(lambda: (_ for _ in ()).throw(ValueError("no model")), version=0)  # a start failure reaches the caller
+
+
+async def test_a_request_waiting_on_an_in_process_engine_that_shuts_down_is_told_so():
+    from rollout_workers.engine import _EngineThread
+
+    class Idle(_CrashingEngine):
+        def step(self):  # runs without finishing anything
+            import time
+
+            time.sleep(0.01)
+            return []
+
+    idle = Idle()
+    thread = _EngineThread(lambda: idle, version=0)
+    waiting = asyncio.create_task(thread.generate("a", [1], None))
+    while not idle.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(thread.stop)
+    with pytest.raises(RuntimeError, match="shut down"):
+        await asyncio.wait_for(waiting, 10)
+    assert idle.shut_down
+    with pytest.raises(RuntimeError, match="the vLLM engine stopped"):
+        await thread.generate("b", [1], None)

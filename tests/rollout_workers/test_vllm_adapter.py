@@ -17,7 +17,10 @@ def installed() -> str:
     return f"vLLM {vllm.__version__} installed; the adapter was written against {vllm_adapter.TESTED_VLLM}"
 
 
-async def test_token_counts_of_running_requests_are_readable(engine):
+async def test_token_counts_of_running_requests_are_readable(process_engine):
+    # drain_outputs is the engine-core-process path's; the in-process engine's reloads read the counts between steps
+    # (its reload test, in test_engine.py, checks them through `in_flight` and the versions).
+    engine = process_engine
     tok = engine.tokenizer
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Count."}], tokenize=False, add_generation_prompt=True),
                         add_special_tokens=False)
