@@ -16,7 +16,7 @@ engines up and the four workloads alternating for --rounds rounds (medians kept)
 The ratios are ours / raw for the same workload. `multi_turn_ratio_vs_raw_single_turn` is also
 printed: it mixes our overhead with vLLM's own cost of multi-turn (re-prefill per turn).
 
-    .venv/bin/python bench/rollout.py [--model DIR] [--episodes 64] [--max-tokens 32] [--turns 4] [--rounds 3]
+    .venv/bin/python bench/rollout.py [--model DIR] [--episodes 64] [--max-tokens 32] [--turns 4] [--rounds 3] [--executor inproc]
 
 Goals (issue 3): single-turn >= 0.90 of raw, multi-turn >= 0.80. The last line printed is one
 JSON object with the figures.
@@ -124,7 +124,8 @@ async def measure(model: str, prompts: list[list[int]], observations, args, max_
     from rollout_workers.vllm_adapter import shutdown_offline_llm
 
     llm = start_raw(model, len(prompts), max_model_len)
-    engine = RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.25, max_num_seqs=len(prompts)))
+    engine = RolloutEngine(EngineConfig(model=model, max_model_len=max_model_len, kv_cache_gib=0.25, max_num_seqs=len(prompts),
+                                        executor=args.executor))
     tokens = args.max_tokens * args.turns
     figures: dict[str, list[float]] = {"raw": [], "raw_multi_turn": [], "single_turn": [], "multi_turn": []}
     try:
@@ -149,6 +150,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens per turn (multi-turn); single-turn generates turns x this.")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds of the three workloads; medians are kept.")
+    parser.add_argument("--executor", default="auto", choices=["auto", "uni", "mp", "inproc"],
+                        help="Our engine's rollout.engine.executor (the quickstart's: inproc); the raw engine is vLLM's default.")
     args = parser.parse_args()
     max_model_len = 1024
 
@@ -175,6 +178,7 @@ def main() -> None:
         "multi_turn_ratio_vs_raw": round(med["multi_turn"] / med["raw_multi_turn"], 3),
         "multi_turn_ratio_vs_raw_single_turn": round(med["multi_turn"] / med["raw"], 3),
         "rounds": args.rounds,
+        "executor": args.executor,
         "goal_single_turn_ratio": 0.9,
         "goal_multi_turn_ratio": 0.8,
     }))

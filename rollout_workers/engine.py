@@ -39,6 +39,7 @@ engine-core and worker processes with multiprocessing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -84,7 +85,8 @@ def _sampled_logprobs(completion: Any) -> list[float]:
 
 
 class RolloutEngine:
-    """A vLLM AsyncLLM plus the bookkeeping RL needs: versions per token and in-flight reloads."""
+    """A vLLM engine (an AsyncLLM, or an in-process LLMEngine with executor "inproc") plus the bookkeeping RL needs:
+    versions per token and in-flight reloads."""
 
     def __init__(self, config: EngineConfig, version: int = 0):
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -117,14 +119,9 @@ class RolloutEngine:
             **config.extra_engine_args,
         }
         if config.executor == "inproc":  # vLLM's engine core in this process, stepped by a thread of ours
-            from vllm.engine.arg_utils import EngineArgs
-            from vllm.v1.engine.llm_engine import LLMEngine
-
-            def start() -> Any:
-                with vllm_adapter.executor_env("uni"):
-                    return LLMEngine.from_engine_args(EngineArgs(**engine_args), enable_multiprocessing=False)
-
-            self._thread = _EngineThread(start, version)
+            # A reload between two steps must find no batch still running on the old weights (a GPU schedules ahead).
+            engine_args = {"async_scheduling": False, **engine_args}
+            self._thread = _EngineThread(lambda: vllm_adapter.start_in_process(engine_args), version)
             self.engine = self._thread.engine
             return
         args = AsyncEngineArgs(**engine_args)
@@ -137,10 +134,6 @@ class RolloutEngine:
     def version(self) -> int:
         """The policy version of the weights loaded now: tokens sampled from here on carry it."""
         return self._thread.version if self._thread is not None else self._version
-
-    @version.setter
-    def version(self, version: int) -> None:
-        self._version = version
 
     @property
     def tokenizer(self):
@@ -196,7 +189,7 @@ class RolloutEngine:
                     num_tokens = vllm_adapter.num_output_tokens(self.engine, request_id)
                     if num_tokens is not None:  # None: it finished on the old weights
                         reloads.append((num_tokens, version))
-                self.version = version
+                self._version = version
             finally:
                 await self.engine.resume_generation()
 
@@ -208,10 +201,8 @@ class RolloutEngine:
 
     def shutdown(self) -> None:
         """Stop the engine (its thread or its processes). Idempotent."""
-        if self._thread is not None:
-            self._version = self._thread.version
+        if self._thread is not None:  # kept, stopped: later calls get its "the vLLM engine stopped" error
             self._thread.stop()
-            self._thread = None
         elif self.engine is not None:
             self.engine.shutdown()
         self.engine = None  # the engine's __del__ runs now, not at interpreter exit (where AsyncLLM's raises)
@@ -280,7 +271,10 @@ class _EngineThread:
             return await done
         except asyncio.CancelledError:
             if self._failure is None:
-                self._send(lambda: self._abort(request_id), loop, loop.create_future())
+                aborted = loop.create_future()
+                aborted.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
+                with contextlib.suppress(RuntimeError):  # the engine stopped meanwhile: nothing to abort
+                    self._send(lambda: self._abort(request_id), loop, aborted)
             raise
 
     async def update_weights(self, version: int, path: str, clear_cache: bool) -> None:
@@ -288,9 +282,9 @@ class _EngineThread:
         done = loop.create_future()
 
         def reload() -> None:
+            if clear_cache:  # running requests recompute their prefixes with the new weights (a text model's caches)
+                self.engine.reset_prefix_cache(reset_running_requests=True, reset_connector=True)
             self.engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
-            if clear_cache:  # running requests recompute their prefixes with the new weights
-                self.engine.reset_prefix_cache(reset_running_requests=True)
             for request in self._active.values():
                 num_tokens = vllm_adapter.num_output_tokens(self.engine, request.internal_id)
                 if num_tokens is not None:
@@ -306,6 +300,7 @@ class _EngineThread:
         return [r.internal_id for r in list(self._active.values())]
 
     def stop(self) -> None:
+        """Stop the engine; requests still waiting get an error. Idempotent. Blocks for up to one engine step."""
         self._stopping = True
         self._commands.put(None)  # wakes the thread if it waits for work
         self._thread.join()
@@ -336,10 +331,15 @@ class _EngineThread:
                     continue
                 finished: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Generation]]] = {}
                 for output in self.engine.step():  # FINAL_ONLY: finished requests only
-                    request = self._active.pop(output.request_id, None)
-                    if request is not None and output.finished:
+                    if not output.finished or output.request_id not in self._active:
+                        continue
+                    request = self._active.pop(output.request_id)
+                    try:
                         generation = _generation(output, request.start_version, request.reloads)
-                        finished.setdefault(request.loop, []).append((request.done, generation))
+                    except Exception as e:  # noqa: BLE001 (this request's error, not the engine's)
+                        _resolve(request.loop, request.done, None, e)
+                        continue
+                    finished.setdefault(request.loop, []).append((request.done, generation))
                 for loop, results in finished.items():  # one wake-up of the caller's loop per step
                     _settle_all(loop, results)
         except BaseException as e:  # noqa: BLE001 (every waiting request learns why)
@@ -351,7 +351,7 @@ class _EngineThread:
             self._active.clear()
             self._drain_failed()
             engine, self.engine = self.engine, None
-            engine.engine_core.shutdown()
+            vllm_adapter.shutdown_in_process(engine)
 
     def _run_commands(self, block: bool) -> None:
         """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""
@@ -362,8 +362,10 @@ class _EngineThread:
                     command, loop, done = item
                     try:
                         command()
-                    except Exception as e:  # noqa: BLE001 (the caller's error)
+                    except BaseException as e:  # noqa: BLE001 (the caller's error; the engine's too if not an Exception)
                         _resolve(loop, done, None, e)
+                        if not isinstance(e, Exception):
+                            raise
                 item = self._commands.get_nowait()
         except queue.Empty:
             pass

@@ -20,8 +20,8 @@ TESTED_VLLM = "0.32.0"  # the vLLM release these internals were read from
 
 
 def num_output_tokens(async_llm: Any, request_id: str) -> int | None:
-    """Tokens the frontend has received so far for `request_id` (an AsyncLLM request), or None
-    once the request is finished (its state is gone)."""
+    """Tokens the frontend has received so far for `request_id` (vLLM's internal id, of an AsyncLLM's or an
+    in-process LLMEngine's request), or None once the request is finished (its state is gone)."""
     state = async_llm.output_processor.request_states.get(request_id)
     return None if state is None else state.detokenizer.num_output_tokens()
 
@@ -61,6 +61,27 @@ def executor_env(backend: str | None):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+
+
+def start_in_process(engine_args: dict[str, Any]) -> Any:
+    """vLLM's `LLMEngine` with its engine core and the model in this process (the uni executor, no engine-core process).
+    vLLM's engine core caches its environment variables for the whole process when it starts (`enable_envs_cache`),
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 included; the cache is dropped after the start, so a later engine in the process
+    reads the environment again."""
+    import vllm.envs
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    with executor_env("uni"):
+        try:
+            return LLMEngine.from_engine_args(EngineArgs(**engine_args), enable_multiprocessing=False)
+        finally:
+            vllm.envs.disable_envs_cache()
+
+
+def shutdown_in_process(llm_engine: Any) -> None:
+    """Stop an in-process `LLMEngine` (its engine core and model executor) now."""
+    llm_engine.engine_core.shutdown()
 
 
 def executor_backend(async_llm: Any) -> str:
