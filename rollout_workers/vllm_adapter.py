@@ -80,8 +80,13 @@ def start_in_process(engine_args: dict[str, Any]) -> Any:
 
 
 def shutdown_in_process(llm_engine: Any) -> None:
-    """Stop an in-process `LLMEngine` (its engine core and model executor) now."""
+    """Stop an in-process `LLMEngine` (its engine core and model executor) now, and undo what its start did to the
+    process: the model executor initialised torch.distributed's default process group (world size 1, gloo), which would
+    refuse a trainer's or another engine's `init_process_group` later in the same process."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
     llm_engine.engine_core.shutdown()
+    cleanup_dist_env_and_memory()
 
 
 def executor_backend(async_llm: Any) -> str:

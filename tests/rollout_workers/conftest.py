@@ -23,7 +23,9 @@ def engine_env_before():
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+# Package-scoped: the in-process engine holds torch.distributed's default process group while it runs (vLLM's model
+# executor makes one), which later tests in this process (the trainer's DDP checkpoints) need free.
+@pytest_asyncio.fixture(scope="package", loop_scope="session")
 async def engine(tiny_model, engine_env_before):
     if importlib.util.find_spec("vllm") is None:
         pytest.fail(MISSING_VLLM)

