@@ -238,8 +238,9 @@ class _EngineThread:
     cores cost about a third of the rollout side's CPU per token. A reload runs between two steps, so the token counts it
     records per request are exact. Callers on an asyncio loop hand the thread commands and await their results."""
 
-    def __init__(self, start: Callable[[], Any], version: int):
+    def __init__(self, start: Callable[[], Any], version: int, stop: Callable[[Any], None] = vllm_adapter.shutdown_in_process):
         self.version = version
+        self._stop_engine = stop  # shuts the engine down and frees what its start took from the process
         self.engine: Any = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Request] = {}  # our request id -> its state (only the thread touches it)
@@ -278,6 +279,7 @@ class _EngineThread:
             raise
 
     async def update_weights(self, version: int, path: str, clear_cache: bool) -> None:
+        """Reload between two engine steps. Once sent it happens: cancelling the caller does not undo it."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -351,7 +353,7 @@ class _EngineThread:
             self._active.clear()
             self._drain_failed()
             engine, self.engine = self.engine, None
-            vllm_adapter.shutdown_in_process(engine)
+            self._stop_engine(engine)
 
     def _run_commands(self, block: bool) -> None:
         """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""

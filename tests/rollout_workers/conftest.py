@@ -23,9 +23,18 @@ def engine_env_before():
     return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
-# Package-scoped: the in-process engine holds torch.distributed's default process group while it runs (vLLM's model
-# executor makes one), which later tests in this process (the trainer's DDP checkpoints) need free.
-@pytest_asyncio.fixture(scope="package", loop_scope="session")
+_IN_PROCESS: list = []  # the shared in-process engine, stopped once this folder's last test is done
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """The in-process engine holds torch.distributed's default process group while it runs (vLLM's model executor makes
+    one); later tests in this process (the trainer's DDP checkpoints) need it free, so the engine stops with the folder."""
+    here = Path(__file__).parent
+    if _IN_PROCESS and (nextitem is None or here not in Path(nextitem.path).parents):
+        _IN_PROCESS.pop().shutdown()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def engine(tiny_model, engine_env_before):
     if importlib.util.find_spec("vllm") is None:
         pytest.fail(MISSING_VLLM)
@@ -37,8 +46,9 @@ async def engine(tiny_model, engine_env_before):
     # Job tests elsewhere run eager.
     eng = RolloutEngine(EngineConfig(model=str(tiny_model), max_model_len=1024, max_num_seqs=16, executor="inproc", block_size=16,
                                      enforce_eager=False))
+    _IN_PROCESS.append(eng)
     yield eng
-    eng.shutdown()
+    eng.shutdown()  # idempotent: usually stopped already, after this folder's last test
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -151,7 +151,8 @@ async def test_a_cancelled_request_is_aborted_and_the_engine_goes_on(each_engine
 
 
 class _CrashingEngine:
-    """The LLMEngine calls the engine thread makes, with a model that crashes on its first step."""
+    """The LLMEngine calls the engine thread makes, with a model that crashes on its first step. Its threads stop it
+    with its own `shutdown`: vLLM's cleanup would tear down the process-wide state of this package's real engine."""
 
     def __init__(self):
         self.requests: list[str] = []
@@ -178,7 +179,7 @@ async def test_an_in_process_engine_that_dies_fails_every_waiting_and_later_requ
     from rollout_workers.engine import _EngineThread
 
     crashing = _CrashingEngine()
-    thread = _EngineThread(lambda: crashing, version=3)
+    thread = _EngineThread(lambda: crashing, version=3, stop=_CrashingEngine.shutdown)
     with pytest.raises(RuntimeError, match="the model crashed"):
         await asyncio.wait_for(thread.generate("a", [1, 2, 3], None), 10)
     thread._thread.join(10)
@@ -186,7 +187,7 @@ async def test_an_in_process_engine_that_dies_fails_every_waiting_and_later_requ
     with pytest.raises(RuntimeError, match="the vLLM engine stopped: the model crashed"):
         await thread.generate("b", [1], None)
     with pytest.raises(ValueError, match="no model"):
-        _EngineThread(lambda: (_ for _ in ()).throw(ValueError("no model")), version=0)  # a start failure reaches the caller
+        _EngineThread(lambda: (_ for _ in ()).throw(ValueError("no model")), version=0, stop=_CrashingEngine.shutdown)  # a start failure reaches the caller
 
 
 async def test_a_request_waiting_on_an_in_process_engine_that_shuts_down_is_told_so():
@@ -200,7 +201,7 @@ async def test_a_request_waiting_on_an_in_process_engine_that_shuts_down_is_told
             return []
 
     idle = Idle()
-    thread = _EngineThread(lambda: idle, version=0)
+    thread = _EngineThread(lambda: idle, version=0, stop=_CrashingEngine.shutdown)
     waiting = asyncio.create_task(thread.generate("a", [1], None))
     while not idle.requests:
         await asyncio.sleep(0.01)
@@ -226,7 +227,7 @@ async def test_a_result_that_cannot_be_built_fails_its_request_not_the_others():
             self.requests = []
             return done
 
-    thread = _EngineThread(lambda: Finishing(), version=2)
+    thread = _EngineThread(lambda: Finishing(), version=2, stop=_CrashingEngine.shutdown)
     bad, good = thread.generate("bad", [1], None), thread.generate("good", [1], None)
     results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), 10)
     assert isinstance(results[0], Exception) and results[1].token_ids == [5] and results[1].versions == [2], results
