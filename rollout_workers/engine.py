@@ -292,7 +292,7 @@ class _EngineThread:
                 if num_tokens is not None:
                     request.reloads.append((num_tokens, version))
             self.version = version
-            _resolve(loop, done, lambda: None)
+            _resolve(loop, done)
 
         self._send(reload, loop, done)
         await done
@@ -339,7 +339,7 @@ class _EngineThread:
                     try:
                         generation = _generation(output, request.start_version, request.reloads)
                     except Exception as e:  # noqa: BLE001 (this request's error, not the engine's)
-                        _resolve(request.loop, request.done, None, e)
+                        _resolve(request.loop, request.done, e)
                         continue
                     finished.setdefault(request.loop, []).append((request.done, generation))
                 for loop, results in finished.items():  # one wake-up of the caller's loop per step
@@ -349,7 +349,7 @@ class _EngineThread:
         finally:
             self._failure = self._failure or RuntimeError("the vLLM engine was shut down")
             for request in self._active.values():
-                _resolve(request.loop, request.done, None, self._failure)
+                _resolve(request.loop, request.done, self._failure)
             self._active.clear()
             self._drain_failed()
             engine, self.engine = self.engine, None
@@ -365,7 +365,7 @@ class _EngineThread:
                     try:
                         command()
                     except BaseException as e:  # noqa: BLE001 (the caller's error; the engine's too if not an Exception)
-                        _resolve(loop, done, None, e)
+                        _resolve(loop, done, e)
                         if not isinstance(e, Exception):
                             raise
                 item = self._commands.get_nowait()
@@ -385,37 +385,24 @@ class _EngineThread:
             except queue.Empty:
                 return
             if item is not None:
-                _resolve(item[1], item[2], None, error)
+                _resolve(item[1], item[2], error)
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, done: asyncio.Future, result: Callable[[], Any] | None,
-             error: BaseException | None = None) -> None:
-    """Set `done` (a future of `loop`) from another thread: `result()` computed here, or `error`."""
-    if error is None:
-        try:
-            value = result()
-        except Exception as e:  # noqa: BLE001
-            value, error = None, e
-
-    def settle() -> None:
-        if done.done():
-            return  # cancelled meanwhile
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(value)
-
-    try:
-        loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass  # the caller's loop is closed: nobody waits
+def _resolve(loop: asyncio.AbstractEventLoop, done: asyncio.Future, error: BaseException | None = None) -> None:
+    """Settle one future of `loop` from another thread: with `error`, or with None."""
+    _settle_all(loop, [(done, None)], error)
 
 
-def _settle_all(loop: asyncio.AbstractEventLoop, results: list[tuple[asyncio.Future, Any]]) -> None:
-    """Set many futures of `loop` from another thread, in one call."""
+def _settle_all(loop: asyncio.AbstractEventLoop, results: list[tuple[asyncio.Future, Any]],
+                error: BaseException | None = None) -> None:
+    """Settle futures of `loop` from another thread, in one call: each with its value, or all with `error`."""
     def settle() -> None:
         for done, value in results:
-            if not done.done():  # not cancelled meanwhile
+            if done.done():
+                continue  # cancelled meanwhile
+            if error is not None:
+                done.set_exception(error)
+            else:
                 done.set_result(value)
 
     try:
