@@ -98,10 +98,11 @@ class FramePredictor:
         return self.loop.run_until_complete(coroutine)
 
     def close(self) -> None:
-        pending = asyncio.all_tasks(self.loop)  # vLLM's output handler: stopped before its loop closes, not after
+        pending = asyncio.all_tasks(self.loop)  # an AsyncLLM's output handler: stopped before its loop closes, not after
         for task in pending:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:  # (an empty gather would belong to another loop; an in-process engine leaves no task)
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         if self.owns_engine:
             self.engine.shutdown()
         self.loop.close()

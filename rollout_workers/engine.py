@@ -75,6 +75,17 @@ def cwm_as_llama_args(model: str) -> dict[str, Any]:
     return {"hf_overrides": {"architectures": ["LlamaForCausalLM"]}} if architectures == ["CwmForCausalLM"] else {}
 
 
+def resolved_executor(executor: str) -> str:
+    """The executor "auto" stands for: on a CPU, "inproc" (no engine step's outputs serialised between processes: 1.4x
+    the tokens/s on 0.6x the CPU per token of an engine-core process, on 2 cores); on a GPU, vLLM's own choice (an
+    engine-core process, whose frontend's Python overlaps the GPU's work)."""
+    if executor != "auto":
+        return executor
+    from vllm.platforms import current_platform
+
+    return "inproc" if current_platform.is_cpu() else "auto"
+
+
 def _sampled_logprobs(completion: Any) -> list[float]:
     """The sampled token's logprob at each position, from vLLM's FlatLogprobs: with logprobs=0 each position holds
     only the sampled token, so the flat lists line up with the tokens; otherwise it is read position by position."""
@@ -98,9 +109,10 @@ class RolloutEngine:
         self._thread: _EngineThread | None = None  # the thread stepping an in-process engine (executor "inproc")
         self._version = version
         self._ids = itertools.count()
+        self.executor = resolved_executor(config.executor)
         chosen: dict[str, Any] = {}
-        if config.executor != "auto":
-            chosen["distributed_executor_backend"] = "uni" if config.executor == "inproc" else config.executor
+        if self.executor != "auto":
+            chosen["distributed_executor_backend"] = "uni" if self.executor == "inproc" else self.executor
         if config.block_size is not None:
             chosen["block_size"] = config.block_size
         if config.cwm_as_llama and not {"hf_overrides", "model_impl"} & config.extra_engine_args.keys():
@@ -118,7 +130,7 @@ class RolloutEngine:
             **chosen,
             **config.extra_engine_args,
         }
-        if config.executor == "inproc":  # vLLM's engine core in this process, stepped by a thread of ours
+        if self.executor == "inproc":  # vLLM's engine core in this process, stepped by a thread of ours
             # A reload between two steps must find no batch still running on the old weights (a GPU schedules ahead).
             engine_args = {"async_scheduling": False, **engine_args}
             self._thread = _EngineThread(lambda: vllm_adapter.start_in_process(engine_args), version)

@@ -92,6 +92,13 @@ async def test_the_process_engine_runs_the_model_in_its_engine_core_process(proc
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == engine_env_before, "the executor's setting leaked out of the engine's start"
 
 
+def test_auto_runs_the_engine_in_process_on_a_cpu_and_an_explicit_executor_stands():
+    from rollout_workers.engine import resolved_executor
+
+    assert resolved_executor("auto") == "inproc"  # this vLLM is the CPU build (on a GPU: vLLM's own choice, "auto")
+    assert [resolved_executor(e) for e in ("inproc", "uni", "mp")] == ["inproc", "uni", "mp"]
+
+
 async def test_a_reload_keeping_kv_caches_never_reuses_an_old_weights_prefix(engine, tiny_model, perturbed_model, transformers_logprobs):
     # keep_kv_cache_on_reload keeps the prefix cache too; a request started after the reload must not read a prefix's
     # keys and values computed with the old weights (the prompt spans whole 16-token blocks, cached by the first call).

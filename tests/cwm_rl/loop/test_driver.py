@@ -135,13 +135,16 @@ def test_train_survives_a_killed_worker_stops_on_ctrl_c_and_resumes(tiny_model, 
 def test_train_plays_groups_again_when_an_env_server_dies(tiny_model, tmp_path, fault_report):
     """Env servers the job starts, plus one named by URL that never answers: groups sent there fail with
     a reason and are played again elsewhere; a started server killed with -9 is restarted; nothing
-    the job trains on came from an unreachable server; no server outlives the job."""
+    the job trains on came from an unreachable server; no server outlives the job. The rollout worker's engine has an
+    engine-core process of its own here (executor uni: vLLM's AsyncLLM, the path a GPU takes); the other jobs run
+    vLLM in the worker's process (a CPU's default)."""
     from envs.server.local import free_port
 
     gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     run_dir = tmp_path / "run"
     cli = str(Path(sys.executable).with_name("cwm-rl"))
-    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "steps=8", "eval.num_tasks=8", "eval.every_steps=4",
+    settings = [f"run_dir={run_dir}", f"model.path={tiny_model}", "rollout.engine.enforce_eager=true", "rollout.engine.executor=uni",
+                "steps=8", "eval.num_tasks=8", "eval.every_steps=4",
                 f"envs=[{{id: cwm_rl/Math-v0, kwargs: {{difficulty: 1}}, servers: 1, urls: ['{gone}']}}]",
                 "rollout.group_size=4", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
                 "trainer.batch.step_tokens=32", "checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false"]

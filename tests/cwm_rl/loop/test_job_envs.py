@@ -18,8 +18,9 @@ import pytest
 
 CLI = str(Path(sys.executable).with_name("cwm-rl"))
 QUICKSTART = str(Path(__file__).parents[3] / "configs" / "quickstart.yaml")
-# A random tiny model rarely scores: keep zero-advantage groups so the loop steps and publishes anyway.
-SMALL_JOB = ["rollout.group_size=2", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
+# A random tiny model rarely scores: keep zero-advantage groups so the loop steps and publishes anyway. Eager: the
+# quickstart compiles its model at the engine's start (~20 s), for speed a 3-step job never recovers.
+SMALL_JOB = ["rollout.engine.enforce_eager=true", "rollout.group_size=2", "rollout.groups_per_request=2", "buffer_groups=4", "rollout.sampling.max_tokens=8",
              "trainer.batch.step_tokens=16", "checkpoint_every=0", "trainer.filters.drop_zero_advantage_groups=false",
              "logging.tensorboard=false"]
 
@@ -90,7 +91,7 @@ def test_a_user_env_with_a_verifier_and_no_reference_answers_trains(tiny_model, 
     assert code == 1 and "my_envs/Parity-v0 is not registered in this process; pass --import MODULE" in out, both[-2000:]
 
     # A warm start is the one stage that needs reference answers; the error says so and how to go without.
-    code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "rollout.engine.enforce_eager=true", "model.path=null", "model.sft.steps=5",
+    code, out = train([QUICKSTART], [f"run_dir={tmp_path / 'sft'}", "model.path=null", "model.sft.steps=5",
                                      "envs=[{id: my_envs/Parity-v0}]", "env_modules=[my_envs]", *SMALL_JOB], cwd=tmp_path)
     assert code != 0
     assert "has no reference_action()" in out and "model.sft.steps=0" in out, out[-3000:]
