@@ -247,7 +247,7 @@ class RolloutWorker:
     def shutdown(self) -> None:
         """Stop the engine and remove the containers this worker's envs made (Ray kills the process after, atexit never runs)."""
         if self.engine is not None:
-            self.engine.shutdown()
+            self.engine.shutdown(process_exits=True)
             self.engine = None
         for env in self._preparers.values():
             if env is not None:

@@ -211,14 +211,17 @@ class RolloutEngine:
         counts = (vllm_adapter.num_output_tokens(self.engine, r) for r in active)
         return [n for n in counts if n is not None]
 
-    def shutdown(self) -> None:
-        """Stop the engine (its thread or its processes). Idempotent."""
+    def shutdown(self, process_exits: bool = False) -> None:
+        """Stop the engine (its thread or its processes). Idempotent. `process_exits`: this process ends right after (a
+        Ray actor's close), so an in-process engine only stops stepping; shutting it down would undo what its start did
+        to the process, in about two seconds of garbage collection a job's close waited for."""
         if self._thread is not None:  # kept, stopped: later calls get its "the vLLM engine stopped" error
-            self._thread.stop()
+            self._thread.stop(release=not process_exits)
         elif self.engine is not None:
             self.engine.shutdown()
         self.engine = None  # the engine's __del__ runs now, not at interpreter exit (where AsyncLLM's raises)
-        gc.collect()
+        if not process_exits:
+            gc.collect()
 
 
 def _generation(output: Any, start_version: int, reloads: list[tuple[int, int]]) -> Generation:
@@ -257,6 +260,7 @@ class _EngineThread:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Request] = {}  # our request id -> its state (only the thread touches it)
         self._stopping = False
+        self._release = True  # on stopping, shut the engine down (False: the process exits right after)
         self._failure: BaseException | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start, started), name="vllm-engine", daemon=True)
@@ -313,8 +317,10 @@ class _EngineThread:
         """vLLM's ids of the requests running now (read from another thread: a snapshot)."""
         return [r.internal_id for r in list(self._active.values())]
 
-    def stop(self) -> None:
-        """Stop the engine; requests still waiting get an error. Idempotent. Blocks for up to one engine step."""
+    def stop(self, release: bool = True) -> None:
+        """Stop the engine; requests still waiting get an error. Idempotent. Blocks for up to one engine step.
+        `release`: also shut the engine down and free what its start took from the process (see `RolloutEngine.shutdown`)."""
+        self._release = self._release and release
         self._stopping = True
         self._commands.put(None)  # wakes the thread if it waits for work
         self._thread.join()
@@ -365,7 +371,8 @@ class _EngineThread:
             self._active.clear()
             self._drain_failed()
             engine, self.engine = self.engine, None
-            self._stop_engine(engine)
+            if self._release:
+                self._stop_engine(engine)
 
     def _run_commands(self, block: bool) -> None:
         """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""

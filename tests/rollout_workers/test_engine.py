@@ -221,6 +221,19 @@ async def test_a_request_waiting_on_an_in_process_engine_that_shuts_down_is_told
     thread.stop()  # again: nothing to do
 
 
+async def test_an_engine_stopped_in_a_process_about_to_exit_is_not_torn_down():
+    # A Ray actor's close: the process ends right after, so the engine only stops stepping (its teardown, vLLM's
+    # process-wide cleanup, is seconds of garbage collection a job's close waited for).
+    from rollout_workers.engine import _EngineThread
+
+    idle = _CrashingEngine()
+    thread = _EngineThread(lambda: idle, version=0, stop=_CrashingEngine.shutdown)
+    await asyncio.to_thread(thread.stop, release=False)
+    assert not thread._thread.is_alive() and not idle.shut_down
+    with pytest.raises(RuntimeError, match="the vLLM engine stopped"):
+        await thread.generate("a", [1], None)
+
+
 async def test_a_result_that_cannot_be_built_fails_its_request_not_the_others():
     from types import SimpleNamespace
 
