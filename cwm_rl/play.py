@@ -39,6 +39,8 @@ def play_model(worker_config: WorkerConfig, num_episodes: int, group_size: int, 
         shares = [seeds[w::num_workers] for w in range(num_workers)]
         results = ray.get([w.run_groups.remote(s, group_size) for w, s in zip(workers, shares) if s])
         ray.get([w.shutdown.remote() for w in workers])
+        for w in workers:  # a shut-down worker's process must end (on a cluster this joined, too)
+            ray.kill(w, no_restart=True)
     finally:
         if started_ray:
             ray.shutdown()

@@ -26,8 +26,8 @@ what importance ratios need. At temperature 1 without top-p/top-k they equal the
 
 On the CPU (`EngineConfig` fields): `executor="inproc"` runs vLLM's engine core and the model in this
 process (vLLM's `LLMEngine`, stepped by a thread that owns it: `_EngineThread`), so no engine step's outputs
-are serialised between processes; `executor="uni"` keeps the model in vLLM's engine-core process (an
-`AsyncLLM`, the path every other executor takes too); `block_size` sets the KV-cache block prefix caching
+are serialised between processes (`executor="auto"` is this on a CPU); `executor="uni"` keeps the model in
+vLLM's engine-core process (an `AsyncLLM`, the path "mp" and a GPU's "auto" take too); `block_size` sets the KV-cache block prefix caching
 reuses, and `cwm_as_llama` (on by default) runs a CwmForCausalLM checkpoint with vLLM's own Llama code
 rather than its Transformers backend. Both paths keep the same reload protocol and version bookkeeping;
 in-process, a reload runs between two engine steps, so it needs no pause.
@@ -213,14 +213,15 @@ class RolloutEngine:
 
     def shutdown(self, process_exits: bool = False) -> None:
         """Stop the engine (its thread or its processes). Idempotent. `process_exits`: this process ends right after (a
-        Ray actor's close), so an in-process engine only stops stepping; shutting it down would undo what its start did
-        to the process, in about two seconds of garbage collection a job's close waited for."""
+        Ray actor's close), so an in-process engine only stops stepping and is kept as it is: its teardown would undo
+        what its start did to the process, in 1-2 s of garbage collection a job's close waited for. A stopped engine
+        cannot be released later."""
         if self._thread is not None:  # kept, stopped: later calls get its "the vLLM engine stopped" error
             self._thread.stop(release=not process_exits)
         elif self.engine is not None:
             self.engine.shutdown()
         self.engine = None  # the engine's __del__ runs now, not at interpreter exit (where AsyncLLM's raises)
-        if not process_exits:
+        if not (process_exits and self._thread is not None):
             gc.collect()
 
 
@@ -244,6 +245,9 @@ class _Request:
     internal_id: str  # vLLM's own id for it (the external one plus a random suffix)
     start_version: int
     reloads: list[tuple[int, int]] = field(default_factory=list)
+
+
+_KEPT_UNTIL_EXIT: list[Any] = []  # in-process engines stopped without their teardown (`RolloutEngine.shutdown`)
 
 
 class _EngineThread:
@@ -373,6 +377,8 @@ class _EngineThread:
             engine, self.engine = self.engine, None
             if self._release:
                 self._stop_engine(engine)
+            else:  # freed, its finalizer would run the same teardown: kept until the process ends
+                _KEPT_UNTIL_EXIT.append(engine)
 
     def _run_commands(self, block: bool) -> None:
         """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""

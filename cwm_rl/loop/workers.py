@@ -349,16 +349,20 @@ class RolloutWorkers:
         return True
 
     def close(self) -> None:
-        """Shut the engines down (a dead worker has nothing to shut down). Workers whose engine start was never waited
-        for (the trainer failed to start meanwhile) are killed: a shutdown would wait for the start to finish."""
+        """Shut the workers down (their env containers; a dead worker has nothing to shut down), then end their processes,
+        which a shut-down worker expects (on a cluster the job joined, too). Workers whose engine start was never waited
+        for (the trainer failed to start meanwhile) are killed at once: a shutdown would wait for the start to finish."""
         import ray
 
-        if self.engine_starts:
+        if not self.engine_starts:
             for actor in self.actors:
-                ray.kill(actor, no_restart=True)
-            self.actors, self.engine_starts = [], []
+                try:
+                    ray.get(actor.shutdown.remote(), timeout=60)
+                except Exception:
+                    pass
         for actor in self.actors:
             try:
-                ray.get(actor.shutdown.remote(), timeout=60)
-            except Exception:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # gone already (its node too)
                 pass
+        self.actors, self.engine_starts = [], []

@@ -54,7 +54,7 @@ async def engine(tiny_model, engine_env_before):
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def process_engine(tiny_model, engine_env_before):
     """An engine whose engine core is a process of its own (vLLM's AsyncLLM; executor uni: the model runs there too),
-    eager: the path a GPU takes, and every config that leaves `executor` at auto."""
+    eager: the path a GPU takes (`executor` auto there), and any config that sets `executor` to uni or mp."""
     if importlib.util.find_spec("vllm") is None:
         pytest.fail(MISSING_VLLM)
     from rollout_workers.config import EngineConfig

@@ -230,6 +230,9 @@ async def test_an_engine_stopped_in_a_process_about_to_exit_is_not_torn_down():
     thread = _EngineThread(lambda: idle, version=0, stop=_CrashingEngine.shutdown)
     await asyncio.to_thread(thread.stop, release=False)
     assert not thread._thread.is_alive() and not idle.shut_down
+    from rollout_workers.engine import _KEPT_UNTIL_EXIT
+
+    assert any(kept is idle for kept in _KEPT_UNTIL_EXIT), "the engine could be freed, and its finalizer tear it down after all"
     with pytest.raises(RuntimeError, match="the vLLM engine stopped"):
         await thread.generate("a", [1], None)
 
