@@ -264,7 +264,6 @@ class _EngineThread:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[str, _Request] = {}  # our request id -> its state (only the thread touches it)
         self._stopping = False
-        self._release = True  # on stopping, shut the engine down (False: the process exits right after)
         self._failure: BaseException | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(start, started), name="vllm-engine", daemon=True)
@@ -324,7 +323,8 @@ class _EngineThread:
     def stop(self, release: bool = True) -> None:
         """Stop the engine; requests still waiting get an error. Idempotent. Blocks for up to one engine step.
         `release`: also shut the engine down and free what its start took from the process (see `RolloutEngine.shutdown`)."""
-        self._release = self._release and release
+        if not release:  # the process exits right after: keep the engine (freed, its finalizer would tear it down)
+            self._stop_engine = _KEPT_UNTIL_EXIT.append
         self._stopping = True
         self._commands.put(None)  # wakes the thread if it waits for work
         self._thread.join()
@@ -375,10 +375,7 @@ class _EngineThread:
             self._active.clear()
             self._drain_failed()
             engine, self.engine = self.engine, None
-            if self._release:
-                self._stop_engine(engine)
-            else:  # freed, its finalizer would run the same teardown: kept until the process ends
-                _KEPT_UNTIL_EXIT.append(engine)
+            self._stop_engine(engine)
 
     def _run_commands(self, block: bool) -> None:
         """Run every queued command; with `block`, wait for the first (the engine has nothing to step)."""

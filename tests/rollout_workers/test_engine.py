@@ -224,14 +224,12 @@ async def test_a_request_waiting_on_an_in_process_engine_that_shuts_down_is_told
 async def test_an_engine_stopped_in_a_process_about_to_exit_is_not_torn_down():
     # A Ray actor's close: the process ends right after, so the engine only stops stepping (its teardown, vLLM's
     # process-wide cleanup, is seconds of garbage collection a job's close waited for).
-    from rollout_workers.engine import _EngineThread
+    from rollout_workers.engine import _KEPT_UNTIL_EXIT, _EngineThread
 
     idle = _CrashingEngine()
     thread = _EngineThread(lambda: idle, version=0, stop=_CrashingEngine.shutdown)
     await asyncio.to_thread(thread.stop, release=False)
     assert not thread._thread.is_alive() and not idle.shut_down
-    from rollout_workers.engine import _KEPT_UNTIL_EXIT
-
     assert any(kept is idle for kept in _KEPT_UNTIL_EXIT), "the engine could be freed, and its finalizer tear it down after all"
     with pytest.raises(RuntimeError, match="the vLLM engine stopped"):
         await thread.generate("a", [1], None)
