@@ -176,7 +176,7 @@ def measure_job(config) -> dict[str, Any]:
     steps_logged = [m for m in steps_logged if "loss" in m]
     last_step_at = called + steps_logged[-1]["wall_s"]  # wall_s counts from run_job's start
     in_window = [m for m in steps_logged if called + m["wall_s"] <= window_end]
-    setup_s = summary["wall_seconds"] - summary["rl_seconds"]
+    setup_s = summary["wall_seconds"] - summary["rl_seconds"] - summary["initial_eval_seconds"]
     episodes = len(training)
     window = window_end - window_start
     return {

@@ -12,9 +12,11 @@ For each seed, one after the other on this machine:
   KL, no std scaling, token-level loss, group size, max completion tokens, temperature, and about
   the same generated tokens per step (`--trl-groups-per-step`: 48 groups of 8 x ~10.6 tokens, what
   the quickstart's 4,096-token steps hold).
-Model loading and engine start-up are outside both budgets. Both systems' policies at 0.5, 1, 2, 3,
-5 minutes and at the end are scored afterwards by one evaluator (`cwm_rl.sft.evaluate`: greedy HF
-generate, our env's reward) on the job's 200 held-out tasks, as is the warm start ("before").
+Model loading, engine start-up and the job's initial eval are outside both budgets (`--set` overrides
+reach both systems' settings). Both systems' policies at 5, 10, 15, 20, 30, 45 s, 1, 2, 3, 5 minutes
+and at the end are scored afterwards by one evaluator (`cwm_rl.sft.evaluate`: greedy HF generate, our
+env's reward) on the job's 200 held-out tasks, as is the warm start ("before"); with the steps each
+had made by then (`steps_at`), so accuracy can be read per step as well as per minute.
 
     pip install -e '.[bench]'                   # TRL (with datasets, accelerate): only this bench needs it
     .venv/bin/python bench/vs_trl.py --seeds 0 1 2        # about 13 minutes a seed
@@ -82,7 +84,9 @@ def held_out_accuracy(model_dir: Path, env: Any, examples: list[Any]) -> float:
 
 # ---- cwm-rl --------------------------------------------------------------------------------------
 
-MARKS_S = (30, 60, 120, 180, 300)  # besides the end: when both policies are scored
+# Besides the end: when both policies are scored. Dense early: the quickstart's task gains most of its points in
+# the first ~10 steps (both systems), so only the first marks see the rate before the ceiling bends it.
+MARKS_S = (5, 10, 15, 20, 30, 45, 60, 120, 180, 300)
 
 
 def run_cwm_rl(seed: int, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -106,11 +110,11 @@ def run_cwm_rl(seed: int, run_dir: Path, overrides: list[str]) -> dict[str, Any]
 
     warm_start = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["path"] or run_dir / "model" / "sft")
 
-    def policy_at(seconds: float) -> tuple[Path, float]:  # the version published by the last step done by then, and when
+    def policy_at(seconds: float) -> tuple[Path, float, int]:  # the version published by the last step done by then, when, steps
         done = [m for m in steps if m["rl_s"] <= seconds]
         if not done:
-            return warm_start, seconds
-        return run_dir / "weights" / f"v{int(done[-1]['new_policy_version']):08d}", done[-1]["rl_s"]
+            return warm_start, seconds, 0
+        return run_dir / "weights" / f"v{int(done[-1]['new_policy_version']):08d}", done[-1]["rl_s"], len(done)
 
     timeline = {k.removeprefix("time/"): round(statistics.mean(m[k] for m in steps[len(steps) // 4:]), 3)
                 for k in last if k.startswith("time/")}
@@ -123,7 +127,7 @@ def run_cwm_rl(seed: int, run_dir: Path, overrides: list[str]) -> dict[str, Any]
 # ---- TRL -----------------------------------------------------------------------------------------
 
 def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[str, Any]], groups_per_step: int,
-            out_dir: Path) -> dict[str, Any]:
+            out_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """TRL's GRPOTrainer on the same tasks, prompts, reward and settings (see the module docstring)."""
     try:
         import trl
@@ -139,7 +143,7 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
     from cwm_rl.types import Task
 
     torch.set_num_threads(os.cpu_count() or 1)  # TRL has the machine to itself
-    c = load_config(QUICKSTART, overrides=[f"seed={seed}"])
+    c = load_config(QUICKSTART, overrides=[*overrides, f"seed={seed}"])  # the cwm-rl job's settings (lr, group size, ...)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     end_of_turn = detect_end_of_turn(tokenizer)
     tokenizer.eos_token = end_of_turn  # generation ends where a rollout worker's turn ends
@@ -178,8 +182,8 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
         def __init__(self):
             self.started = self.last_step_end = 0.0
             self.saving = 0.0
-            self.marks: dict[int, tuple[Path, float]] = {}  # mark -> (the policy of the last step done by then, its time)
-            self.previous: tuple[Path, float] | None = None
+            self.marks: dict[int, tuple[Path, float, int]] = {}  # mark -> (the policy of the last step done by then, its time, steps)
+            self.previous: tuple[Path, float, int] | None = None
 
         def on_train_begin(self, *a, **k):
             self.started = time.perf_counter()
@@ -190,7 +194,7 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
             saved = time.perf_counter()
             for mark in MARKS_S:  # this step ended past a mark: the step before is the policy at it
                 if mark not in self.marks and mark < seconds and elapsed >= mark:
-                    self.marks[mark] = self.previous or (model_dir, float(mark))
+                    self.marks[mark] = self.previous or (model_dir, float(mark), 0)
             if self.previous and self.previous not in self.marks.values():
                 shutil.rmtree(self.previous[0])  # no mark took it
             self.previous = None
@@ -198,7 +202,7 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
                 path = out_dir / f"step{state.global_step}"
                 model.save_pretrained(path)
                 tokenizer.save_pretrained(path)
-                self.previous = (path, elapsed)
+                self.previous = (path, elapsed, state.global_step)
             self.saving += time.perf_counter() - saved
             if elapsed > seconds:
                 control.should_training_stop = True
@@ -221,15 +225,16 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
 
 # ---- the comparison ------------------------------------------------------------------------------
 
-def figures(run: dict[str, Any], before: float, after: float, at_marks: dict[int, tuple[float, float]]) -> dict[str, Any]:
-    """`at_marks`: mark -> (accuracy of the policy at the mark, the seconds of RL it had had)."""
+def figures(run: dict[str, Any], before: float, after: float, at_marks: dict[int, tuple[float, float, int]]) -> dict[str, Any]:
+    """`at_marks`: mark -> (accuracy of the policy at the mark, the seconds of RL it had had, its steps)."""
     minutes = run["seconds"] / 60
     return {"steps": run["steps"], "seconds": round(run["seconds"], 1), "steps_per_min": round(run["steps"] / minutes, 2),
             "generated_tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1),
             "trained_tokens_per_s": round(run["trained_tokens"] / run["seconds"], 1),
             "accuracy_before": before, "accuracy_after": after, "gain_per_min": round((after - before) * 100 / minutes, 2),
-            "accuracy_at": {str(t): acc for t, (acc, _) in at_marks.items()},
-            "gain_per_min_at": {str(t): round((acc - before) * 100 / (max(s, 1.0) / 60), 2) for t, (acc, s) in at_marks.items()}}
+            "accuracy_at": {str(t): acc for t, (acc, _, _) in at_marks.items()},
+            "steps_at": {str(t): n for t, (_, _, n) in at_marks.items()},
+            "gain_per_min_at": {str(t): round((acc - before) * 100 / (max(s, 1.0) / 60), 2) for t, (acc, s, _) in at_marks.items()}}
 
 
 def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
@@ -263,11 +268,19 @@ def main() -> None:
             ours = run_cwm_rl(seed, seed_dir / "cwm_rl", args.overrides)
             env, held_out, train = job_data(seed, num_train=20_000)
             print(f"seed {seed}: TRL for {ours['seconds']:.0f} s", file=sys.stderr)
-            theirs = run_trl(ours["warm_start"], seed, ours["seconds"], train, args.trl_groups_per_step, seed_dir / "trl")
+            theirs = run_trl(ours["warm_start"], seed, ours["seconds"], train, args.trl_groups_per_step, seed_dir / "trl",
+                             args.overrides)
             before = held_out_accuracy(ours["warm_start"], env, held_out)
             result: dict[str, Any] = {"seed": seed}
             for system, run in (("cwm_rl", ours), ("trl", theirs)):
-                at_marks = {t: (held_out_accuracy(d, env, held_out), s) for t, (d, s) in run["marks"].items()}
+                scored: dict[Path, float] = {}  # a policy at several marks is scored once
+
+                def accuracy(model: Path) -> float:
+                    if model not in scored:
+                        scored[model] = held_out_accuracy(model, env, held_out)
+                    return scored[model]
+
+                at_marks = {t: (accuracy(d), s, n) for t, (d, s, n) in run["marks"].items()}
                 result[system] = figures(run, before, held_out_accuracy(run["model_dir"], env, held_out), at_marks)
             result["ratios"] = ratios(result["cwm_rl"], result["trl"])
             result["timeline_cwm_rl"] = ours["timeline"]

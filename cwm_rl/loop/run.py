@@ -46,7 +46,8 @@ class Run:
     run_dir: Path
     sinks: Sinks
     started: float
-    rl_started: float | None = None
+    rl_started: float | None = None  # after the initial eval: max_minutes and rl_s count RL only
+    initial_eval_s: float = 0.0
     stop_reason: str | None = None
     trainer_lost: str | None = None  # why the trainer died, when stop_reason is "trainer_lost"
     model_dir: Path | None = None

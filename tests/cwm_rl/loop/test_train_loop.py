@@ -1,6 +1,6 @@
 """`train_loop` with stand-ins for the workers, trainer, store and sinks (a fast unit test; the real
 path runs in tests/cwm_rl/loop/test_driver.py): async mode keeps refilling and collecting while a
-trainer step runs, sync mode does not, the first groups start before the initial eval, and the job
+trainer step runs, sync mode does not, the initial eval runs before the first groups and the RL clock, and the job
 stops at exactly `steps` even though a step was under way when the limit was checked."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class FakeWorkers:
 
     def __init__(self, trainer):
         self.trainer, self.calls, self.fills_during_step, self.fills_before_eval = trainer, 0, [], 0
-        self.pending, self.lost, self.evaluated = [], None, False
+        self.pending, self.lost, self.evaluated, self.evaluated_at = [], None, False, None
         self.reloads_sent = 0  # reloads sent and not yet waited for
 
     def fill(self, tasks, budget, one_round=False):
@@ -120,6 +120,7 @@ def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
 def no_eval(monkeypatch):
     def evaluate_and_log(run):
         run.workers.evaluated = True
+        run.workers.evaluated_at = run.workers.evaluated_at or time.time()
         run.sinks.eval_history.append({"step": run.trainer.step_count})
     monkeypatch.setattr(driver, "evaluate_and_log", evaluate_and_log)
 
@@ -129,7 +130,8 @@ def test_async_refills_the_workers_while_the_trainer_steps(no_eval):
     driver.train_loop(run)
     assert trainer.step_count == 3 and run.stop_reason == "steps"  # not 4: a step was running when 3 was checked
     assert workers.fills_during_step == [2, 2, 2]  # every step overlapped with new calls
-    assert workers.fills_before_eval == 1  # the first groups were asked for before the initial eval
+    assert workers.fills_before_eval == 0  # the initial eval played alone, before any group
+    assert run.rl_started >= workers.evaluated_at  # and outside the RL clock (max_minutes, rl_s)
 
 
 def test_sync_waits_for_the_step_before_the_next_round(no_eval):
