@@ -120,23 +120,44 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     if not (path / STATE_FILE).is_file():
         hint = f"; it holds checkpoints, pick one with latest_checkpoint({str(path)!r})" if _step_dirs(path) else ""
         raise ValueError(f"{path} is not a checkpoint (no {STATE_FILE}){hint}")
+    # Every file is read before anything is restored: a damaged one changes nothing and is named.
+    def torch_file(file: Path) -> Any:
+        return torch.load(file, weights_only=True)
+
+    state = _read(path, STATE_FILE, lambda file: json.loads(file.read_text()))
+    weights = _read(path, MODEL_FILE, load_file)
+    optimizer_state = _read(path, OPTIMIZER_FILE, torch_file) if optimizer is not None else None
+    scheduler_state = _read(path, SCHEDULER_FILE, torch_file) if scheduler is not None else None
+    rng_states = _read(path, RNG_FILE, torch_file)
     model = unwrap_model(model)
-    weights = load_file(path / MODEL_FILE)
     _check_model_matches(model, weights, path)
     model.load_state_dict(weights, strict=False)  # strict=False: tied aliases are absent from the file
-
-    for obj, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer"), (scheduler, SCHEDULER_FILE, "scheduler")):
+    for obj, saved, what in ((optimizer, optimizer_state, "optimizer"), (scheduler, scheduler_state, "scheduler")):
         if obj is None:
             continue
-        if not (path / file).is_file():
-            raise ValueError(f"checkpoint {path} has no {what} state ({file}); pass {what}=None to skip it")
         try:
-            obj.load_state_dict(torch.load(path / file, weights_only=True))
+            obj.load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"cannot load the {what} state of checkpoint {path}: {e}. Build the {what} the same way "
                              "as the run that saved it (same parameters and parameter groups)") from e
-    _set_rng_states(torch.load(path / RNG_FILE, weights_only=True))
-    return json.loads((path / STATE_FILE).read_text())
+    _set_rng_states(rng_states)
+    return state
+
+
+def _read(checkpoint: Path, file: str, reader: Any) -> Any:
+    """`reader(checkpoint / file)`; a ValueError naming the file, and the checkpoint to fall back on, if it is missing or
+    damaged (a disk error, a copy cut short: a save itself is atomic)."""
+    try:
+        if not (checkpoint / file).is_file():
+            raise FileNotFoundError("missing")
+        return reader(checkpoint / file)
+    except Exception as e:  # safetensors, pickle/zip and JSON errors alike: the file cannot be read
+        step = int(m.group(1)) if (m := STEP_DIR.fullmatch(checkpoint.name)) else None
+        older = [p for n, p in _step_dirs(checkpoint.parent) if step is not None and n < step and (p / STATE_FILE).is_file()]
+        fallback = (f"move it aside ({checkpoint} -> {checkpoint.parent / ('damaged-' + checkpoint.name)}) and resume again: the "
+                    f"one before it, {older[-1].name}, is used" if older else "there is no other checkpoint to fall back on")
+        raise ValueError(f"checkpoint {checkpoint} cannot be restored: {file} cannot be read ({type(e).__name__}: {e}); "
+                         f"{fallback}") from e
 
 
 def _check_model_matches(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:

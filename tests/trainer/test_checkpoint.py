@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -184,3 +185,30 @@ def test_tiny_hf_model_round_trip(tmp_path, tiny_model):
         assert torch.equal(restored.state_dict()[name], tensor), name
     assert_optimizer_states_equal(optimizer, restored_optimizer)
     assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"])
+def test_a_damaged_file_is_named_with_the_checkpoint_to_fall_back_on_and_nothing_is_restored(tmp_path, file):
+    """A checkpoint file cut short (a disk error, a copy cut short) is a ValueError naming it and the next newest
+    checkpoint (the CLI prints it as one line), raised before the model or optimizer is touched."""
+    model, optimizer, scheduler = make_run(seed=0)
+    for step in (10, 20):
+        train(model, optimizer, scheduler, 1)
+        save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, step=step, policy_version=step,
+                        data_cursor=None, fsync=False)
+    damaged = tmp_path / "step_00000020" / file
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    fresh, fresh_optimizer, fresh_scheduler = make_run(seed=1)
+    weights_before = fresh[0].weight.clone()
+    with pytest.raises(ValueError, match=rf"step_00000020 cannot be restored: {re.escape(file)} cannot be read \(\w+: .*"
+                                         r"move it aside .*damaged-step_00000020\) and resume again: the one before it, "
+                                         r"step_00000010, is used"):
+        load_checkpoint(tmp_path / "step_00000020", model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert torch.equal(fresh[0].weight, weights_before) and not fresh_optimizer.state_dict()["state"]  # nothing restored
+
+    (tmp_path / "step_00000020").rename(tmp_path / "damaged-step_00000020")  # what the message says to do
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000010"
+    assert load_checkpoint(latest_checkpoint(tmp_path), model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)["step"] == 10
+    (tmp_path / "step_00000010" / file).write_bytes(b"")
+    with pytest.raises(ValueError, match="there is no other checkpoint to fall back on"):
+        load_checkpoint(tmp_path / "step_00000010", model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
