@@ -8,7 +8,7 @@ For each env (Math, Code, Trace, SWE), in one process, on one fresh random `tiny
    Its rate = training episodes stored / the time from the end of the initial eval (when the workers
    get their first training calls) to the last training episode stored (store rows' `stored_at`):
    evals, setup and the final eval + checkpoint are left out. Also given: the same episodes over
-   the summary's `rl_seconds` (evals and checkpoint included) and trainer steps/min over the window;
+   the summary's `initial_eval_seconds` + `rl_seconds` (evals and checkpoint included) and trainer steps/min over the window;
 2. the bare loop: a `RolloutEngine` with the job's worker's engine config (`worker_config`), and
    `run_group` calls shaped like the worker's (`groups_per_request` groups per call,
    `requests_in_flight` calls in flight, the same sampling, limits and env kwargs), on the same tasks
@@ -186,7 +186,7 @@ def measure_job(config) -> dict[str, Any]:
         "steps": summary["steps"],
         "trajectories_trained": summary["trajectories_trained"],
         "episodes_per_s": episodes / window,
-        "episodes_per_s_incl_evals": episodes / summary["rl_seconds"],
+        "episodes_per_s_incl_evals": episodes / (summary["rl_seconds"] + summary["initial_eval_seconds"]),
         "steps_per_min": 60 * summary["steps"] / (last_step_at - window_start),
         "window_s": window,
         "setup_s": setup_s,

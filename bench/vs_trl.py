@@ -50,14 +50,14 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 # ---- shared: the warm start, the tasks, the evaluator -------------------------------------------
 
-def job_data(seed: int, num_train: int) -> tuple[Any, list[Any], list[dict[str, Any]]]:
+def job_data(seed: int, num_train: int, overrides: list[str]) -> tuple[Any, list[Any], list[dict[str, Any]]]:
     """The quickstart job's env, its held-out tasks (as SFT examples) and its first `num_train` training tasks."""
     from cwm_rl.config import load_config
     from cwm_rl.loop.tasks import job_tasks, make_task_env
     from cwm_rl.sft import example_of
     from cwm_rl.types import Task
 
-    c = load_config(QUICKSTART, overrides=[f"seed={seed}"])
+    c = load_config(QUICKSTART, overrides=[f"seed={seed}", *overrides])  # the job's own tasks, as cwm-rl drew them
     tasks = job_tasks(c.envs, c.seed, c.eval.num_tasks, c.model.sft.eval_share, cursors={}, mix_seed=c.seed * 7919)
     try:
         env = make_task_env(c.envs[0])
@@ -143,7 +143,7 @@ def run_trl(model_dir: Path, seed: int, seconds: float, train_tasks: list[dict[s
     from cwm_rl.types import Task
 
     torch.set_num_threads(os.cpu_count() or 1)  # TRL has the machine to itself
-    c = load_config(QUICKSTART, overrides=[*overrides, f"seed={seed}"])  # the cwm-rl job's settings (lr, group size, ...)
+    c = load_config(QUICKSTART, overrides=[f"seed={seed}", *overrides])  # the cwm-rl job's settings (lr, group size, ...)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     end_of_turn = detect_end_of_turn(tokenizer)
     tokenizer.eos_token = end_of_turn  # generation ends where a rollout worker's turn ends
@@ -252,7 +252,8 @@ def main() -> None:
                         help="groups of 8 per TRL step: 48 x 8 x ~10.6 tokens ~ the quickstart's 4,096-token steps")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the cwm-rl job (a smoke test: --set max_minutes=0.5 --set model.path=DIR)")
+                        help="override a key of the cwm-rl job; TRL's settings, tasks and held-out set follow it "
+                             "(a smoke test: --set max_minutes=0.5 --set model.path=DIR)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401  (fail before minutes of cwm-rl)
@@ -266,7 +267,7 @@ def main() -> None:
             seed_dir = out / f"seed{seed}"
             print(f"seed {seed}: the quickstart (cwm-rl)", file=sys.stderr)
             ours = run_cwm_rl(seed, seed_dir / "cwm_rl", args.overrides)
-            env, held_out, train = job_data(seed, num_train=20_000)
+            env, held_out, train = job_data(seed, num_train=20_000, overrides=args.overrides)
             print(f"seed {seed}: TRL for {ours['seconds']:.0f} s", file=sys.stderr)
             theirs = run_trl(ours["warm_start"], seed, ours["seconds"], train, args.trl_groups_per_step, seed_dir / "trl",
                              args.overrides)

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 
 from trainer.publish import describe_mismatch, fsync_path, unwrap_model
@@ -126,6 +127,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
 
     state = _read(path, STATE_FILE, lambda file: json.loads(file.read_text()))
     weights = _read(path, MODEL_FILE, load_file)
+    for obj, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer"), (scheduler, SCHEDULER_FILE, "scheduler")):
+        if obj is not None and not (path / file).is_file():
+            raise ValueError(f"checkpoint {path} has no {what} state ({file}); pass {what}=None to skip it")
     optimizer_state = _read(path, OPTIMIZER_FILE, torch_file) if optimizer is not None else None
     scheduler_state = _read(path, SCHEDULER_FILE, torch_file) if scheduler is not None else None
     rng_states = _read(path, RNG_FILE, torch_file)
@@ -144,6 +148,12 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     return state
 
 
+# What reading a file cut short or corrupted raises: safetensors' header check, torch's zip reader (RuntimeError) or
+# its unpickler running out of input (EOFError), a JSON or UTF-8 decode error (ValueError), an OSError (a missing file,
+# EIO, torch seeking past a file cut short: EINVAL) other than permissions.
+_DAMAGED = (SafetensorError, RuntimeError, EOFError, ValueError, OSError)
+
+
 def _read(checkpoint: Path, file: str, reader: Any) -> Any:
     """`reader(checkpoint / file)`; a ValueError naming the file, and the checkpoint to fall back on, if it is missing or
     damaged (a disk error, a copy cut short: a save itself is atomic)."""
@@ -151,12 +161,15 @@ def _read(checkpoint: Path, file: str, reader: Any) -> Any:
         if not (checkpoint / file).is_file():
             raise FileNotFoundError("missing")
         return reader(checkpoint / file)
-    except Exception as e:  # safetensors, pickle/zip and JSON errors alike: the file cannot be read
+    except PermissionError:
+        raise  # not the file's content: its own message says what to fix
+    except _DAMAGED as e:
         step = int(m.group(1)) if (m := STEP_DIR.fullmatch(checkpoint.name)) else None
         older = [p for n, p in _step_dirs(checkpoint.parent) if step is not None and n < step and (p / STATE_FILE).is_file()]
         fallback = (f"move it aside ({checkpoint} -> {checkpoint.parent / ('damaged-' + checkpoint.name)}) and resume again: the "
                     f"one before it, {older[-1].name}, is used" if older else "there is no other checkpoint to fall back on")
-        raise ValueError(f"checkpoint {checkpoint} cannot be restored: {file} cannot be read ({type(e).__name__}: {e}); "
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"checkpoint {checkpoint} cannot be restored: {file} cannot be read ({type(e).__name__}: {first_line}); "
                          f"{fallback}") from e
 
 

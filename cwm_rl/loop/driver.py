@@ -42,8 +42,9 @@ from trainer.group import TrainerLost
 def train_loop(run: Run) -> None:
     """The RL loop: keep workers busy, collect, store, buffer, step, publish -> reload, log, eval, checkpoint.
     Async mode steps the trainer in a thread of its own, so finished calls are replaced while it trains."""
-    # The starting point is evaluated alone, before the RL clock starts (its minutes are RL's): played beside the
-    # first groups, its requests waited in vLLM's queue behind all of them (the quickstart's: 3-4 s, alone 0.9 s).
+    # The starting point is evaluated alone, before the RL clock starts (max_minutes and rl_s count RL only): played
+    # beside the first groups, its requests waited in vLLM's queue behind all of them (the quickstart's: 3-4 s, alone
+    # 1-2 s). Its phases go to a timeline of its own, dropped: the first step's timeline starts with RL.
     run.timeline, started = Timeline(), time.time()
     evaluate_and_log(run)
     run.rl_started, run.timeline = time.time(), Timeline()
@@ -212,7 +213,7 @@ def finish(run: Run) -> dict[str, Any]:
         "rollout_worker_restarts": run.workers.restarts,
         "env_server_restarts": run.endpoints.restarts(),
         "wall_seconds": round(now - run.started, 1),
-        "initial_eval_seconds": round(run.initial_eval_s, 1),  # between setup and RL: wall = setup + this + RL + close
+        "initial_eval_seconds": round(run.initial_eval_s, 1),  # wall = setup + this + RL (the final eval and checkpoint included)
         "rl_seconds": round(now - (run.rl_started or now), 1),
         "eval_history": history,
         "learning_signal": run.signal_watch.summary(),

@@ -200,7 +200,7 @@ def test_a_damaged_file_is_named_with_the_checkpoint_to_fall_back_on_and_nothing
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     fresh, fresh_optimizer, fresh_scheduler = make_run(seed=1)
     weights_before = fresh[0].weight.clone()
-    with pytest.raises(ValueError, match=rf"step_00000020 cannot be restored: {re.escape(file)} cannot be read \(\w+: .*"
+    with pytest.raises(ValueError, match=rf"(?s)step_00000020 cannot be restored: {re.escape(file)} cannot be read \(\w+: .*"
                                          r"move it aside .*damaged-step_00000020\) and resume again: the one before it, "
                                          r"step_00000010, is used"):
         load_checkpoint(tmp_path / "step_00000020", model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
@@ -210,5 +210,15 @@ def test_a_damaged_file_is_named_with_the_checkpoint_to_fall_back_on_and_nothing
     assert latest_checkpoint(tmp_path) == tmp_path / "step_00000010"
     assert load_checkpoint(latest_checkpoint(tmp_path), model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)["step"] == 10
     (tmp_path / "step_00000010" / file).write_bytes(b"")
-    with pytest.raises(ValueError, match="there is no other checkpoint to fall back on"):
+    with pytest.raises(ValueError, match="there is no other checkpoint to fall back on") as raised:
         load_checkpoint(tmp_path / "step_00000010", model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert "\n" not in str(raised.value)  # one line for the CLI
+
+
+def test_a_checkpoint_saved_without_an_optimizer_says_how_to_load_it(tmp_path):
+    model, _, _ = make_run(seed=0)
+    path = save_checkpoint(tmp_path, model=model, optimizer=None, scheduler=None, step=1, policy_version=1, data_cursor=None)
+    fresh, fresh_optimizer, _ = make_run(seed=1)
+    with pytest.raises(ValueError, match=r"step_00000001 has no optimizer state \(optimizer.pt\); pass optimizer=None to skip it"):
+        load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=None)
+    assert load_checkpoint(path, model=fresh, optimizer=None, scheduler=None)["step"] == 1

@@ -24,7 +24,7 @@ class FakeWorkers:
 
     def __init__(self, trainer):
         self.trainer, self.calls, self.fills_during_step, self.fills_before_eval = trainer, 0, [], 0
-        self.pending, self.lost, self.evaluated, self.evaluated_at = [], None, False, None
+        self.pending, self.lost, self.evaluated, self.rl_clock_at_eval = [], None, False, []
         self.reloads_sent = 0  # reloads sent and not yet waited for
 
     def fill(self, tasks, budget, one_round=False):
@@ -120,7 +120,7 @@ def fake_run(mode: str, steps: int) -> tuple[Run, FakeWorkers, FakeTrainer]:
 def no_eval(monkeypatch):
     def evaluate_and_log(run):
         run.workers.evaluated = True
-        run.workers.evaluated_at = run.workers.evaluated_at or time.time()
+        run.workers.rl_clock_at_eval.append(run.rl_started)
         run.sinks.eval_history.append({"step": run.trainer.step_count})
     monkeypatch.setattr(driver, "evaluate_and_log", evaluate_and_log)
 
@@ -131,7 +131,7 @@ def test_async_refills_the_workers_while_the_trainer_steps(no_eval):
     assert trainer.step_count == 3 and run.stop_reason == "steps"  # not 4: a step was running when 3 was checked
     assert workers.fills_during_step == [2, 2, 2]  # every step overlapped with new calls
     assert workers.fills_before_eval == 0  # the initial eval played alone, before any group
-    assert run.rl_started >= workers.evaluated_at  # and outside the RL clock (max_minutes, rl_s)
+    assert workers.rl_clock_at_eval == [None] and run.rl_started is not None  # and before the RL clock (max_minutes, rl_s)
 
 
 def test_sync_waits_for_the_step_before_the_next_round(no_eval):
@@ -139,6 +139,7 @@ def test_sync_waits_for_the_step_before_the_next_round(no_eval):
     driver.train_loop(run)
     assert trainer.step_count == 2 and run.stop_reason == "steps"
     assert workers.fills_during_step == [0, 0]  # the next round is played with the new weights
+    assert workers.fills_before_eval == 0 and workers.rl_clock_at_eval == [None]
 
 
 def test_an_eval_after_a_step_waits_for_the_reload_it_reports(monkeypatch):
