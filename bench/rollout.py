@@ -164,6 +164,7 @@ def main() -> None:
         prompts, observations = prompts_for(model, args.episodes, args.turns)
         figures = asyncio.run(measure(model, prompts, observations, args, max_model_len))
     med = {k: statistics.median(v) for k, v in figures.items()}
+    from rollout_workers.engine import resolved_executor
 
     print(json.dumps({
         "bench": "rollout",
@@ -178,7 +179,7 @@ def main() -> None:
         "multi_turn_ratio_vs_raw": round(med["multi_turn"] / med["raw_multi_turn"], 3),
         "multi_turn_ratio_vs_raw_single_turn": round(med["multi_turn"] / med["raw"], 3),
         "rounds": args.rounds,
-        "executor": args.executor,
+        "executor": resolved_executor(args.executor),  # what "auto" stood for on this machine
         "goal_single_turn_ratio": 0.9,
         "goal_multi_turn_ratio": 0.8,
     }))
