@@ -121,26 +121,26 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
     if not (path / STATE_FILE).is_file():
         hint = f"; it holds checkpoints, pick one with latest_checkpoint({str(path)!r})" if _step_dirs(path) else ""
         raise ValueError(f"{path} is not a checkpoint (no {STATE_FILE}){hint}")
-    # Every file is read before anything is restored: a damaged one changes nothing and is named.
     def torch_file(file: Path) -> Any:
         return torch.load(file, weights_only=True)
 
+    # Every file is read before anything is restored: a damaged one changes nothing and is named.
     state = _read(path, STATE_FILE, lambda file: json.loads(file.read_text()))
     weights = _read(path, MODEL_FILE, load_file)
-    for obj, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer"), (scheduler, SCHEDULER_FILE, "scheduler")):
-        if obj is not None and not (path / file).is_file():
+    stateful = [(obj, file, what) for obj, file, what in ((optimizer, OPTIMIZER_FILE, "optimizer"),
+                                                          (scheduler, SCHEDULER_FILE, "scheduler")) if obj is not None]
+    saved = {}
+    for _, file, what in stateful:
+        if not (path / file).is_file():
             raise ValueError(f"checkpoint {path} has no {what} state ({file}); pass {what}=None to skip it")
-    optimizer_state = _read(path, OPTIMIZER_FILE, torch_file) if optimizer is not None else None
-    scheduler_state = _read(path, SCHEDULER_FILE, torch_file) if scheduler is not None else None
+        saved[what] = _read(path, file, torch_file)
     rng_states = _read(path, RNG_FILE, torch_file)
     model = unwrap_model(model)
     _check_model_matches(model, weights, path)
     model.load_state_dict(weights, strict=False)  # strict=False: tied aliases are absent from the file
-    for obj, saved, what in ((optimizer, optimizer_state, "optimizer"), (scheduler, scheduler_state, "scheduler")):
-        if obj is None:
-            continue
+    for obj, _, what in stateful:
         try:
-            obj.load_state_dict(saved)
+            obj.load_state_dict(saved[what])
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"cannot load the {what} state of checkpoint {path}: {e}. Build the {what} the same way "
                              "as the run that saved it (same parameters and parameter groups)") from e
